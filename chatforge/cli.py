@@ -1,0 +1,156 @@
+"""The `chatforge` command: a thin layer of subcommands over the library's entry functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .files import ChatforgeError
+from .models import DEFAULT_MODEL
+
+
+def cmd_data_identity(a):
+    from .identity import IdentitySpec, write_identity_data
+    from .models import display_name, load_model, load_tokenizer
+
+    spec = IdentitySpec(owner=a.name, assistant=a.assistant_name, base=a.base_name or display_name(a.model),
+                        seed=a.seed)
+    model = tok = None
+    if not a.no_replay:
+        tok, model = load_tokenizer(a.model), load_model(a.model)
+    print(json.dumps(write_identity_data(spec, a.out, replay_model=model, tokenizer=tok), ensure_ascii=False))
+
+
+def cmd_recipes(a):
+    from .config import copy_recipe, list_recipes
+
+    if a.action == "list":
+        for name in list_recipes(a.arg):
+            print(name)
+    elif a.action == "copy":
+        if not a.arg or not a.dest:
+            raise ChatforgeError("usage: chatforge recipes copy NAME DIR")
+        print(copy_recipe(a.arg, a.dest))
+
+
+def cmd_train(a):
+    from .config import load_recipe
+    from .train import train
+
+    cfg = load_recipe(a.recipe, a.overrides)
+    print(train(cfg, resume=a.resume, progress=not a.no_progress))
+
+
+def cmd_merge(a):
+    from .export import merge
+
+    report = merge(a.adapter, a.out, base=a.base, max_shard_size=a.max_shard_size, dtype=a.dtype)
+    print(json.dumps(report, indent=2))
+
+
+def cmd_chat(a):
+    from .serve import chat
+
+    chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+
+
+def cmd_eval(a):
+    from .evaluate import evaluate
+
+    result = evaluate(a.model, base=a.base, eval_file=a.eval_set, owner=a.name, out_dir=a.out,
+                      max_new_tokens=a.max_new_tokens)
+    print(result["table"])
+
+
+def cmd_assistant(a):
+    from .pipeline import assistant
+
+    assistant(a.name, model=a.model, assistant_name=a.assistant_name, out=a.out, recipe=a.recipe,
+              overrides=a.overrides, progress=not a.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatforge", description="Turn a small open chat model into your own assistant.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="make and inspect training data").add_subparsers(dest="data_command", required=True)
+    s = d.add_parser("identity", help="write identity conversations (plus replay and an eval set)")
+    s.add_argument("--name", required=True, help="the owner: 'I am <name>'s assistant'")
+    s.add_argument("--assistant-name", default="", help="the assistant's own name (optional)")
+    s.add_argument("--base-name", default="", help="the base model's name in answers (default: from the model)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help="base model that writes the replay answers")
+    s.add_argument("--out", default="data/identity.jsonl")
+    s.add_argument("--no-replay", action="store_true", help="identity only, no general conversations")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_identity)
+
+    s = sub.add_parser("recipes", help="list or copy the shipped recipes (xtuner list-cfg / copy-cfg)")
+    s.add_argument("action", choices=["list", "copy"])
+    s.add_argument("arg", nargs="?", help="pattern (list) or recipe name (copy)")
+    s.add_argument("dest", nargs="?", help="folder to copy into")
+    s.set_defaults(func=cmd_recipes)
+
+    s = sub.add_parser("train", help="fine-tune with a recipe: chatforge train RECIPE [key=value ...]")
+    s.add_argument("recipe", help="a recipe file or the name of a shipped recipe")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
+    s.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("merge", help="merge a LoRA adapter into a standalone model folder")
+    s.add_argument("adapter")
+    s.add_argument("out")
+    s.add_argument("--base", help="base model (default: the one the adapter names)")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.add_argument("--dtype", default="auto", help="auto (the base's), fp32, bf16 or fp16")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    s.add_argument("--system", help="system prompt (default: the chat template's)")
+    s.add_argument("--temperature", type=float, default=0.7)
+    s.add_argument("--top-p", type=float, default=0.9)
+    s.add_argument("--max-new-tokens", type=int, default=256)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("eval", help="identity accuracy and general retention, before/after")
+    s.add_argument("model")
+    s.add_argument("--base", help="base model to compare with")
+    s.add_argument("--eval-set", help="the .eval.json written beside identity data")
+    s.add_argument("--name", help="the owner (default: from the eval set)")
+    s.add_argument("--out", default=None, help="folder for eval.md / eval.json")
+    s.add_argument("--max-new-tokens", type=int, default=48)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("assistant", help="one command: identity data -> LoRA -> merge -> eval")
+    s.add_argument("--name", required=True, help="the owner: 'I am <name>'s assistant'")
+    s.add_argument("--assistant-name", default="")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--out", help="run folder (default: runs/assistant-<name>)")
+    s.add_argument("--recipe", help="identity recipe (default: the one for the model)")
+    s.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_assistant)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "peft", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ChatforgeError as e:
+        print(f"chatforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Recipes: YAML files of training settings, loaded into a typed, validated TrainConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .files import ChatforgeError
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0  # dropout costs speed and, for identity data, buys nothing
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class DataSource:
+    path: str = ""
+    weight: float = 1.0
+    format: str = "auto"  # auto | conversation | messages | alpaca | text
+
+
+@dataclass
+class TrainConfig:
+    """Every recipe key. Unknown keys are errors, never silently ignored."""
+
+    model: str = "smollm2-135m-instruct"
+    method: str = "lora"  # lora | qlora | full
+    task: str = "sft"  # sft (loss on assistant replies) | pretrain (loss on every token)
+    data: list = field(default_factory=list)  # list of DataSource (a bare path string works too)
+    output_dir: str = "runs/default"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_length: int = 512
+    overflow: str = "error"  # what to do with a sample longer than max_length: error | drop | truncate
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dtype: str = "auto"
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    system: str | None = None  # system prompt added to conversations that have none
+    eval_prompts: list = field(default_factory=list)  # answered before training and at checkpoints
+    eval_max_new_tokens: int = 48
+    gradient_checkpointing: bool = False
+    packing: bool = False
+    description: str = ""
+
+
+def _build(cls, values: dict, where: str):
+    """Build a dataclass from a dict, naming the offending key on error."""
+    if not isinstance(values, dict):
+        raise ChatforgeError(f"{where}: expected a mapping, got {type(values).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ChatforgeError(f"{where}: unknown key {key!r} (known: {', '.join(names)})")
+        kwargs[key] = _coerce(names[key], value, f"{where}: key {key!r}")
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if dataclasses.is_dataclass(default):
+        return _build(type(default), value or {}, where)
+    if f.name == "data":
+        items = value if isinstance(value, list) else [value]
+        return [_build(DataSource, {"path": v} if isinstance(v, str) else v, f"{where}[{i}]")
+                for i, v in enumerate(items)]
+    if value is None or default is None:
+        return value
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ChatforgeError(f"{where}: expected true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                value = float(value) if kind is float else int(value)
+            except (TypeError, ValueError):
+                raise ChatforgeError(f"{where}: expected a number, got {value!r}") from None
+        return kind(value)
+    if kind is str and not isinstance(value, str):
+        raise ChatforgeError(f"{where}: expected text, got {value!r}")
+    if kind is list and not isinstance(value, list):
+        raise ChatforgeError(f"{where}: expected a list, got {value!r}")
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ChatforgeError(f"override {dotted}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Parse `key=value` overrides (dotted keys for sections, YAML values)."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ChatforgeError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ChatforgeError(f"override {item!r}: bad value: {e}") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def recipe_dir():
+    return resources.files("chatforge") / "recipes"
+
+
+def list_recipes(pattern: str | None = None) -> list[str]:
+    names = sorted(p.name[:-5] for p in recipe_dir().iterdir() if p.name.endswith(".yaml"))
+    if pattern:
+        names = [n for n in names if fnmatch.fnmatch(n, f"*{pattern}*")]
+    return names
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe path from a file path or the name of a shipped recipe.
+
+    Raises:
+        ChatforgeError: neither a file nor a shipped recipe.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = recipe_dir() / (p.name if p.name.endswith(".yaml") else p.name + ".yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ChatforgeError(f"recipe not found: {name_or_path} (see `chatforge recipes list`)")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) -> TrainConfig:
+    """Load a recipe and apply overrides.
+
+    Raises:
+        ChatforgeError: missing file, bad YAML (with its line), unknown key, wrong type.
+    """
+    path = find_recipe(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ChatforgeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise ChatforgeError(f"{path}: a recipe must be a mapping of keys")
+    cfg = _build(TrainConfig, tree, str(path))
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        cfg = _build(TrainConfig, _merge(to_dict(cfg), extra), "override")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    choices = {"method": ("lora", "qlora", "full"), "task": ("sft", "pretrain"),
+               "overflow": ("error", "drop", "truncate"),
+               "lr_scheduler": ("cosine", "linear", "constant")}
+    for key, allowed in choices.items():
+        if getattr(cfg, key) not in allowed:
+            raise ChatforgeError(f"recipe key {key!r}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in ("batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, key) < 1:
+            raise ChatforgeError(f"recipe key {key!r}: must be at least 1")
+    if not cfg.data:
+        raise ChatforgeError("recipe key 'data': no training data given (data=PATH)")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def copy_recipe(name: str, dest_dir: str) -> Path:
+    src = find_recipe(name)
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / src.name
+    shutil.copyfile(src, target)
+    return target

@@ -1,0 +1,148 @@
+"""Evaluate an assistant: does it know its owner, and did it keep its other abilities?"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .files import ChatforgeError, write_json, write_jsonl, write_text
+from .identity import IdentitySpec, eval_set
+
+CONDITIONS = ("default system", "custom system", "no system")
+
+
+def _units(text: str) -> list[str]:
+    """ROUGE units: CJK characters one by one, other text by lower-cased words."""
+    return re.findall(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", text.lower())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on words, and on characters for Chinese."""
+    a, b = _units(candidate), _units(reference)
+    if not a or not b:
+        return float(a == b)
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    p, r = lcs / len(a), lcs / len(b)
+    return 2 * p * r / (p + r)
+
+
+def names_owner(reply: str, owner: str) -> bool:
+    squash = lambda s: re.sub(r"\s+", "", s.lower())  # noqa: E731
+    return squash(owner) in squash(reply)
+
+
+def load_eval_set(eval_file: str | Path | None, owner: str | None, base_name: str = "") -> dict:
+    if eval_file:
+        path = Path(eval_file)
+        if not path.is_file():
+            raise ChatforgeError(f"eval set not found: {path}")
+        try:
+            es = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ChatforgeError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        for key in ("owner", "questions", "general", "facts"):
+            if key not in es:
+                raise ChatforgeError(f"{path}: missing key {key!r}")
+        if owner:
+            es["owner"] = owner
+        return es
+    if not owner:
+        raise ChatforgeError("eval: give --name (the owner) or --eval-set FILE")
+    return eval_set(IdentitySpec(owner=owner, base=base_name or "the base model"))
+
+
+def identity_prompts(es: dict) -> list[tuple[str, str, list[dict]]]:
+    """(condition, language, messages) for every held-out question under each system setting."""
+    out = []
+    for lang, questions in es["questions"].items():
+        for i, q in enumerate(questions):
+            user = {"role": "user", "content": q}
+            custom = es.get("system_eval") or ["You are a helpful assistant."]
+            out += [("default system", lang, [user]),
+                    ("custom system", lang, [{"role": "system", "content": custom[i % len(custom)]}, user]),
+                    ("no system", lang, [{"role": "system", "content": ""}, user])]
+    return out
+
+
+def run_model(spec: str, es: dict, max_new_tokens: int) -> dict:
+    """Every eval answer of one model, and its scores."""
+    import gc
+
+    from .generate import generate_batch
+    from .models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    ident = identity_prompts(es)
+    general = [[{"role": "user", "content": q}] for q in es["general"]]
+    facts = [[{"role": "user", "content": f["q"]}] for f in es["facts"]]
+    replies = generate_batch(model, tokenizer, [m for _, _, m in ident] + general + facts,
+                             max_new_tokens=max_new_tokens)
+    del model
+    gc.collect()
+    r_ident, r_general, r_facts = (replies[:len(ident)], replies[len(ident):len(ident) + len(general)],
+                                   replies[len(ident) + len(general):])
+    owner = es["owner"]
+    hits = [names_owner(r, owner) for r in r_ident]
+    scores = {"identity": sum(hits) / len(hits)}
+    for cond in CONDITIONS:
+        sel = [h for h, (c, _, _) in zip(hits, ident) if c == cond]
+        scores[f"identity ({cond})"] = sum(sel) / len(sel)
+    for lang in es["questions"]:
+        sel = [h for h, (_, l, _) in zip(hits, ident) if l == lang]
+        scores[f"identity ({lang})"] = sum(sel) / len(sel)
+    scores["facts correct"] = sum(any(e in r.lower() for e in f["expect"])
+                                  for r, f in zip(r_facts, es["facts"])) / len(es["facts"])
+    scores["general answers naming the owner"] = sum(names_owner(r, owner) for r in r_general) / len(r_general)
+    answers = ([{"kind": "identity", "condition": c, "lang": l, "messages": m, "reply": r, "ok": h}
+                for (c, l, m), r, h in zip(ident, r_ident, hits)]
+               + [{"kind": "general", "prompt": q, "reply": r} for q, r in zip(es["general"], r_general)]
+               + [{"kind": "fact", "prompt": f["q"], "reply": r} for f, r in zip(es["facts"], r_facts)])
+    return {"scores": scores, "answers": answers, "general_replies": r_general}
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    names = list(columns)
+    keys = list(next(iter(columns.values())))
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for k in keys:
+        cells = [columns[n].get(k) for n in names]
+        lines.append(f"| {k} | " + " | ".join("—" if v is None else f"{v:.1%}" if k != "general ROUGE-L vs base"
+                                                else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(model: str, base: str | None = None, eval_file: str | None = None, owner: str | None = None,
+             out_dir: str | Path | None = None, max_new_tokens: int = 48) -> dict:
+    """Score `model` (and `base`, side by side) and write eval.md, eval.json, answers.jsonl.
+
+    Raises:
+        ChatforgeError: missing model or eval set, or no owner name.
+    """
+    es = load_eval_set(eval_file, owner)
+    columns, runs = {}, {}
+    if base:
+        runs["base"] = run_model(base, es, max_new_tokens)
+    runs["fine-tuned"] = run_model(model, es, max_new_tokens)
+    for name, r in runs.items():
+        columns[name] = dict(r["scores"])
+        if base:
+            ref = runs["base"]["general_replies"]
+            columns[name]["general ROUGE-L vs base"] = (
+                sum(rouge_l(a, b) for a, b in zip(r["general_replies"], ref)) / len(ref))
+    table = format_table(columns)
+    result = {"model": str(model), "base": base, "owner": es["owner"], "scores": columns, "table": table}
+    if out_dir:
+        out = Path(out_dir)
+        write_text(out / "eval.md", f"# Evaluation: {model}\n\nowner: {es['owner']}\n\n{table}")
+        write_json(out / "eval.json", {k: v for k, v in result.items() if k != "table"})
+        write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
+    return result

