@@ -1,0 +1,51 @@
+"""Shared fixtures: the real default model (dequantised once) and a tiny random llama."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smol_folder() -> Path:
+    from chatforge.models import DEFAULT_MODEL, local_folder
+
+    return local_folder(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smol_folder):
+    from chatforge.models import load_tokenizer
+
+    return load_tokenizer(str(smol_folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
+    """A 2-layer random llama with the default model's tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=True,
+                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_cli(*args, cwd=None, timeout=600, input=None) -> subprocess.CompletedProcess:
+    """Run `python -m chatforge ARGS` and capture its output."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], cwd=cwd, env=env, input=input,
+                          capture_output=True, text=True, timeout=timeout)
