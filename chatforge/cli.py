@@ -45,8 +45,14 @@ def cmd_train(a):
 def cmd_merge(a):
     from .export import merge
 
-    report = merge(a.adapter, a.out, base=a.base, max_shard_size=a.max_shard_size, dtype=a.dtype)
+    report = merge(a.adapter, a.out, base=a.base, max_shard_size=a.max_shard_size, dtype=a.dtype, fmt=a.format)
     print(json.dumps(report, indent=2))
+
+
+def cmd_convert(a):
+    from .internlm2 import convert
+
+    print(json.dumps(convert(a.model, a.out, fmt=a.format, dtype=a.dtype, max_shard_size=a.max_shard_size), indent=2))
 
 
 def cmd_chat(a):
@@ -104,7 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", help="base model (default: the one the adapter names)")
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--dtype", default="auto", help="auto (the base's), fp32, bf16 or fp16")
+    s.add_argument("--format", choices=["hf", "internlm2"], default="hf",
+                   help="hf: native layout; internlm2: an InternLM2 base's original layout (fused wqkv)")
     s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("convert", help="convert a checkpoint between InternLM2's layout and the native (hf) one")
+    s.add_argument("model", help="an InternLM2 folder, or a native folder exported from one")
+    s.add_argument("out")
+    s.add_argument("--format", choices=["hf", "internlm2"], default="hf")
+    s.add_argument("--dtype", default="auto", help="auto (the source's), fp32, bf16 or fp16")
+    s.add_argument("--max-shard-size", default="2GB")
+    s.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("chat", help="chat with a model in the terminal")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -48,15 +48,19 @@ def masked_logits(model, batch) -> torch.Tensor:
 
 
 def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_shard_size: str = "2GB",
-          dtype: str = "auto", tolerance: float | None = None) -> dict:
+          dtype: str = "auto", tolerance: float | None = None, fmt: str = "hf") -> dict:
     """Merge `adapter` into its base model and save a standalone model folder at `out`.
 
     The merged weights are checked before the folder is moved into place: the saved model,
-    reloaded with plain transformers, must give the logits of base+adapter on a probe batch.
+    reloaded, must give the logits of base+adapter on a probe batch. `fmt` "hf" writes the
+    native layout; "internlm2" writes an InternLM2 base's original layout (fused wqkv, its
+    config, tokenizer and remote-code files), for tools that expect it (LMDeploy, the seed's apps).
 
     Raises:
-        ChatforgeError: not an adapter, missing base model, or a logits check that fails.
+        ChatforgeError: not an adapter, missing base model, a format the base cannot take,
+            or a logits check that fails.
     """
+    from . import internlm2
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -65,6 +69,11 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
     if not base:
         raise ChatforgeError(f"{adapter}: the adapter names no base model; pass --base")
     read_adapter_config(adapter)
+    if fmt not in ("hf", "internlm2"):
+        raise ChatforgeError(f"unknown format {fmt!r}: use hf or internlm2")
+    originals = internlm2.originals(local_folder(base))
+    if fmt == "internlm2" and originals is None:
+        raise ChatforgeError(f"--format internlm2 needs an InternLM2 base model; {base} is not one")
     tokenizer = load_tokenizer(base)
     model = load_model(base, dtype=torch.float32, device="cpu")  # merge in fp32 on the CPU
     config = read_config(local_folder(base))
@@ -82,14 +91,21 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
         tolerance = 1e-3 if out_dtype == torch.float32 else 0.05 * max(1.0, float(expected.abs().max()))
     out = Path(out)
     with atomic_path(out, is_dir=True) as tmp:
-        merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        if fmt == "internlm2":
+            internlm2.save_internlm2(merged, tmp, originals, out_dtype, max_shard_size)
+            reloaded = internlm2.load_model(tmp, dtype=torch.float32)
+        else:
+            merged.save_pretrained(tmp, max_shard_size=max_shard_size, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if originals is not None:  # kept for `chatforge convert --format internlm2` later
+                internlm2.copy_originals(originals, tmp / internlm2.ORIGINALS)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         diff = float((masked_logits(reloaded, batch) - expected).abs().max())
         if not diff <= tolerance:
             raise ChatforgeError(f"merge check failed: merged logits differ from base+adapter by {diff:.3g} "
                                  f"(tolerance {tolerance:.3g}); nothing was written to {out}")
-        report = {"adapter": str(adapter), "base": str(base), "dtype": str(out_dtype).replace("torch.", ""),
+        report = {"adapter": str(adapter), "base": str(base), "format": fmt,
+                  "dtype": str(out_dtype).replace("torch.", ""),
                   "max_logit_diff": diff, "tolerance": tolerance,
                   "shards": sorted(p.name for p in tmp.glob("*.safetensors"))}
         write_json(tmp / "chatforge_merge.json", report)
