@@ -1,0 +1,379 @@
+"""Several GPUs and machines, on existing engines only.
+
+torchrun (torch.distributed.run) starts and supervises the ranks: when one rank fails, it stops
+the others and prints that rank's error. The distribution itself is DDP, FSDP2
+(torch.distributed.fsdp.fully_shard) or DeepSpeed ZeRO-2/3; nothing here reimplements them.
+
+Batch semantics: a recipe's batch_size x grad_accum is the global batch of one optimizer step,
+whatever the number of processes. Each of N ranks takes its own 1/N of the step's sample indices
+(no overlap) and accumulates them in micro-batches of at most batch_size, so 1 and N processes
+train on the same samples per step and log the same loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from .files import ChatforgeError
+
+STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+DEFAULT_PORT = 29500
+
+
+# ---------------------------------------------------------------- launching
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list ("gpu[01-03,07],login2") as host names."""
+    hosts = []
+    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?,?", nodelist):
+        if not ranges:
+            hosts.append(name)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{name}{str(i).zfill(len(lo))}")
+    return hosts
+
+
+def slurm_nodes(env=os.environ) -> dict:
+    """Node layout from a SLURM allocation (one launcher per node): nnodes, node_rank, master_addr."""
+    if "SLURM_JOB_ID" not in env or "SLURM_NNODES" not in env:
+        return {}
+    hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+    return {"nnodes": int(env["SLURM_NNODES"]), "node_rank": int(env.get("SLURM_NODEID", 0)),
+            "master_addr": hosts[0] if hosts else None}
+
+
+def torchrun_argv(args: list[str], gpus: int, nnodes: int | None = None, node_rank: int | None = None,
+                  master_addr: str | None = None, master_port: int | None = None, env=os.environ) -> list[str]:
+    """The torchrun command that runs `python -m chatforge ARGS` on `gpus` processes of this node.
+
+    The same interpreter as this process runs torchrun (never one found on PATH). Values not
+    given come from SLURM when running inside an allocation.
+    """
+    slurm = slurm_nodes(env)
+    nnodes = nnodes or slurm.get("nnodes") or 1
+    node_rank = node_rank if node_rank is not None else slurm.get("node_rank", 0)
+    master_addr = master_addr or slurm.get("master_addr")
+    if gpus < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise ChatforgeError(f"--gpus {gpus} --nnodes {nnodes} --node-rank {node_rank}: "
+                             f"need gpus >= 1 and 0 <= node-rank < nnodes")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}"]
+    if nnodes == 1 and master_addr is None and master_port is None:
+        cmd.append("--standalone")  # a free local port; no clash between jobs on one host
+    else:
+        if master_addr is None:
+            raise ChatforgeError("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
+                f"--master-port={master_port or DEFAULT_PORT}"]
+    return cmd + ["-m", "chatforge", *args]
+
+
+def launch(args: list[str], gpus: int, **layout) -> int:
+    """Run `chatforge ARGS` on several processes through torchrun; returns torchrun's exit status.
+
+    Raises:
+        ChatforgeError: an impossible layout, or --nnodes > 1 without --master-addr.
+    """
+    cmd = torchrun_argv(args, gpus, **layout)
+    env = dict(os.environ)
+    # NVLink multicast stays off (it can take a shared host's GPUs down); a user can still opt in.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    return subprocess.run(cmd, env=env).returncode
+
+
+def in_launched_rank(env=os.environ) -> bool:
+    return "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env)
+
+
+def rank_env(env=os.environ) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's variables, else from srun's (one task per GPU)."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        os.environ.setdefault("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+# ---------------------------------------------------------------- inside one rank
+
+def resolve_strategy(strategy: str, method: str, world: int) -> str:
+    """The strategy actually used: 'none' for one plain process; auto = DDP for adapters, FSDP2 for full."""
+    if strategy not in STRATEGIES:
+        raise ChatforgeError(f"recipe key 'strategy': {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        strategy = "fsdp2" if method == "full" else "ddp"
+    if method == "qlora" and strategy != "ddp":
+        raise ChatforgeError(f"strategy {strategy} cannot shard 4-bit (QLoRA) weights: use strategy ddp")
+    if world == 1 and strategy in ("ddp", "fsdp2"):
+        return "none"
+    return strategy
+
+
+@dataclass
+class Parallel:
+    """This process's place in the job and the strategy's operations; one process: all no-ops."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    strategy: str = "none"
+    engine: object = None  # the DeepSpeed engine, once built
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def can_generate(self) -> bool:
+        """Whether rank 0 alone holds whole weights (sharded strategies would need every rank)."""
+        return self.strategy in ("none", "ddp", "deepspeed_zero2")
+
+    # -- collectives
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sums over all ranks of a few numbers (one collective)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    @property
+    def comm_device(self) -> str:
+        return f"cuda:{self.local_rank}" if self.device.startswith("cuda") else "cpu"
+
+    def on_main(self, fn):
+        """fn() on rank 0 only; its result (or its ChatforgeError) is sent to every rank.
+
+        Used for preprocessing: the data is tokenised once, every rank trains on the very same
+        samples, and a data error stops all ranks with its message instead of leaving them waiting.
+        """
+        if self.world == 1:
+            return fn()
+        box = [None]
+        if self.is_main:
+            try:
+                box[0] = ("ok", fn())
+            except ChatforgeError as e:
+                box[0] = ("error", str(e))
+        torch.distributed.broadcast_object_list(box, src=0, device=self.comm_device)
+        status, value = box[0]
+        if status == "error":
+            raise ChatforgeError(value)
+        return value
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This rank's contiguous share of one global step's sample indices.
+
+        Raises:
+            ChatforgeError: the global batch does not split evenly over the ranks.
+        """
+        if self.world == 1:
+            return indices
+        if len(indices) % self.world:
+            raise ChatforgeError(f"global batch batch_size x grad_accum = {len(indices)} does not split over "
+                                 f"{self.world} processes: make it a multiple of {self.world}")
+        share = len(indices) // self.world
+        return indices[self.rank * share:(self.rank + 1) * share]
+
+    # -- wrapping
+
+    def wrap(self, model, loss_fn):
+        """The callable that trains: engine(batch) -> (summed loss, trained tokens).
+
+        The loss runs inside the wrapper's forward (LossForward), so DDP's and FSDP2's hooks see the
+        whole computation even when the loss reads the output layer's weight directly (chunked CE).
+        DDP or FSDP2 wrap it here, before the optimizer is made; DeepSpeed in wrap_optimizer.
+        """
+        engine = LossForward(model, loss_fn)
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.local_rank] if self.device.startswith("cuda") else None
+            return DDP(engine, device_ids=ids, gradient_as_bucket_view=True)
+        if self.strategy == "fsdp2":
+            return shard_fsdp2(engine, self)
+        return engine
+
+    def wrap_optimizer(self, engine, optimizer, cfg, micro_batch: int, micro_batches: int):
+        """DeepSpeed takes over the engine and optimizer here; other strategies return them unchanged."""
+        if not self.strategy.startswith("deepspeed"):
+            return engine, optimizer
+        try:
+            import deepspeed
+        except ImportError:
+            raise ChatforgeError(f"strategy {self.strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'") from None
+        stage = 3 if self.strategy.endswith("3") else 2
+        bf16 = self.device.startswith("cuda") and any(p.dtype == torch.bfloat16 for p in engine.parameters())
+        conf = {"train_micro_batch_size_per_gpu": micro_batch,
+                "gradient_accumulation_steps": micro_batches,
+                "train_batch_size": micro_batch * micro_batches * self.world,
+                "gradient_clipping": cfg.max_grad_norm,
+                "bf16": {"enabled": bf16},
+                "zero_optimization": {"stage": stage, "overlap_comm": self.device.startswith("cuda"),
+                                      "contiguous_gradients": True,
+                                      "stage3_gather_16bit_weights_on_model_save": True},
+                "zero_allow_untested_optimizer": True,  # the recipe's own torch AdamW
+                "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
+        self.engine, optimizer, _, _ = deepspeed.initialize(model=engine, optimizer=optimizer, config=conf,
+                                                            dist_init_required=False)
+        head = getattr(engine.model, "get_output_embeddings", lambda: None)()
+        if stage == 3 and head is not None:  # the chunked loss reads this weight outside its module
+            deepspeed.zero.register_external_parameter(engine, head.weight)
+        return self.engine, optimizer
+
+    def no_sync(self, engine, last: bool):
+        """Skip the gradient exchange on all but the last micro-batch of a step."""
+        if self.strategy == "ddp" and not last:
+            return engine.no_sync()
+        if self.strategy == "fsdp2":
+            engine.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    # -- one optimizer step
+
+    def backward(self, loss) -> None:
+        """Backward of a loss already divided by the step's global trained-token count.
+
+        DDP, FSDP2 and ZeRO average gradients over ranks; the loss is multiplied by the world size
+        so the result is the plain sum, as in one process.
+        """
+        if self.engine is not None:
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self.engine.step()  # counts micro-batches; steps the optimizer on the last one
+        else:
+            (loss * self.world).backward()
+
+    def step(self, optimizer, params, max_norm: float) -> float | None:
+        """Clip and apply the accumulated gradients; returns the gradient norm before clipping."""
+        if self.engine is not None:  # DeepSpeed clipped and stepped in backward()
+            norm = self.engine.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if norm is None:
+            return None
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # -- checkpoints (collective: every rank calls them; `model` is the unwrapped model)
+
+    def full_state_dict(self, model) -> dict | None:
+        """Whole weights gathered on rank 0 for sharded strategies; None: the module's own state_dict."""
+        if self.strategy == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return sd if self.is_main else None
+        if self.strategy == "deepspeed_zero3":
+            sd = self.engine._zero3_consolidated_16bit_state_dict()  # what save_16bit_model writes
+            return {k.removeprefix("model."): v for k, v in sd.items()} if self.is_main else None
+        return None
+
+    def optimizer_state(self, model, optimizer) -> dict | None:
+        """Optimizer state keyed by parameter name (portable across world sizes); rank 0 gets it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if self.engine is not None:
+            return None  # DeepSpeed writes its own partitioned state (save_engine_state)
+        if self.strategy == "fsdp2":
+            osd = get_optimizer_state_dict(model, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return osd if self.is_main else None
+        return get_optimizer_state_dict(model, optimizer) if self.is_main else None
+
+    def load_optimizer_state(self, model, optimizer, osd: dict | None) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        if self.strategy == "fsdp2":
+            set_optimizer_state_dict(model, optimizer, osd if self.is_main else {}, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
+        else:
+            set_optimizer_state_dict(model, optimizer, osd)
+
+    def save_engine_state(self, folder, tag: str) -> None:
+        if self.engine is not None:
+            self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+
+    def load_engine_state(self, folder, tag: str, saved_world: int) -> bool:
+        """DeepSpeed's partitioned optimizer state; only for the world size that wrote it."""
+        if self.engine is None:
+            return True
+        if saved_world != self.world or not (folder / tag).is_dir():
+            return False
+        self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        return True
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class LossForward(torch.nn.Module):
+    """model + loss as one module, so a wrapper's forward covers the loss computation too."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def shard_fsdp2(model, par: Parallel):
+    """fully_shard each decoder layer, then the root; bf16 compute with fp32 gradient reduction on GPU."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cuda" if par.device.startswith("cuda") else "cpu", (par.world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if par.device.startswith("cuda") else MixedPrecisionPolicy()
+    layer_names = set()
+    for m in model.modules():
+        layer_names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    if not layers:
+        raise ChatforgeError(f"FSDP2: found no decoder layers to shard in {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def setup(cfg) -> Parallel:
+    """Join the job this process was started in (torchrun or srun); one process: nothing to join.
+
+    Raises:
+        ChatforgeError: a strategy that does not fit the method, or an unknown strategy.
+    """
+    rank, world, local_rank = rank_env()
+    cuda = torch.cuda.is_available()
+    strategy = resolve_strategy(getattr(cfg, "strategy", "auto"), cfg.method, world)
+    if world > 1 and not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(
+            "nccl" if cuda else "gloo", rank=rank, world_size=world,
+            timeout=timedelta(seconds=getattr(cfg, "collective_timeout", 1800)))
+    elif cuda:
+        torch.cuda.set_device(local_rank)
+    return Parallel(rank, world, local_rank, "cuda" if cuda else "cpu", strategy)
