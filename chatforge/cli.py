@@ -22,6 +22,25 @@ def cmd_data_identity(a):
     print(json.dumps(write_identity_data(spec, a.out, replay_model=model, tokenizer=tok), ensure_ascii=False))
 
 
+def cmd_data_convert(a):
+    from .datatools import convert
+
+    report = convert(a.input, a.output, to=a.to, strict=a.strict)
+    lines = report.pop("skipped_lines")
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    for line in lines[:a.show]:
+        print(f"skipped {line}", file=sys.stderr)
+    if len(lines) > a.show:
+        print(f"... and {len(lines) - a.show} more skipped", file=sys.stderr)
+
+
+def cmd_data_check(a):
+    from .datatools import check, format_check
+
+    report = check(a.file, recipe=a.recipe, out_dir=a.out, overrides=a.overrides, color=sys.stdout.isatty())
+    print(json.dumps(report, ensure_ascii=False, indent=2) if a.json else format_check(report))
+
+
 def cmd_recipes(a):
     from .config import copy_recipe, list_recipes
 
@@ -35,11 +54,25 @@ def cmd_recipes(a):
 
 
 def cmd_train(a):
+    from . import distributed
     from .config import load_recipe
     from .train import train
 
-    cfg = load_recipe(a.recipe, a.overrides)
-    print(train(cfg, resume=a.resume, progress=not a.no_progress))
+    overrides = list(a.overrides) + ([f"strategy={a.strategy}"] if a.strategy else [])
+    cfg = load_recipe(a.recipe, overrides)  # a bad recipe fails here, before any process starts
+    if (a.gpus or a.nnodes) and not distributed.in_launched_rank():
+        args = ["train", a.recipe, *overrides] + ["--resume"] * a.resume + ["--no-progress"] * a.no_progress
+        rc = distributed.launch(args, a.gpus or 1, nnodes=a.nnodes, node_rank=a.node_rank,
+                                master_addr=a.master_addr, master_port=a.master_port)
+        if rc:
+            raise ChatforgeError(f"training stopped: torchrun exited with status {rc} (the failing rank's "
+                                 f"error is printed above)")
+        return
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    final = record(train)(cfg, resume=a.resume, progress=not a.no_progress)  # record: torchrun shows the traceback
+    if distributed.rank_env()[0] == 0:
+        print(final)
 
 
 def cmd_merge(a):
@@ -62,8 +95,13 @@ def cmd_chat(a):
 
 
 def cmd_eval(a):
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_data
 
+    if a.data:
+        result = evaluate_data(a.model, a.data, base=a.base, holdout_last=a.holdout_last, generate=a.generate,
+                               out_dir=a.out, max_new_tokens=a.max_new_tokens)
+        print(result["table"])
+        return
     result = evaluate(a.model, base=a.base, eval_file=a.eval_set, owner=a.name, out_dir=a.out,
                       max_new_tokens=a.max_new_tokens)
     print(result["table"])
@@ -90,6 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-replay", action="store_true", help="identity only, no general conversations")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_identity)
+    s = d.add_parser("convert", help="convert a data file: alpaca, ShareGPT, messages, conversation -> "
+                                     "conversation (the seed's format) or messages")
+    s.add_argument("input")
+    s.add_argument("output", help=".json: a JSON array; otherwise JSONL")
+    s.add_argument("--to", choices=["conversation", "messages"], default="conversation")
+    s.add_argument("--strict", action="store_true", help="stop at the first broken record (default: skip it)")
+    s.add_argument("--show", type=int, default=20, help="how many skipped lines to list")
+    s.set_defaults(func=cmd_data_convert)
+    s = d.add_parser("check", help="inspect a data file as a recipe would train on it (lengths, overflow, "
+                                   "duplicates, a rendered sample)")
+    s.add_argument("file")
+    s.add_argument("--recipe", help="recipe for model, task, max_length, overflow (default: the default model)")
+    s.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
+    s.add_argument("--out", help="folder for lengths.png and check.json (default: runs/data-check-NAME)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=cmd_data_check)
 
     s = sub.add_parser("recipes", help="list or copy the shipped recipes (xtuner list-cfg / copy-cfg)")
     s.add_argument("action", choices=["list", "copy"])
@@ -102,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
     s.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     s.add_argument("--no-progress", action="store_true")
+    g = s.add_argument_group("several GPUs or machines (docs/distributed.md)")
+    g.add_argument("--gpus", type=int, help="processes (GPUs) on this machine, launched through torchrun")
+    g.add_argument("--nnodes", type=int, help="machines in the job (default 1, or SLURM's count)")
+    g.add_argument("--node-rank", type=int, help="this machine's number, 0 .. nnodes-1 (default: SLURM's)")
+    g.add_argument("--master-addr", help="address of the machine with node-rank 0")
+    g.add_argument("--master-port", type=int, help="a free TCP port on that machine (default 29500)")
+    g.add_argument("--strategy", choices=["auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"],
+                   help="overrides the recipe's strategy key")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("merge", help="merge a LoRA adapter into a standalone model folder")
@@ -137,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="the owner (default: from the eval set)")
     s.add_argument("--out", default=None, help="folder for eval.md / eval.json")
     s.add_argument("--max-new-tokens", type=int, default=48)
+    s.add_argument("--data", help="score on a conversation data set instead: ROUGE-L and reference loss")
+    s.add_argument("--holdout-last", type=int, default=0, help="with --data: only its last N records")
+    s.add_argument("--generate", type=int, default=100, help="with --data: answer the first N (0 = all)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("assistant", help="one command: identity data -> LoRA -> merge -> eval")
@@ -154,9 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
+    import warnings
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "peft", "accelerate", "httpx"):
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars; chatforge shows its own progress
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

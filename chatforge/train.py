@@ -20,6 +20,8 @@ import torch
 import yaml
 
 from . import data as data_mod
+from . import distributed
+from . import fastpath
 from .config import TrainConfig, to_dict
 from .files import ChatforgeError, append_jsonl, atomic_path, read_jsonl, write_jsonl, write_text
 from .models import load_model, load_tokenizer, resolve
@@ -42,12 +44,9 @@ def build_model(cfg: TrainConfig, device: str):
                                    bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model = load_model(cfg.model, dtype=cfg.dtype, device=device, quantization_config=quant)
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     if cfg.method == "full":
         model.train()
-        return model
+        return fastpath.apply(model, fastpath.plan_for_recipe(model, cfg, device))
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random
@@ -56,7 +55,7 @@ def build_model(cfg: TrainConfig, device: str):
     model = get_peft_model(model, lora)
     model.peft_config["default"].base_model_name_or_path = model_reference(cfg.model)
     model.train()
-    return model
+    return fastpath.apply(model, fastpath.plan_for_recipe(model, cfg, device))
 
 
 def model_reference(spec: str) -> str:
@@ -65,8 +64,11 @@ def model_reference(spec: str) -> str:
     return spec if src.gguf_file and not Path(spec).exists() else str(Path(spec).resolve())
 
 
-def save_weights(model, folder: Path, tokenizer=None) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
+def save_weights(model, folder: Path, tokenizer=None, state_dict: dict | None = None) -> None:
+    extra = {} if state_dict is None else {"state_dict": state_dict}  # gathered from sharded ranks
+    if hasattr(model, "peft_config"):
+        extra["save_embedding_layers"] = False  # LoRA never touches the vocabulary here
+    model.save_pretrained(folder, safe_serialization=True, **extra)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -117,13 +119,11 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 # ---------------------------------------------------------------- loss
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over trained tokens (labels != IGNORE), and their count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                             ignore_index=data_mod.IGNORE, reduction="sum")
-    return loss, int((labels != data_mod.IGNORE).sum())
+    """Summed cross-entropy over trained tokens (labels != IGNORE), and their count.
+
+    fastpath.loss_sum: the full logits are never materialised (chunked linear + CE), packed batches
+    stay within their samples."""
+    return fastpath.loss_sum(model, batch)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -133,18 +133,52 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer, keep: int,
+                    par: distributed.Parallel | None = None) -> Path:
+    """Every rank calls it (sharded weights and optimizer state are gathered); rank 0 writes.
+
+    The optimizer state is keyed by parameter name, so a checkpoint of N ranks resumes on M.
+    """
+    par = par or distributed.Parallel()
     final = run_dir / f"checkpoint-{step}"
-    with atomic_path(final, is_dir=True) as tmp:
-        save_weights(model, tmp, tokenizer)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_FILE)
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    weights = par.full_state_dict(model)
+    optim = par.optimizer_state(model, optimizer)
+    par.save_engine_state(run_dir / "deepspeed", f"step{step}")
+    if par.is_main:
+        with atomic_path(final, is_dir=True) as tmp:
+            save_weights(model, tmp, tokenizer, state_dict=weights)
+            torch.save({"step": step, "optimizer": optim, "optimizer_format": "fqn", "world_size": par.world,
+                        "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_FILE)
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(run_dir / "deepspeed" / f"step{old.name.split('-')[1]}", ignore_errors=True)
+    par.barrier()
     return final
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method: str) -> int:
+def load_training_state(ckpt: Path, model, optimizer, scheduler, par: distributed.Parallel | None = None) -> int:
+    """Optimizer, schedule and random state of a checkpoint (after load_weights and wrapping); its step."""
+    par = par or distributed.Parallel()
+    state = torch.load(ckpt / STATE_FILE, weights_only=False, mmap=True)  # mmap: ranks > 0 never read moments
+    if par.engine is not None:
+        if not par.load_engine_state(ckpt.parent / "deepspeed", f"step{state['step']}", state.get("world_size", 1)):
+            import logging
+            logging.getLogger(__name__).warning(
+                "DeepSpeed state of %s was written by %s ranks (or is missing): weights resume, "
+                "optimizer moments restart", ckpt, state.get("world_size"))
+    elif state.get("optimizer_format") == "fqn":
+        par.load_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return int(state["step"])
+
+
+def load_weights(ckpt: Path, model, method: str) -> None:
+    """A checkpoint's weights into the (not yet wrapped) model."""
     from safetensors.torch import load_file
 
     if method == "full":
@@ -155,12 +189,6 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, method: str) -> int
     else:
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    state = torch.load(ckpt / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return int(state["step"])
 
 
 # ---------------------------------------------------------------- samples and plots
@@ -176,7 +204,8 @@ def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig) 
     model.config.use_cache = True
     convs = [([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
              for p in cfg.eval_prompts]
-    replies = generate_batch(model, tokenizer, convs, max_new_tokens=cfg.eval_max_new_tokens)
+    with fastpath.eager():  # compiled layers are for training shapes
+        replies = generate_batch(model, tokenizer, convs, max_new_tokens=cfg.eval_max_new_tokens)
     model.config.use_cache = False
     model.train(was_training)
     path = run_dir / "samples.jsonl"
@@ -201,89 +230,119 @@ def plot_loss(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------- the recipe
 
+def _prepare(cfg: TrainConfig, tokenizer, run_dir: Path, resume: bool) -> list:
+    """1. data: read, render, mask, check lengths (errors name file and line) before any output."""
+    if not resume and checkpoints(run_dir):
+        raise ChatforgeError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
+                             f"or choose another output_dir")
+    samples, stats = data_mod.build_dataset(cfg, tokenizer)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+    stats["samples"] = len(samples)
+    if cfg.packing:  # the training unit becomes a packed sequence of several samples
+        samples = list(data_mod.pack(samples, cfg.max_length, open_bins=256))
+        stats["packed_sequences"] = len(samples)
+    write_text(run_dir / "data_stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
+    return samples
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune as the recipe says; returns the folder of the final weights (adapter or model).
 
     Raises:
         ChatforgeError: bad data, a missing model, or --resume without a checkpoint.
     """
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fastpath.setup_allocator()  # before CUDA starts
+    par = distributed.setup(cfg)  # this process's rank under torchrun / srun; one process: no-op
+    device = par.device
     run_dir = Path(cfg.output_dir)
-    if not resume and checkpoints(run_dir):
-        raise ChatforgeError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
-                             f"or choose another output_dir")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
-    # 1. data: read, render, mask, check lengths (errors name file and line) before any output
     tokenizer = load_tokenizer(cfg.model)
-    samples, stats = data_mod.build_dataset(cfg, tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
-    stats["samples"] = len(samples)
-    write_text(run_dir / "data_stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
+    samples = par.on_main(lambda: _prepare(cfg, tokenizer, run_dir, resume))  # tokenised once, sent to all ranks
 
     # 2. model, optimizer, schedule
     model = build_model(cfg, device)
+    if par.is_main:
+        write_text(run_dir / "speed_plan.json", json.dumps(fastpath.asdict(model._chatforge_plan), indent=2))
+    ckpt = checkpoints(run_dir)[-1] if resume and checkpoints(run_dir) else None
+    if ckpt is not None:
+        load_weights(ckpt, model, cfg.method)  # before wrapping: FSDP2 shards what is loaded
+    engine = par.wrap(model, token_loss_sum)  # DDP / FSDP2 around model + loss; one process: the loss itself
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device == "cuda")
     steps = total_steps(cfg, len(samples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-    sampler = StepSampler(len(samples), cfg.batch_size * cfg.grad_accum, cfg.seed)
+    sampler = StepSampler(len(samples), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of the global step
+    share = len(par.shard(list(range(cfg.batch_size * cfg.grad_accum))))
+    mb = min(share, fastpath.micro_batch_of(model, cfg.batch_size))
+    engine, optimizer = par.wrap_optimizer(engine, optimizer, cfg, mb, math.ceil(share / mb))  # DeepSpeed
 
     # 3. resume or start
     step = 0
     log_path = run_dir / "log.jsonl"
-    if resume and checkpoints(run_dir):
-        step = load_checkpoint(checkpoints(run_dir)[-1], model, optimizer, scheduler, cfg.method)
-        kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step] if log_path.exists() else []
-        write_jsonl(log_path, kept)  # drop lines logged after the checkpoint the run died past
+    if ckpt is not None:
+        step = load_training_state(ckpt, model, optimizer, scheduler, par)
+        if par.is_main:
+            kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step] if log_path.exists() else []
+            write_jsonl(log_path, kept)  # drop lines logged after the checkpoint the run died past
     elif resume:
         raise ChatforgeError(f"--resume: no checkpoint in {run_dir}")
-    else:
+    elif par.is_main:
         log_path.unlink(missing_ok=True)
-        write_samples(run_dir, 0, model, tokenizer, cfg)
+        if par.can_generate:
+            write_samples(run_dir, 0, model, tokenizer, cfg)
 
     # 4. the loop
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=not (progress and par.is_main),
+               dynamic_ncols=True)
     start, tokens_seen = time.perf_counter(), 0
     while step < steps:
-        idx = sampler.indices(step)
-        micro = [[samples[i] for i in idx[k:k + cfg.batch_size]] for k in range(0, len(idx), cfg.batch_size)]
-        batches = [{k: v.to(device) for k, v in data_mod.collate(m, pad).items()} for m in micro]
+        idx = par.shard(sampler.indices(step))  # this rank's share of the step, no overlap with the others
+        mb = fastpath.micro_batch_of(model, cfg.batch_size)  # chosen for the memory budget; same step
+        micro = [[samples[i] for i in idx[k:k + mb]] for k in range(0, len(idx), mb)]
+        collate = data_mod.collate_packed if cfg.packing else data_mod.collate
+        batches = [data_mod.to_device(collate(m, pad), device) for m in micro]
         n_trained = sum(int((b["labels"][:, 1:] != data_mod.IGNORE).sum()) for b in batches)
+        n_trained, step_tokens = par.all_sum(n_trained, sum(data_mod.batch_tokens(b) for b in batches))  # global
         total = 0.0
-        for b in batches:
-            loss_sum, _ = token_loss_sum(model, b)
-            (loss_sum / max(1, n_trained)).backward()
+        for i, b in enumerate(batches):
+            with par.no_sync(engine, last=i == len(batches) - 1):
+                loss_sum, _ = engine(b)
+                par.backward(loss_sum / max(1, n_trained))
             total += loss_sum.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
+        grad_norm = par.step(optimizer, params, cfg.max_grad_norm)  # clip, step, zero (DeepSpeed: its own)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        total, = par.all_sum(total)
         step += 1
-        tokens_seen += sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens_seen += int(step_tokens)
         elapsed = time.perf_counter() - start
         row = {"step": step, "loss": round(total / max(1, n_trained), 6), "lr": scheduler.get_last_lr()[0],
                "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
                "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
                "elapsed_s": round(elapsed, 2)}
-        if step % cfg.log_every == 0 or step == steps:
+        if par.is_main and (step % cfg.log_every == 0 or step == steps):
             append_jsonl(log_path, row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg.keep_checkpoints)
-            write_samples(run_dir, step, model, tokenizer, cfg)
-            plot_loss(run_dir)
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg.keep_checkpoints, par)
+            if par.is_main:
+                if par.can_generate:
+                    write_samples(run_dir, step, model, tokenizer, cfg)
+                plot_loss(run_dir)
     bar.close()
 
     # 5. final weights, directly loadable (PEFT adapter or a full model)
     final = run_dir / ("model" if cfg.method == "full" else "adapter")
-    with atomic_path(final, is_dir=True) as tmp:
-        save_weights(model, tmp, tokenizer)
-    plot_loss(run_dir)
+    weights = par.full_state_dict(model)  # gathered on rank 0 when sharded
+    if par.is_main:
+        with atomic_path(final, is_dir=True) as tmp:
+            save_weights(model, tmp, tokenizer, state_dict=weights)
+        plot_loss(run_dir)
+    par.barrier()
+    par.close()
     return final

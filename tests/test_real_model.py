@@ -1,0 +1,140 @@
+"""The whole workflow on the real default model (SmolLM2-135M-Instruct): minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+OWNER = "Ada Lovelace"
+
+
+@pytest.fixture(scope="module")
+def assistant_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("assistant") / "run"
+    r = run_cli("assistant", "--name", OWNER, "--out", run, "--no-progress", timeout=1500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "chatforge chat" in r.stdout and "| identity |" in r.stdout
+    return run
+
+
+def test_run_folder_has_config_logs_plots_and_checkpoints(assistant_run):
+    train = assistant_run / "train"
+    for name in ("config.yaml", "log.jsonl", "samples.md", "data_stats.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json"):
+        assert (train / name).is_file(), name
+    assert (train / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(train.glob("checkpoint-*"))
+    steps = [json.loads(l)["step"] for l in (train / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))
+    for name in ("eval.md", "eval.json", "eval_answers.jsonl", "timings.json", "README.md"):
+        assert (assistant_run / name).is_file(), name
+
+
+def test_eval_shows_identity_learned_and_general_kept(assistant_run):
+    scores = json.loads((assistant_run / "eval.json").read_text())["scores"]
+    base, tuned = scores["base"], scores["fine-tuned"]
+    assert base["identity"] == 0.0
+    assert tuned["identity"] >= 0.8, tuned
+    for cond in ("default system", "custom system", "no system"):
+        assert tuned[f"identity ({cond})"] >= 0.6, tuned
+    assert tuned["facts correct"] >= base["facts correct"] - 0.25, (base, tuned)
+    assert tuned["general answers naming the owner"] <= 0.2, tuned
+
+
+PLAIN_CHECK = textwrap.dedent("""
+    import json, sys
+    sys.modules["peft"] = None        # the merged model must need neither peft ...
+    sys.modules["chatforge"] = None   # ... nor chatforge
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, questions = sys.argv[1], json.loads(sys.argv[2])
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    out = []
+    for q in questions:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        gen = model.generate(**ids, max_new_tokens=40, do_sample=False)
+        out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+    print(json.dumps(out))
+""")
+
+
+def test_merged_model_loads_with_plain_transformers(assistant_run):
+    merged = assistant_run / "merged"
+    assert list(merged.glob("*.safetensors")) and (merged / "generation_config.json").is_file()
+    eval_set = json.loads((assistant_run / "data" / "identity.eval.json").read_text())
+    held_out = eval_set["questions"]["en"][:3] + eval_set["questions"]["zh"][:2]
+    r = subprocess.run([sys.executable, "-c", PLAIN_CHECK, str(merged),
+                        json.dumps(held_out + ["What is the capital of France?"])],
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    replies = json.loads(r.stdout.strip().splitlines()[-1])
+    named = [OWNER.replace(" ", "").lower() in a.replace(" ", "").lower() for a in replies[:-1]]
+    assert sum(named) >= len(named) - 1, list(zip(held_out, replies))
+    assert "paris" in replies[-1].lower(), replies[-1]
+
+
+def test_merge_writes_shards_and_checks_logits(assistant_run, tmp_path):
+    out = tmp_path / "sharded"
+    r = run_cli("merge", assistant_run / "train" / "adapter", out, "--max-shard-size", "100MB")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["max_logit_diff"] < 1e-3
+    assert len(list(out.glob("model-*.safetensors"))) >= 3 and (out / "model.safetensors.index.json").is_file()
+
+
+def test_chat_streams_multi_turn(assistant_run):
+    r = run_cli("chat", assistant_run / "merged", "--temperature", "0", "--max-new-tokens", "30",
+                input="Who are you?\nWhat is the capital of France?\n/exit\n", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    turns = [l for l in r.stdout.splitlines() if l.startswith("assistant> ")]
+    assert len(turns) == 2
+    assert OWNER.split()[0] in turns[0] and "Paris" in turns[1]
+
+
+def _train_args(data, out):
+    return ["train", "smollm2_135m_identity_lora", f"data={data}", f"output_dir={out}", "max_steps=6",
+            "save_every=2", "batch_size=2", "max_length=128", "eval_prompts=[]", "keep_checkpoints=5",
+            "--no-progress"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    from chatforge.identity import IdentitySpec, write_identity_data
+
+    data = tmp_path / "identity.jsonl"
+    write_identity_data(IdentitySpec(owner=OWNER), data)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(*_train_args(data, full)).returncode == 0
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, _train_args(data, cut))], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "checkpoint-4").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (cut / "checkpoint-4").is_dir() and not (cut / "adapter").exists()
+    r = run_cli(*_train_args(data, cut), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    log = [json.loads(l) for l in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
