@@ -1,0 +1,219 @@
+"""Training speed, side by side: Hugging Face Trainer baselines and chatforge's trainer, one GPU.
+
+    PYTHONPATH=. python3 bench/train_speed.py                 # the default set (GPU, InternLM2-1.8B shape)
+    PYTHONPATH=. python3 bench/train_speed.py --tiny          # CPU smoke test, tiny shape, no timing meaning
+    PYTHONPATH=. python3 bench/train_speed.py hf_lora_b8 cf_lora_b8 cf_lora_b8,compile=0
+
+Scenarios: hf_{lora|qlora|full}[_gc][_b4|_b8][_liger] (bench/hf_baseline.py) and
+cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
+compile, loss, dropout, budget). Each GPU scenario runs in its own process, so peaks do not mix.
+Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
+per-step loss difference against the baseline with the same data and batch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+import hf_baseline  # noqa: E402
+
+DEFAULT = ["hf_lora_b8", "hf_lora_gc_b4_liger", "hf_qlora_gc", "hf_full", "hf_full_gc_b4_liger",
+           "cf_lora_b8", "cf_qlora_b1", "cf_full_b4"]
+TINY = ["hf_lora_b4", "hf_full_b4", "cf_lora_b4", "cf_full_b4", "cf_lora_b4,ckpt=1,micro=2", "cf_full_b4,loss=plain"]
+BUDGET_GIB = {"lora": 24.0, "qlora": 8.0, "full": 32.5}
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16, datasheet
+
+
+def parse_cf(name: str) -> tuple[str, int, dict]:
+    head, *opts = name.split(",")
+    parts = head.split("_")
+    method = parts[1]
+    batch = int(parts[2][1:]) if len(parts) > 2 else 1
+    return method, batch, dict(o.split("=", 1) for o in opts)
+
+
+def _opt(value, kind):
+    if value is None or value == "auto":
+        return "auto"
+    if kind is bool:
+        return value not in ("0", "false", "False")
+    return kind(value)
+
+
+def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:
+    """chatforge's trainer on the baseline's model and data: plan, apply, the train.py step."""
+    from chatforge import fastpath
+    from chatforge.train import token_loss_sum
+
+    method, batch, opts = parse_cf(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hf_baseline.build(f"hf_{method}", tiny, device)
+    if method == "full" and device == "cuda":
+        model.to(torch.bfloat16)  # chatforge trains full models in bf16 (weights, grads, AdamW states)
+    if method != "full":
+        model = hf_baseline.add_lora(model, float(opts.get("dropout", 0.0)))
+    model.config.use_cache = False
+    model.train()
+    budget = opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto")
+    t0 = time.perf_counter()
+    plan = fastpath.make_plan(model, device=device, method=method, seq=seq, global_batch=batch,
+                              micro_batch=_opt(opts.get("micro"), int), checkpointing=_opt(opts.get("ckpt"), bool),
+                              compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
+                              memory_budget_gib=budget, lora_dropout=float(opts.get("dropout", 0.0)))
+    fastpath.apply(model, plan)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fastpath.make_optimizer(params, 2e-4, 0.0, device)
+    data = hf_baseline.Rand(batch * steps, seq, model.config.vocab_size if not hasattr(model, "get_base_model")
+                            else model.get_base_model().config.vocab_size)
+    mb = plan.micro_batch or batch
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(steps):
+        rows = [data[i] for i in range(step * batch, (step + 1) * batch)]
+        batches = []
+        for k in range(0, batch, mb):
+            ids = torch.stack([r["input_ids"] for r in rows[k:k + mb]]).to(device)
+            batches.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = 0.0
+        for b in batches:
+            loss_sum, _ = token_loss_sum(model, b)
+            (loss_sum / n).backward()
+            total += loss_sum.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+        losses.append(total / n)
+    dt = (times[-1] - times[warm - 1]) / (len(times) - warm)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
+    return {"name": name, "method": method, "global_batch": batch, "micro_batch": mb, "tok_s": batch * seq / dt,
+            "peak_gib": peak, "losses": losses, "step_ms": dt * 1000, "plan": fastpath.asdict(plan),
+            "first_steps_s": round(times[warm - 1] - t0, 1)}
+
+
+def run_one(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:
+    if name.startswith("hf_"):
+        return hf_baseline.run(name, tiny=tiny, steps=steps, seq=seq, warm=warm)
+    if name.startswith("cf_"):
+        return run_chatforge(name, tiny, steps, seq, warm)
+    raise SystemExit(f"unknown scenario {name!r}")
+
+
+def flops_per_token(method: str, tiny: bool, seq: int) -> float:
+    """Model FLOPs per trained token: 6 (full) or 4 (frozen base) x linear params, LoRA 6 x its
+    params, attention 6 x seq x hidden x layers (causal, forward + backward); recomputation excluded."""
+    c = hf_baseline.cfg(tiny)
+    h, f, n, v = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    kv = h // c.num_attention_heads * c.num_key_value_heads
+    linear = n * (2 * h * h + 2 * h * kv + 3 * h * f) + v * h
+    attn = 6 * seq * h * n
+    if method == "full":
+        return 6 * linear + attn
+    lora = n * 64 * ((h + h) * 2 + (h + kv) * 2 + (h + f) * 3)
+    return 4 * linear + 6 * lora + attn
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def loss_diff(a: list, b: list) -> tuple[float, float] | None:
+    """(largest per-step relative difference, final-step relative difference), in percent."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return None
+    rel = [abs(x - y) / abs(y) * 100 for x, y in zip(a[:n], b[:n])]
+    return max(rel), rel[-1]
+
+
+def table(results: list[dict], tiny: bool, seq: int) -> str:
+    peak = peak_flops()
+    base = [r for r in results if r["name"].startswith("hf_") and "error" not in r]
+    lines = ["| scenario | batch (micro) | ckpt layers | tokens/s | peak GiB | MFU | x best plain Trainer | "
+             "x best Trainer+Liger | loss diff max / final (%) |", "|" + "---|" * 9]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:150]} |" + " |" * 7)
+            continue
+        mfu = f"{flops_per_token(r['method'], tiny, seq) * r['tok_s'] / peak * 100:.1f}%" if peak else "-"
+        ratios = ["-", "-"]
+        diff = "-"
+        if r["name"].startswith("cf_"):
+            budget = BUDGET_GIB[r["method"]] + 0.05
+            for i, liger in enumerate((False, True)):
+                pool = [b["tok_s"] for b in base if b["method"] == r["method"] and ("liger" in b["name"]) == liger
+                        and (tiny or b["peak_gib"] <= budget)]
+                if pool:
+                    ratios[i] = f"{r['tok_s'] / max(pool):.2f}"
+            pair = [b for b in base if b["method"] == r["method"] and b["global_batch"] == r["global_batch"]]
+            if pair:
+                d = loss_diff(r["losses"], pair[0]["losses"])
+                diff = f"{d[0]:.3f} / {d[1]:.3f} (vs {pair[0]['name']})" if d else "-"
+        ck = r.get("plan", {}).get("checkpoint_layers", "all" if "_gc" in r["name"] else 0)
+        lines.append(f"| {r['name']} | {r['global_batch']} ({r['micro_batch']}) | {ck} | {r['tok_s']:,.0f} | "
+                     f"{r['peak_gib']:.1f} | {mfu} | {ratios[0]} | {ratios[1]} | {diff} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("scenarios", nargs="*")
+    ap.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warm", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write all results (per-step losses too) here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    steps = a.steps or (4 if a.tiny else 30)
+    warm = a.warm or (1 if a.tiny else hf_baseline.WARM)
+    seq = a.seq or (64 if a.tiny else 2048)
+    names = a.scenarios or (TINY if a.tiny else DEFAULT)
+    if a.child:
+        print("RESULT " + json.dumps(run_one(names[0], a.tiny, steps, seq, warm)), flush=True)
+        return 0
+    results = []
+    for name in names:
+        if a.tiny and not torch.cuda.is_available():
+            r = run_one(name, True, steps, seq, warm)  # in process: a smoke test
+        else:
+            cmd = [sys.executable, __file__, name, "--child", "--steps", str(steps), "--warm", str(warm),
+                   "--seq", str(seq)] + (["--tiny"] if a.tiny else [])
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            found = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+            r = json.loads(found[-1]) if found else {"name": name, "error": (p.stderr or p.stdout).strip()[-600:]}
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            if "error" in r:
+                print(f"{name} failed:\n{r['error']}", file=sys.stderr, flush=True)
+        results.append(r)
+        short = {k: v for k, v in r.items() if k not in ("losses", "error")}
+        print(json.dumps(short), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{gpu}, sequences of {seq} tokens, {steps} steps ({warm} warm-up), "
+          f"budgets GiB {BUDGET_GIB}\n" + table(results, a.tiny, seq))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""GPU speed levers of the trainer, each chosen automatically ("auto") and each switchable.
+
+- a chunked linear + cross-entropy: the vocabulary-wide logits (92,544 columns for InternLM2) are
+  never materialised for the whole batch, only for `chunk_rows` tokens at a time;
+- bf16 autocast with fp32 LoRA weights (PEFT's per-layer input up-casting switched off);
+- regional torch.compile (each decoder layer, compiled once and reused for all layers);
+- selective activation checkpointing (only as many layers as the memory budget needs);
+- a memory-budget micro-batch chooser (the optimizer step keeps its samples: accumulation is exact);
+- varlen attention for packed batches (cu_seqlens), so packed samples never attend to each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .files import ChatforgeError
+
+IGNORE = -100
+GIB = 2 ** 30
+ATTENTION_NAME = "chatforge_varlen"
+
+
+# ---------------------------------------------------------------- chunked linear + cross-entropy
+
+def _ce_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
+    """Summed CE of one chunk and the gradient of that sum w.r.t. the logits (in h's dtype)."""
+    logits = (h @ w.t()).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = y != IGNORE
+    safe = torch.where(valid, y, 0)
+    target = logits.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(valid, lse - target, 0.0).sum()
+    w_valid = valid[:, None].to(logits.dtype)
+    grad = torch.exp(logits - lse[:, None]) * w_valid  # softmax - one_hot(target), on trained rows
+    grad = grad.scatter_add(1, safe[:, None], -w_valid)
+    return loss, grad.to(h.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(device_type: str):
+    """The chunk step, compiled on CUDA (fuses up-cast, softmax, one-hot and down-cast: one pass)."""
+    global _compiled_chunk
+    if device_type != "cuda":
+        return _ce_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_ce_chunk, dynamic=False)
+    return _compiled_chunk
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum(CE(hidden @ weight.T, labels)) computed chunk by chunk; gradients are made in the forward.
+
+    Own code rather than Liger-Kernel's fused kernel where it measures faster (see docs/speed.md);
+    both avoid the full (tokens x vocab) logits. Peak extra memory: chunk_rows x vocab x ~12 bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows: int):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        step = _chunk_fn(hidden.device.type)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.detach()
+        for s in range(0, hidden.size(0), chunk_rows):
+            h = hidden[s:s + chunk_rows].detach()
+            loss, g = step(h, w.to(h.dtype), labels[s:s + chunk_rows])
+            total += loss
+            if need_h:
+                grad_h[s:s + chunk_rows] = (g @ w.to(g.dtype)).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.t() @ h.to(g.dtype)).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2 ** 20) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about `target_bytes` (a power of two)."""
+    rows = max(1, target_bytes // (4 * vocab))
+    return max(64, 2 ** int(math.log2(rows)))
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                             backend: str = "chunked", chunk_rows: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `hidden @ weight.T` against `labels` (IGNORE = no loss), in fp32.
+
+    Args:
+        hidden: (tokens, hidden) activations, already aligned with `labels`.
+        weight: (vocab, hidden) output-layer weight.
+        labels: (tokens,) target ids.
+        backend: chunked (own), liger (Liger-Kernel's fused kernel) or plain (full logits).
+        chunk_rows: tokens per chunk for `chunked`; default from the vocabulary size.
+    Raises:
+        ChatforgeError: an unknown backend, or liger without Liger-Kernel installed.
+    """
+    if backend == "plain":
+        logits = (hidden @ weight.t()).float()
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+    if backend == "chunked":
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows or default_chunk_rows(weight.size(0)))
+    if backend == "liger":
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        except ImportError:
+            raise ChatforgeError("fused_loss liger needs Liger-Kernel: pip install liger-kernel") from None
+        out = liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="sum")
+        return (out[0] if isinstance(out, tuple) else out).float()
+    raise ChatforgeError(f"unknown fused_loss {backend!r}: use auto, chunked, liger or plain")
+
+
+# ---------------------------------------------------------------- model parts and the loss
+
+def base_of(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def lm_parts(model):
+    """(decoder, output layer) when the loss can skip the full logits; None for unusual heads."""
+    base = base_of(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = getattr(base, "model", None)
+    cfg = getattr(base, "config", None)
+    special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier"))
+    if (type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or special
+            or not hasattr(decoder, "layers")):
+        return None
+    return decoder, head
+
+
+def decoder_layers(model):
+    base = base_of(model)
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tensor, int]:
+    """Summed CE over trained tokens and their count, for plain and packed batches.
+
+    Packed batches (position_ids restarting per sample, cu_seqlens) never train a token to predict
+    the next sample's first token.
+    """
+    plan = plan or getattr(model, "_chatforge_plan", None) or Plan()
+    ids = batch["input_ids"]
+    labels = batch["labels"][:, 1:]
+    pos = batch.get("position_ids")
+    if pos is not None:
+        labels = torch.where(pos[:, 1:] == 0, IGNORE, labels)
+    kwargs = {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
+    if pos is not None:
+        kwargs["position_ids"] = pos
+    cu = batch.get("cu_seqlens")
+    if cu is not None and plan.attention == "varlen":
+        width = ids.size(1)  # an upper bound, constant per shape: no recompiles per batch
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
+    cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast
+            else contextlib.nullcontext())
+    parts = lm_parts(model) if plan.loss != "plain" else None
+    with cast:
+        if parts is None:
+            logits = model(**kwargs).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                   ignore_index=IGNORE, reduction="sum")
+        else:
+            decoder, head = parts
+            hidden = decoder(**kwargs).last_hidden_state[:, :-1]
+            if plan.autocast:
+                hidden = hidden.to(torch.bfloat16)
+            weight = head.weight if not plan.autocast else head.weight.to(torch.bfloat16)
+            loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
+                                            backend=plan.loss, chunk_rows=plan.chunk_rows or None)
+    return loss, int((labels != IGNORE).sum())
+
+
+# ---------------------------------------------------------------- packing-aware attention
+
+_VARLEN: tuple = ()  # (varlen_attn, its parameter names), looked up once outside compiled code
+
+
+def _varlen_call():
+    global _VARLEN
+    if not _VARLEN:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _VARLEN = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+    return _VARLEN
+
+
+def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                     scaling: float | None = None, **kwargs):
+    """Attention for transformers' AttentionInterface: varlen kernel when cu_seqlens come, else sdpa.
+
+    query/key/value: (batch, heads, seq, dim). Returns (batch, seq, heads, dim), None.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.device.type != "cuda":  # CPU: sdpa with transformers' block-causal mask
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    fn, params = _varlen_call()
+    b, hq, s, d = query.shape
+    hk = key.size(1)
+    q = query.transpose(1, 2).reshape(b * s, hq, d)
+    k = key.transpose(1, 2).reshape(b * s, hk, d)
+    v = value.transpose(1, 2).reshape(b * s, hk, d)
+    extra = {"scale": scaling}
+    if hk != hq:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(hq // hk, dim=1), v.repeat_interleave(hq // hk, dim=1)
+    if "is_causal" in params:
+        extra["is_causal"] = True
+    else:
+        extra["window_size"] = (-1, 0)
+    cu = cu.to(torch.int32)
+    mx = int(kwargs.get("max_length_q") or s)
+    out = fn(q, k, v, cu, cu, mx, mx, **extra)
+    return out.reshape(b, s, hq, d), None
+
+
+def register_attention() -> str:
+    """Register the varlen attention under ATTENTION_NAME (masks as sdpa builds them)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if torch.cuda.is_available():
+        _varlen_call()
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
+
+
+def varlen_available() -> bool:
+    try:
+        _varlen_call()
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------- memory model and the chooser
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+
+
+def shape_of(model) -> Shape:
+    c = base_of(model).config
+    heads = c.num_attention_heads
+    return Shape(c.hidden_size, c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads,
+                 c.intermediate_size, c.vocab_size)
+
+
+# Saved activations per token and layer, in bytes, for a bf16 Llama-layout layer with flash attention:
+# 6 hidden-wide (layer input, attention input, q, attention output, MLP input, norm) + 2 kv-wide (k, v)
+# + 3 ffn-wide (gate, up, their product) tensors of 2 bytes.  The factor scales this idealised count to
+# what was measured (compiled: inductor recomputes cheap pointwise ops; eager keeps fp32 norm copies too).
+ACT_FACTOR = {"compiled": 1.15, "eager": 1.9}
+RESERVE_BYTES = int(1.0 * GIB)  # CUDA context is outside max_memory_allocated; this covers workspaces
+
+
+def act_bytes_per_token(shape: Shape, compiled: bool, lora_dropout: float = 0.0) -> float:
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    per_layer = 2 * (6 * shape.hidden + 2 * kv + 3 * shape.ffn)
+    if lora_dropout > 0:  # PEFT keeps one dropped-out input copy per adapted projection
+        per_layer += 2 * (6 * shape.hidden + shape.ffn)
+    return per_layer * ACT_FACTOR["compiled" if compiled else "eager"]
+
+
+def static_bytes(model) -> int:
+    """Weights, gradients and AdamW states (same dtype as each trainable parameter)."""
+    total = 0
+    for p in model.parameters():
+        b = p.numel() * p.element_size()
+        total += b * (4 if p.requires_grad else 1)
+        if not p.requires_grad and p.element_size() == 1:  # 4-bit: absmax and double-quant tables
+            total += b // 16
+    return total
+
+
+def estimate_bytes(shape: Shape, static: int, tokens: int, ckpt_layers: int, compiled: bool,
+                   loss: str, lora_dropout: float = 0.0, chunk_rows: int = 0) -> int:
+    """Peak GPU bytes of one training micro-batch of `tokens` tokens."""
+    a = act_bytes_per_token(shape, compiled, lora_dropout)
+    kept = (shape.layers - ckpt_layers) * a + ckpt_layers * 2 * shape.hidden
+    recompute = a if ckpt_layers else 0.0
+    if loss == "plain":
+        head = tokens * shape.vocab * 12.0
+    else:
+        rows = chunk_rows or default_chunk_rows(shape.vocab)
+        head = min(rows, tokens) * shape.vocab * 12.0 + tokens * shape.hidden * 6.0
+    return int(static + tokens * (kept + recompute) + head + 4 * tokens * shape.hidden * 2 + RESERVE_BYTES)
+
+
+def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, budget: int,
+                       compiled: bool, loss: str, lora_dropout: float = 0.0,
+                       checkpointing: str | bool = "auto", chunk_rows: int = 0) -> tuple[int, int]:
+    """(micro-batch, checkpointed layers) for the memory budget.
+
+    Fewest checkpointed layers first (recomputing costs a third to a half of a layer's time), then
+    the largest micro-batch dividing the global batch (no odd-sized last micro-batch). With
+    checkpointing true every layer is checkpointed; false: none (the smallest micro-batch is taken
+    even if it does not fit, and the caller is told by the estimate).
+    """
+    divisors = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
+    if checkpointing is True:
+        options = [shape.layers]
+    elif checkpointing is False:
+        options = [0]
+    else:
+        options = range(0, shape.layers + 1)
+
+    def fits(m, k):
+        return estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout, chunk_rows) <= budget
+
+    for k in options:
+        for m in divisors:
+            if fits(m, k):
+                return m, k
+    return 1, options[-1]
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class Plan:
+    """The speed settings of one run (what `auto` resolved to)."""
+
+    micro_batch: int = 0  # 0: the recipe's batch_size
+    checkpoint_layers: int = 0
+    compile: bool = False
+    loss: str = "chunked"  # chunked | liger | plain
+    chunk_rows: int = 0
+    attention: str = "sdpa"  # sdpa | varlen
+    autocast: bool = False
+    budget_gib: float = 0.0
+    estimate_gib: float = 0.0
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
+
+
+def _auto(value, default):
+    return default if value in (None, "auto") else value
+
+
+def device_budget(device: str, value) -> int:
+    """Bytes the run may use: the recipe's memory_budget_gib, else 92% of the card's free memory."""
+    if value not in (None, "auto"):
+        return int(float(value) * GIB)
+    if device != "cuda":
+        return 1 << 62
+    free, _total = torch.cuda.mem_get_info()
+    return int(0.92 * (free + torch.cuda.memory_allocated()))
+
+
+def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, micro_batch="auto",
+              checkpointing="auto", compile="auto", fused_loss="auto", attention="auto",
+              memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0) -> Plan:
+    """Resolve the `auto` speed keys for this model, device and data shape.
+
+    Raises:
+        ChatforgeError: an explicit choice the environment cannot run (liger missing, varlen on CPU).
+    """
+    cuda = device == "cuda"
+    plan = Plan()
+    plan.autocast = cuda and method in ("lora", "qlora")
+    plan.compile = bool(_auto(compile, cuda))
+    # chunked measured faster than Liger's fused kernel here (docs/speed.md); liger stays selectable.
+    plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
+    if plan.loss not in ("chunked", "liger", "plain"):
+        raise ChatforgeError(f"recipe key 'fused_loss': {plan.loss!r} is not one of auto, chunked, liger, plain")
+    if plan.loss == "liger" and not cuda:
+        raise ChatforgeError("fused_loss liger runs on CUDA only")
+    want_varlen = _auto(attention, "varlen" if (packing and cuda and varlen_available()) else "sdpa")
+    if want_varlen == "varlen" and not varlen_available():
+        raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
+    plan.attention = want_varlen
+    shape = shape_of(model)
+    budget = device_budget(device, memory_budget_gib)
+    plan.budget_gib = round(budget / GIB, 2) if budget < 1 << 60 else 0.0
+    static = static_bytes(model)
+    if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
+        plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)
+        plan.checkpoint_layers = shape.layers if checkpointing is True else 0
+        return plan
+    if micro_batch not in (None, "auto"):
+        plan.micro_batch = int(micro_batch)
+        ck = checkpointing if checkpointing in (True, False) else "auto"
+        _m, plan.checkpoint_layers = choose_micro_batch(shape, static, seq, plan.micro_batch, budget, plan.compile,
+                                                        plan.loss, lora_dropout, ck)
+        if ck == "auto":  # the micro-batch is fixed: only checkpointing can make it fit
+            plan.checkpoint_layers = next((k for k in range(shape.layers + 1) if estimate_bytes(
+                shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget),
+                shape.layers)
+    else:
+        plan.micro_batch, plan.checkpoint_layers = choose_micro_batch(
+            shape, static, seq, global_batch, budget, plan.compile, plan.loss, lora_dropout,
+            checkpointing if checkpointing in (True, False) else "auto")
+    plan.estimate_gib = round(estimate_bytes(shape, static, plan.micro_batch * seq, plan.checkpoint_layers,
+                                             plan.compile, plan.loss, lora_dropout) / GIB, 2)
+    return plan
+
+
+# ---------------------------------------------------------------- applying the plan
+
+def _checkpointed(forward, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_indices(layers: int, count: int) -> list[int]:
+    """Which layers to checkpoint: `count` of them, spread evenly."""
+    if count <= 0:
+        return []
+    return sorted({int(i * layers / count) for i in range(count)})
+
+
+def apply(model, plan: Plan):
+    """Apply a plan to a model in place: attention, autocast casting, checkpointing, compilation."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = base_of(model)
+    if plan.attention == "varlen":
+        register_attention()
+        base.set_attn_implementation(ATTENTION_NAME)
+    if plan.autocast:  # fp32 LoRA weights, bf16 matmuls: autocast casts, PEFT must not up-cast inputs
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = False
+    layers = decoder_layers(model)
+    for i in checkpoint_indices(len(layers), plan.checkpoint_layers):
+        layer = layers[i]
+        layer.forward = functools.partial(_checkpointed, layer.forward)
+    if plan.compile and layers:
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for layer in layers:
+            layer.compile(dynamic=False)
+    model._chatforge_plan = plan
+    return model
+
+
+@contextlib.contextmanager
+def eager():
+    """Run compiled layers eagerly (generation between training steps has other shapes)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    if stance is None:
+        yield
+        return
+    with stance("force_eager"):
+        yield
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device: str):
+    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
+
+
+def setup_allocator() -> None:
+    """Expandable segments: less fragmentation, so the budget holds (set before CUDA starts)."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def plan_for_recipe(model, cfg, device: str) -> Plan:
+    """make_plan from a TrainConfig (sequence length = max_length, step = batch_size x grad_accum)."""
+    return make_plan(model, device=device, method=cfg.method, seq=cfg.max_length,
+                     global_batch=cfg.batch_size * cfg.grad_accum, micro_batch=cfg.micro_batch,
+                     checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, fused_loss=cfg.fused_loss,
+                     attention=cfg.attention, memory_budget_gib=cfg.memory_budget_gib, packing=cfg.packing,
+                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0)
+
+
+def micro_batch_of(model, default: int) -> int:
+    plan = getattr(model, "_chatforge_plan", None)
+    return plan.micro_batch if plan is not None and plan.micro_batch > 0 else default

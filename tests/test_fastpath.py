@@ -1,0 +1,209 @@
+"""CPU checks of the training speed levers (chatforge/fastpath.py) and the speed bench's smoke run."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatforge import fastpath as fp
+from chatforge.config import _build, TrainConfig
+from chatforge.files import ChatforgeError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_llama(layers=2, vocab=300, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    model.config.use_cache = False
+    return model
+
+
+# ---------------------------------------------------------------- chunked linear + CE
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_loss_and_gradients_equal_plain(chunk):
+    torch.manual_seed(1)
+    h = torch.randn(150, 48, requires_grad=True)
+    w = (torch.randn(700, 48) * 0.3).requires_grad_()
+    y = torch.randint(0, 700, (150,))
+    y[::4] = fp.IGNORE
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=fp.IGNORE, reduction="sum")
+    gh, gw = torch.autograd.grad(ref * 0.37, (h, w))
+    out = fp.linear_cross_entropy_sum(h, w, y, backend="chunked", chunk_rows=chunk)
+    ch, cw = torch.autograd.grad(out * 0.37, (h, w))
+    assert torch.allclose(out, ref, rtol=1e-5)
+    assert torch.allclose(ch, gh, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(cw, gw, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_frozen_weight_and_all_ignored():
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # frozen (LoRA): no weight gradient is made
+    y = torch.full((10,), fp.IGNORE)
+    out = fp.linear_cross_entropy_sum(h, w, y, chunk_rows=4)
+    out.backward()
+    assert out.item() == 0.0 and torch.count_nonzero(h.grad) == 0
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ChatforgeError, match="fused_loss"):
+        fp.linear_cross_entropy_sum(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long),
+                                    backend="fast")
+
+
+def test_default_chunk_rows_bounds_logits_memory():
+    rows = fp.default_chunk_rows(92544)
+    assert rows & (rows - 1) == 0 and rows * 92544 * 4 <= 512 * 2 ** 20
+
+
+# ---------------------------------------------------------------- the loss on a model
+
+def batch_with_padding(vocab=300):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, vocab, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0
+    mask[2, 9:] = 0
+    labels = torch.where(mask.bool(), ids, fp.IGNORE)
+    labels[:, :3] = fp.IGNORE  # a prompt carries no loss
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def test_loss_sum_matches_model_loss_and_lora_gradients():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    b = batch_with_padding()
+    results = {}
+    for backend in ("plain", "chunked"):
+        model.zero_grad()
+        loss, n = fp.loss_sum(model, b, fp.Plan(loss=backend, chunk_rows=16))
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results[backend] = (loss.item(), n, grads)
+    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+    lp, n, gp = results["plain"]
+    lc, nc, gc = results["chunked"]
+    assert n == nc == int((b["labels"][:, 1:] != fp.IGNORE).sum())
+    assert lc == pytest.approx(lp, rel=1e-5) and lc / n == pytest.approx(out.loss.item(), rel=1e-5)
+    for a, c in zip(gp, gc):
+        assert torch.allclose(a, c, rtol=1e-3, atol=1e-6)
+
+
+def test_packed_batch_loss_equals_samples_run_alone():
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(5)
+    lens = [7, 12, 5]
+    samples = [torch.randint(0, 300, (n,), generator=g) for n in lens]
+    width = 26
+    ids = torch.zeros(1, width, dtype=torch.long)
+    ids[0, :24] = torch.cat(samples)
+    pos = torch.cat([torch.arange(n) for n in lens] + [torch.arange(2)])[None]
+    labels = ids.clone()  # every token trained (pretrain): boundaries must still not leak
+    labels[0, 24:] = fp.IGNORE
+    cu = torch.tensor([0, 7, 19, 24, 26], dtype=torch.int32)
+    packed = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None, "cu_seqlens": cu}
+    loss, n = fp.loss_sum(model, packed, fp.Plan(attention="varlen"))
+    alone = [fp.loss_sum(model, {"input_ids": s[None], "labels": s[None].clone(),
+                                 "attention_mask": torch.ones(1, len(s), dtype=torch.long)}, fp.Plan()) for s in samples]
+    assert n == sum(k for _, k in alone) == sum(x - 1 for x in lens)
+    assert loss.item() == pytest.approx(sum(l.item() for l, _ in alone), rel=1e-5)
+
+
+def test_selective_checkpointing_keeps_loss_and_gradients():
+    b = batch_with_padding()
+    out = []
+    for k in (0, 2):
+        model = tiny_llama(layers=3)
+        fp.apply(model, fp.Plan(checkpoint_layers=k))
+        loss, _ = fp.loss_sum(model, b)
+        loss.backward()
+        out.append((loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    assert torch.allclose(out[0][1], out[1][1], rtol=1e-5, atol=1e-7)
+
+
+def test_checkpoint_indices_spread():
+    assert fp.checkpoint_indices(24, 0) == []
+    assert fp.checkpoint_indices(24, 3) == [0, 8, 16]
+    assert fp.checkpoint_indices(24, 24) == list(range(24))
+
+
+# ---------------------------------------------------------------- memory model and chooser
+
+SHAPE = fp.Shape(hidden=2048, layers=24, heads=16, kv_heads=8, ffn=8192, vocab=92544)
+GIB = 2 ** 30
+
+
+def est(tokens, k, static=4 * GIB, compiled=True, loss="chunked"):
+    return fp.estimate_bytes(SHAPE, static, tokens, k, compiled, loss)
+
+
+def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
+    assert est(4096, 0) < est(8192, 0)
+    assert est(8192, 12) < est(8192, 0)
+    assert est(8192, 24) < est(8192, 12)
+    assert est(8192, 0, compiled=False) > est(8192, 0)
+    assert est(8192, 0, loss="plain") - est(8192, 0, loss="chunked") > 8192 * 92544 * 8  # the logits
+
+
+def test_chooser_prefers_no_checkpointing_then_the_largest_divisor():
+    choose = lambda budget, g=8, ck="auto": fp.choose_micro_batch(SHAPE, 4 * GIB, 2048, g, budget, True,
+                                                                 "chunked", checkpointing=ck)
+    assert choose(10 ** 13) == (8, 0)
+    budget = est(2 * 2048, 0) + 1  # fits 2 sequences, not 3 or 4
+    assert choose(budget) == (2, 0)
+    assert choose(budget, g=6) == (2, 0)
+    assert choose(est(4 * 2048, 0) + 1, g=6) == (3, 0)  # 4 fits but does not divide 6
+    m, k = choose(est(2048, 0) - 1)  # one sequence only fits with some layers checkpointed
+    assert m >= 1 and 0 < k < 24 and est(m * 2048, k) <= est(2048, 0) - 1
+    assert est(2048, k - 1) > est(2048, 0) - 1 or m > 1
+    assert choose(10 ** 13, ck=True) == (8, 24)
+    assert choose(est(2048, 0) - 1, ck=False) == (1, 0)  # told not to checkpoint: smallest batch
+
+
+def test_make_plan_on_cpu_keeps_recipe_batch_and_skips_compile():
+    model = tiny_llama()
+    plan = fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4)
+    assert (plan.micro_batch, plan.compile, plan.loss, plan.attention, plan.autocast) == (0, False, "chunked", "sdpa", False)
+    assert fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, checkpointing=True).checkpoint_layers == 2
+    with pytest.raises(ChatforgeError, match="varlen"):
+        fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, attention="varlen")
+    model.config.final_logit_softcapping = 30.0  # a head the chunked loss does not model: full logits
+    assert fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4).loss == "plain"
+
+
+def test_recipe_speed_keys_take_auto_or_values():
+    cfg = _build(TrainConfig, {"micro_batch": 2, "compile": False, "memory_budget_gib": 7.5}, "r")
+    assert (cfg.micro_batch, cfg.compile, cfg.memory_budget_gib, cfg.gradient_checkpointing) == (2, False, 7.5, "auto")
+    for bad in ({"micro_batch": 0}, {"compile": "fast"}, {"memory_budget_gib": -1}, {"gradient_checkpointing": 3}):
+        with pytest.raises(ChatforgeError, match=list(bad)[0]):
+            _build(TrainConfig, bad, "r")
+
+
+# ---------------------------------------------------------------- the bench, tiny, on CPU
+
+def test_train_speed_bench_tiny_smoke(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_speed
+
+    out_json = ROOT / "bench" / ".tiny_test.json"
+    try:
+        assert train_speed.main(["--tiny", "--steps", "3", "--json", str(out_json),
+                                 "hf_lora_b2", "cf_lora_b2", "cf_full_b2,ckpt=1,micro=1"]) == 0
+        import json
+        rows = {r["name"]: r for r in json.loads(out_json.read_text())}
+    finally:
+        out_json.unlink(missing_ok=True)
+    text = capsys.readouterr().out
+    assert "| cf_lora_b2 |" in text and "tokens/s" in text
+    hf, cf = rows["hf_lora_b2"]["losses"], rows["cf_lora_b2"]["losses"]
+    assert len(hf) == len(cf) == 3
+    assert max(abs(a - b) / b for a, b in zip(cf, hf)) < 1e-3  # same data, seed, hyper-parameters
+    assert rows["cf_full_b2,ckpt=1,micro=1"]["plan"]["checkpoint_layers"] == 2
