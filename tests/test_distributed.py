@@ -1,0 +1,167 @@
+"""Several processes on CPU (gloo): the same losses as one process, resume across world sizes,
+a killed rank ends the job, two launchers on one host act as two machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chatforge import distributed
+from chatforge.files import ChatforgeError
+
+from conftest import ROOT
+
+RECIPE = "smollm2_135m_identity_lora"
+WORDS = "alpha beta gamma delta echo foxtrot golf hotel india juliet kilo lima mike".split()
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("dist-data") / "data.jsonl"
+    with path.open("w") as f:
+        for _ in range(24):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+def overrides(model, data, out, **extra) -> list[str]:
+    keys = {"model": model, "data": data, "output_dir": out, "max_steps": 4, "batch_size": 4, "grad_accum": 1,
+            "save_every": 2, "keep_checkpoints": 2, "eval_prompts": "[]", "lr": 1e-3, "collective_timeout": 30}
+    keys.update(extra)
+    return [f"{k}={v}" for k, v in keys.items()]
+
+
+def train_here(args: list[str], resume: bool = False):
+    """One process, inside pytest (no interpreter start-up)."""
+    from chatforge.config import load_recipe
+    from chatforge.train import train
+
+    return train(load_recipe(RECIPE, args), resume=resume, progress=False)
+
+
+def cli(*args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(k, None)
+    return subprocess.Popen([sys.executable, "-m", "chatforge", "train", RECIPE, *map(str, args), "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
+
+
+def assert_same(a: dict, b: dict, steps):
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=1e-4, abs=1e-5), (s, a, b)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resume_alone(run: Path, copy: Path, method_args: list[str]) -> dict:
+    """Resume a multi-process run from its step-2 checkpoint in this one process; its log from there."""
+    shutil.copytree(run, copy)
+    for p in ("checkpoint-4", "adapter", "model"):
+        shutil.rmtree(copy / p, ignore_errors=True)
+    train_here(method_args, resume=True)
+    return losses(copy)
+
+
+def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama, data_file):
+    two = cli(*overrides(tiny_llama, data_file, tmp_path / "ddp2"), "--gpus", "2")  # runs while we train alone
+    train_here(overrides(tiny_llama, data_file, tmp_path / "one"))
+    finish(two)
+    one, ddp = losses(tmp_path / "one"), losses(tmp_path / "ddp2")
+    assert_same(one, ddp, range(1, 5))
+    assert (tmp_path / "ddp2" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((tmp_path / "ddp2").glob(".*tmp"))  # rank 0 alone wrote, nothing half-written
+    resumed = resume_alone(tmp_path / "ddp2", tmp_path / "resumed",
+                           overrides(tiny_llama, data_file, tmp_path / "resumed"))
+    assert_same(resumed, ddp, (3, 4))
+
+
+def test_fsdp2_on_two_launchers_as_two_machines(tmp_path, tiny_llama, data_file):
+    """Two torchrun launchers (--nnodes 2) on 127.0.0.1; full fine-tuning, FSDP2 (auto for full)."""
+    port = free_port()
+    args = overrides(tiny_llama, data_file, tmp_path / "fsdp", method="full")
+    nodes = [cli(*args, "--gpus", "1", "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
+                 "--master-port", str(port)) for r in (0, 1)]
+    train_here(overrides(tiny_llama, data_file, tmp_path / "one", method="full"))
+    outs = [finish(p) for p in nodes]
+    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert_same(one, fsdp, range(1, 5))
+    assert (tmp_path / "fsdp" / "model" / "model.safetensors").is_file(), outs[0][-2000:]
+    resumed = resume_alone(tmp_path / "fsdp", tmp_path / "resumed",
+                           overrides(tiny_llama, data_file, tmp_path / "resumed", method="full"))
+    assert_same(resumed, fsdp, (3, 4))
+
+
+def test_killed_rank_ends_the_job_with_its_error(tmp_path, tiny_llama, data_file):
+    import psutil
+
+    run = tmp_path / "killed"
+    job = cli(*overrides(tiny_llama, data_file, run, max_steps=100000, save_every=0, collective_timeout=20),
+              "--gpus", "2")
+    deadline = time.time() + 180
+    while not (run / "log.jsonl").is_file() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.5)
+    assert job.poll() is None, job.communicate()[0][-3000:]
+    ranks = {p.environ().get("RANK"): p for p in psutil.Process(job.pid).children(recursive=True)
+             if "chatforge" in " ".join(p.cmdline()) and p.environ().get("RANK") is not None}
+    assert set(ranks) >= {"0", "1"}, ranks
+    killed_at = time.time()
+    os.kill(ranks["1"].pid, signal.SIGKILL)
+    out, _ = job.communicate(timeout=60)
+    assert job.returncode != 0
+    assert time.time() - killed_at < 40  # well inside the collective timeout plus torchrun's grace
+    assert "SIGKILL" in out or "Signal 9" in out, out[-3000:]
+    assert "chatforge: error: training stopped" in out
+
+
+def test_launch_layout_slurm_and_strategies(monkeypatch):
+    assert distributed.expand_nodelist("gpu[01-03,07],login2") == ["gpu01", "gpu02", "gpu03", "gpu07", "login2"]
+    env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[3-4]"}
+    cmd = distributed.torchrun_argv(["train", "r"], 4, env=env)
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]  # this interpreter, never PATH's
+    assert {"--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=n3"} <= set(cmd)
+    assert cmd[-4:] == ["-m", "chatforge", "train", "r"]
+    assert "--standalone" in distributed.torchrun_argv(["train", "r"], 2, env={})
+    with pytest.raises(ChatforgeError, match="master-addr"):
+        distributed.torchrun_argv(["train", "r"], 2, nnodes=2, node_rank=0, env={})
+    srun = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[3-4]"}
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert distributed.rank_env(srun) == (5, 8, 1) and os.environ["MASTER_ADDR"] == "n3"
+    assert distributed.resolve_strategy("auto", "lora", 2) == "ddp"
+    assert distributed.resolve_strategy("auto", "full", 4) == "fsdp2"
+    assert distributed.resolve_strategy("fsdp2", "full", 1) == "none"
+    with pytest.raises(ChatforgeError, match="QLoRA"):
+        distributed.resolve_strategy("fsdp2", "qlora", 2)
+    par = distributed.Parallel(rank=1, world=2)
+    assert par.shard(list(range(8))) == [4, 5, 6, 7]
+    with pytest.raises(ChatforgeError, match="does not split"):
+        par.shard(list(range(6))[:3])
