@@ -78,7 +78,8 @@ def cmd_train(a):
 def cmd_merge(a):
     from .export import merge
 
-    report = merge(a.adapter, a.out, base=a.base, max_shard_size=a.max_shard_size, dtype=a.dtype, fmt=a.format)
+    report = merge(a.adapter, a.out, base=a.base, max_shard_size=a.max_shard_size, dtype=a.dtype, fmt=a.format,
+                   default_system=a.default_system)
     print(json.dumps(report, indent=2))
 
 
@@ -112,6 +113,34 @@ def cmd_assistant(a):
 
     assistant(a.name, model=a.model, assistant_name=a.assistant_name, out=a.out, recipe=a.recipe,
               overrides=a.overrides, progress=not a.no_progress)
+
+
+def cmd_web(a):
+    from .web import serve_web
+
+    serve_web(a.model, compare=a.compare, host=a.host, port=a.port, dtype=a.dtype)
+
+
+def cmd_serve(a):
+    from .api import Limits, serve_api
+
+    limits = Limits(max_tokens=a.max_tokens_limit, max_body_bytes=a.max_body_bytes, max_context=a.max_context,
+                    max_batch=a.max_batch)
+    serve_api(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name, limits=limits,
+              dtype=a.dtype)
+
+
+def cmd_publish(a):
+    from .publish import publish
+
+    report = publish(a.model_dir, a.repo, message=a.message, branch=a.branch, title=a.title, token_env=a.token_env)
+    print(json.dumps({k: v for k, v in report.items() if k != "output"}, indent=2))
+
+
+def cmd_app(a):
+    from .app import write_app
+
+    print(write_app(a.model_repo, a.out_dir, title=a.title, branch=a.branch))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", help="base model (default: the one the adapter names)")
     s.add_argument("--max-shard-size", default="2GB")
     s.add_argument("--dtype", default="auto", help="auto (the base's), fp32, bf16 or fp16")
+    s.add_argument("--default-system", help="replace the system prompt the chat template injects by default")
     s.add_argument("--format", choices=["hf", "internlm2"], default="hf",
                    help="hf: native layout; internlm2: an InternLM2 base's original layout (fused wqkv)")
     s.set_defaults(func=cmd_merge)
@@ -213,6 +243,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_assistant)
+
+    s = sub.add_parser("web", help="chat in the browser (Gradio); --compare BASE shows before/after side by side")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    s.add_argument("--compare", metavar="BASE", help="a second model answering the same messages")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--dtype", default="auto")
+    s.set_defaults(func=cmd_web)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /health")
+    s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="required Bearer key (default: $CHATFORGE_API_KEY; none: open)")
+    s.add_argument("--model-name", help="the model id clients use (default: the model's name)")
+    s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    s.add_argument("--max-context", type=int, default=0, help="prompt+completion tokens (0: the model's)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    s.add_argument("--dtype", default="auto")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("publish", help="model card + git-lfs push of a model folder to a model repo")
+    s.add_argument("model_dir")
+    s.add_argument("--repo", required=True, help="git URL of the model repo (token: $CHATFORGE_HUB_TOKEN)")
+    s.add_argument("--message", help="commit message")
+    s.add_argument("--branch", default="main")
+    s.add_argument("--title", help="model card title (default: the run's name)")
+    s.add_argument("--token-env", default="CHATFORGE_HUB_TOKEN", help="environment variable with the token")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("app", help="write a deployable Gradio app (Hugging Face Space / OpenXLab) for a model repo")
+    s.add_argument("out_dir")
+    s.add_argument("--model-repo", required=True, help="git URL the app clones the model from")
+    s.add_argument("--title", default="", help="app title (default: from the repo name)")
+    s.add_argument("--branch", default="main")
+    s.set_defaults(func=cmd_app)
     return p
 
 

@@ -47,14 +47,43 @@ def masked_logits(model, batch) -> torch.Tensor:
     return logits[batch["attention_mask"].bool()]
 
 
+def template_default_system(tokenizer) -> str | None:
+    """The system prompt the chat template injects when a conversation has none, if any."""
+    user = [{"role": "user", "content": "x"}]
+    marker = "\x00SYSTEM\x00"
+    plain = tokenizer.apply_chat_template(user, tokenize=False)
+    marked = tokenizer.apply_chat_template([{"role": "system", "content": marker}] + user, tokenize=False)
+    head, _, tail = marked.partition(marker)
+    if plain.startswith(head) and plain.endswith(tail) and len(plain) > len(head) + len(tail):
+        return plain[len(head):len(plain) - len(tail)]
+    return None
+
+
+def with_default_system(tokenizer, prompt: str) -> str:
+    """The chat template with its injected default system prompt replaced by `prompt`.
+
+    Raises:
+        ChatforgeError: the template injects no default system prompt to replace.
+    """
+    current = template_default_system(tokenizer)
+    template = tokenizer.chat_template
+    if not current or current not in template:
+        raise ChatforgeError("the chat template injects no default system prompt to replace")
+    return template.replace(current, prompt.replace("'", "\\'"))
+
+
 def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_shard_size: str = "2GB",
-          dtype: str = "auto", tolerance: float | None = None, fmt: str = "hf") -> dict:
+          dtype: str = "auto", tolerance: float | None = None, fmt: str = "hf",
+          default_system: str | None = None) -> dict:
     """Merge `adapter` into its base model and save a standalone model folder at `out`.
 
     The merged weights are checked before the folder is moved into place: the saved model,
     reloaded, must give the logits of base+adapter on a probe batch. `fmt` "hf" writes the
     native layout; "internlm2" writes an InternLM2 base's original layout (fused wqkv, its
     config, tokenizer and remote-code files), for tools that expect it (LMDeploy, the seed's apps).
+
+    `default_system` replaces the system prompt the chat template injects when a conversation has
+    none (e.g. SmolLM2's "You are ... named SmolLM"), so a renamed assistant never contradicts it.
 
     Raises:
         ChatforgeError: not an adapter, missing base model, a format the base cannot take,
@@ -75,6 +104,8 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
     if fmt == "internlm2" and originals is None:
         raise ChatforgeError(f"--format internlm2 needs an InternLM2 base model; {base} is not one")
     tokenizer = load_tokenizer(base)
+    if default_system is not None:
+        tokenizer.chat_template = with_default_system(tokenizer, default_system)
     model = load_model(base, dtype=torch.float32, device="cpu")  # merge in fp32 on the CPU
     config = read_config(local_folder(base))
     out_dtype = parse_dtype(dtype if dtype != "auto" else (config.get("torch_dtype") or config.get("dtype")

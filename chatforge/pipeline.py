@@ -32,7 +32,7 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
         ChatforgeError: from any stage, with the stage's own message.
     """
     from .evaluate import evaluate
-    from .export import merge
+    from .export import merge, template_default_system
     from .identity import IdentitySpec, write_identity_data
     from .models import display_name, load_model, load_tokenizer
     from .train import train
@@ -59,7 +59,11 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
 
     t = time.perf_counter()
     merged = run / "merged"
-    report = merge(adapter, merged, base=model)
+    # A named assistant replaces the template's injected default prompt ("... named SmolLM"), which would
+    # contradict its answers; an unnamed one keeps it ("<owner>'s assistant, built on SmolLM2" agrees).
+    rename = assistant_name and template_default_system(tokenizer)
+    report = merge(adapter, merged, base=model, default_system=(
+        f"You are {assistant_name}, {name}'s assistant, built on {spec.base}." if rename else None))
     times["merge"] = time.perf_counter() - t
     print(f"[merge] {merged} (max logit diff {report['max_logit_diff']:.2e}, {times['merge']:.0f} s)", flush=True)
 
