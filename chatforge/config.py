@@ -27,7 +27,8 @@ class LoraConfig:
 class DataSource:
     path: str = ""
     weight: float = 1.0
-    format: str = "auto"  # auto | conversation | messages | alpaca | text
+    format: str = "auto"  # auto | conversation | messages | alpaca | text | document (a .txt file is one document)
+    holdout_last: int = 0  # the last N records of the file are never trained on (the fixed eval split)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainConfig:
     output_dir: str = "runs/default"
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_length: int = 512
-    overflow: str = "error"  # what to do with a sample longer than max_length: error | drop | truncate
+    overflow: str = "error"  # a sample longer than max_length: error | drop | truncate | split (pretrain only)
     batch_size: int = 4
     grad_accum: int = 1
     epochs: float = 1.0
@@ -59,8 +60,17 @@ class TrainConfig:
     system: str | None = None  # system prompt added to conversations that have none
     eval_prompts: list = field(default_factory=list)  # answered before training and at checkpoints
     eval_max_new_tokens: int = 48
-    gradient_checkpointing: bool = False
-    packing: bool = False
+    # speed keys (chatforge/fastpath.py, docs/speed.md): `auto` picks what fits the memory budget fastest
+    gradient_checkpointing: Any = "auto"  # auto (as few layers as the budget needs) | true | false
+    micro_batch: Any = "auto"  # samples per forward pass; the step still takes batch_size x grad_accum
+    memory_budget_gib: Any = "auto"  # GPU memory the run may use; auto: 92% of the card's free memory
+    compile: Any = "auto"  # torch.compile each decoder layer; auto: on CUDA
+    fused_loss: str = "auto"  # auto | chunked | liger | plain (plain materialises the full logits)
+    attention: str = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
+    packing: bool = False  # several samples per max_length sequence; batch_size then counts sequences
+    # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch
+    strategy: str = "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
+    collective_timeout: int = 1800  # seconds a rank waits in a collective before the job fails
     description: str = ""
 
 
@@ -85,6 +95,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
         items = value if isinstance(value, list) else [value]
         return [_build(DataSource, {"path": v} if isinstance(v, str) else v, f"{where}[{i}]")
                 for i, v in enumerate(items)]
+    if f.name in AUTO_KEYS:
+        return _coerce_auto(AUTO_KEYS[f.name], value, where)
     if value is None or default is None:
         return value
     kind = type(default)
@@ -104,6 +116,22 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
     if kind is list and not isinstance(value, list):
         raise ChatforgeError(f"{where}: expected a list, got {value!r}")
     return value
+
+
+AUTO_KEYS = {"gradient_checkpointing": bool, "micro_batch": int, "memory_budget_gib": float, "compile": bool}
+
+
+def _coerce_auto(kind, value: Any, where: str):
+    """`auto` or a value of `kind` (a positive number for numeric keys)."""
+    if value == "auto" or value is None:
+        return "auto"
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ChatforgeError(f"{where}: expected auto, true or false, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+        raise ChatforgeError(f"{where}: expected auto or a positive {'whole ' if kind is int else ''}number, got {value!r}")
+    return kind(value)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -134,7 +162,17 @@ def parse_overrides(items: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        cur = out.get(k)
+        if isinstance(v, dict) and isinstance(cur, list) and v and all(str(i).isdigit() for i in v):
+            cur = list(cur)  # data.0.path=... edits one item of a list
+            for i, sub in v.items():
+                if int(i) >= len(cur):
+                    raise ChatforgeError(f"override {k}.{i}: the list has {len(cur)} items")
+                item = cur[int(i)]
+                cur[int(i)] = _merge(item, sub) if isinstance(sub, dict) and isinstance(item, dict) else sub
+            out[k] = cur
+        else:
+            out[k] = _merge(cur, v) if isinstance(v, dict) and isinstance(cur, dict) else v
     return out
 
 
@@ -189,16 +227,24 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) ->
 
 def validate(cfg: TrainConfig) -> None:
     choices = {"method": ("lora", "qlora", "full"), "task": ("sft", "pretrain"),
-               "overflow": ("error", "drop", "truncate"),
-               "lr_scheduler": ("cosine", "linear", "constant")}
+               "overflow": ("error", "drop", "truncate", "split"),
+               "lr_scheduler": ("cosine", "linear", "constant"),
+               "fused_loss": ("auto", "chunked", "liger", "plain"), "attention": ("auto", "sdpa", "varlen"),
+               "strategy": ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ChatforgeError(f"recipe key {key!r}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("batch_size", "grad_accum", "max_length"):
+    for key in ("batch_size", "grad_accum", "max_length", "collective_timeout"):
         if getattr(cfg, key) < 1:
             raise ChatforgeError(f"recipe key {key!r}: must be at least 1")
     if not cfg.data:
         raise ChatforgeError("recipe key 'data': no training data given (data=PATH)")
+    if cfg.overflow == "split" and cfg.task != "pretrain":
+        raise ChatforgeError("recipe key 'overflow': split only suits task pretrain (a conversation cut "
+                             "in pieces loses its prompt); use drop or truncate")
+    for i, src in enumerate(cfg.data):
+        if src.weight <= 0 or src.holdout_last < 0:
+            raise ChatforgeError(f"recipe key 'data[{i}]': weight must be above 0 and holdout_last at least 0")
 
 
 def to_dict(cfg) -> dict:

@@ -11,12 +11,15 @@ Every error names the file and line.
 
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import os
 import random
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -33,63 +36,130 @@ class Record:
 
 # ---------------------------------------------------------------- reading files
 
-def iter_json_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """Yield (line, parsed JSON value) for each record of a JSON array or JSONL file.
+OnError = Callable[[str], None]  # receives "file:line: reason" for a record that is skipped
+_MAX_RECORD_CHARS = 64 << 20  # a JSON array element larger than this is taken as a broken file
 
+
+def _fail(on_error: OnError | None, message: str) -> None:
+    if on_error is None:
+        raise ChatforgeError(message)
+    on_error(message)
+
+
+def _open_data(path: Path):
+    if path.is_dir():
+        raise ChatforgeError(f"{path} is a folder, not a data file")
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to the current folder {Path.cwd()})"
+        raise ChatforgeError(f"data file not found: {path}{where}")
+    return open(path, "rb")
+
+
+def iter_json_records(path: str | os.PathLike, on_error: OnError | None = None) -> Iterator[tuple[int, object]]:
+    """Yield (line, parsed JSON value) for each record of a JSON array or JSONL file, streaming.
+
+    Memory stays bounded by the largest record, whatever the file size.
+
+    Args:
+        on_error: None to raise on the first bad record; else called with "file:line: reason" and
+            the record is skipped. In a JSON array a syntax error ends the file (it cannot be resynced).
     Raises:
-        ChatforgeError: missing file, invalid UTF-8 or invalid JSON, naming file and line.
+        ChatforgeError: missing file, invalid UTF-8 or invalid JSON (when on_error is None), naming file and line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ChatforgeError(f"data file not found: {path}")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ChatforgeError(f"{path}:{line}: invalid UTF-8 ({e.reason})") from None
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        yield from _iter_json_array(path, text)
-        return
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ChatforgeError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-
-
-def _iter_json_array(path: Path, text: str) -> Iterator[tuple[int, object]]:
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    n = len(text)
-
-    def skip_ws(p):
-        while p < n and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip_ws(pos)
-    if pos < n and text[pos] == "]":
-        return
-    while True:
-        pos = skip_ws(pos)
-        line = text.count("\n", 0, pos) + 1
-        try:
-            value, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ChatforgeError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        yield line, value
-        pos = skip_ws(pos)
-        if pos < n and text[pos] == ",":
-            pos += 1
-            continue
-        if pos < n and text[pos] == "]":
+    with _open_data(path) as f:
+        head = f.read(4096)
+        f.seek(0)
+        if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            yield from _iter_json_array(path, f, on_error)
             return
-        line = text.count("\n", 0, pos) + 1
-        raise ChatforgeError(f"{path}:{line}: invalid JSON: expected ',' or ']' in the array")
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                _fail(on_error, f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte {e.start + 1} of the line)")
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                cut = "; the last line looks truncated" if not raw.endswith(b"\n") else ""
+                _fail(on_error, f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno}){cut}")
+
+
+class _ArrayReader:
+    """Incremental reader of one JSON array: decodes chunks, tracks the line of the cursor."""
+
+    def __init__(self, path: Path, f, chunk: int = 1 << 20):
+        self.path, self.f, self.chunk = path, f, chunk
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.buf, self.pos, self.line, self.eof = "", 0, 1, False
+
+    def more(self) -> None:
+        raw = self.f.read(self.chunk)
+        self.eof = not raw
+        try:
+            text = self.decoder.decode(raw, final=self.eof)
+        except UnicodeDecodeError as e:
+            line = self.line + self.buf.count("\n", self.pos) + raw[: max(0, e.start)].count(b"\n")
+            raise ChatforgeError(f"{self.path}:{line}: invalid UTF-8 ({e.reason})") from None
+        if self.pos > self.chunk:  # drop what was consumed
+            self.buf, self.pos = self.buf[self.pos:], 0
+        self.buf += text
+
+    def advance(self, end: int) -> None:
+        self.line += self.buf.count("\n", self.pos, end)
+        self.pos = end
+
+    def peek(self) -> str:
+        """The next non-blank character ('' at the end of the file), cursor moved onto it."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.line += self.buf[self.pos] == "\n"
+                self.pos += 1
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos] if self.pos < len(self.buf) else ""
+            self.more()
+
+    def value(self, decoder: json.JSONDecoder):
+        while True:
+            try:
+                value, end = decoder.raw_decode(self.buf, self.pos)
+                if end < len(self.buf) or self.eof:
+                    self.advance(end)
+                    return value
+            except json.JSONDecodeError as e:
+                if self.eof or len(self.buf) - self.pos > _MAX_RECORD_CHARS:
+                    line = self.line + self.buf.count("\n", self.pos, e.pos)
+                    cut = "; the file looks truncated" if self.eof and e.pos >= len(self.buf) - 1 else ""
+                    raise ChatforgeError(f"{self.path}:{line}: invalid JSON: {e.msg}{cut}") from None
+            self.more()  # the record may continue in the next chunk
+
+
+def _iter_json_array(path: Path, f, on_error: OnError | None) -> Iterator[tuple[int, object]]:
+    reader, decoder = _ArrayReader(path, f), json.JSONDecoder()
+    try:
+        reader.peek()
+        reader.advance(reader.pos + 1)  # the "["
+        if reader.peek() == "]":
+            return
+        while True:
+            reader.peek()
+            line = reader.line
+            yield line, reader.value(decoder)
+            c = reader.peek()
+            if c == "]":
+                return
+            if c != ",":
+                what = "the end of the file (the file looks truncated)" if c == "" else repr(c)
+                raise ChatforgeError(f"{path}:{reader.line}: invalid JSON: expected ',' or ']' in the array, "
+                                     f"found {what}")
+            reader.advance(reader.pos + 1)
+    except ChatforgeError as e:
+        _fail(on_error, f"{e} (reading of this array stopped here)" if on_error else str(e))
 
 
 def _text(value, where: str, field: str, required: bool = True) -> str:
@@ -165,9 +235,111 @@ def to_messages(obj, where: str) -> list[dict]:
     return msgs
 
 
+def iter_records(path: str | os.PathLike, on_error: OnError | None = None) -> Iterator[Record]:
+    """Conversation records of a file, streamed; bad ones raise, or go to on_error and are skipped."""
+    for line, obj in iter_json_records(path, on_error):
+        where = f"{path}:{line}"
+        try:
+            yield Record(to_messages(obj, where), where)
+        except ChatforgeError as e:
+            _fail(on_error, str(e))
+
+
 def read_conversations(path: str | os.PathLike) -> list[Record]:
-    return [Record(to_messages(obj, f"{path}:{line}"), f"{path}:{line}")
-            for line, obj in iter_json_records(path)]
+    return list(iter_records(path))
+
+
+def iter_text_documents(path: str | os.PathLike, on_error: OnError | None = None,
+                        whole_file: bool = False) -> Iterator[Record]:
+    """Raw text for pretraining, streamed: a .txt file (one document per blank-line block, or the
+    whole file with whole_file), a folder of .txt files (one document per file), or JSON/JSONL
+    records with a 'text' field.
+
+    Raises:
+        ChatforgeError: missing file, invalid UTF-8, a record without text (when on_error is None).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise ChatforgeError(f"{path}: no .txt files in the folder")
+        for f in files:
+            yield from _txt_documents(f, on_error, whole_file=True)
+    elif path.suffix == ".txt":
+        yield from _txt_documents(path, on_error, whole_file)
+    else:
+        for line, obj in iter_json_records(path, on_error):
+            where = f"{path}:{line}"
+            try:
+                if not isinstance(obj, dict):
+                    raise ChatforgeError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+                text = _text(obj.get("text"), where, "text")
+                if not text.strip():
+                    raise ChatforgeError(f"{where}: empty 'text'")
+            except ChatforgeError as e:
+                _fail(on_error, str(e))
+                continue
+            yield Record([{"role": "text", "content": text}], where)
+
+
+def _txt_documents(path: Path, on_error: OnError | None, whole_file: bool) -> Iterator[Record]:
+    block: list[str] = []
+    start = 1
+
+    def flush():
+        text = "".join(block).strip()
+        return Record([{"role": "text", "content": text}], f"{path}:{start}") if text else None
+
+    with _open_data(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                _fail(on_error, f"{path}:{lineno}: invalid UTF-8 ({e.reason})")
+                continue
+            if not whole_file and not line.strip():
+                doc = flush()
+                if doc:
+                    yield doc
+                block, start = [], lineno + 1
+                continue
+            block.append(line)
+    doc = flush()
+    if doc:
+        yield doc
+
+
+def read_text_documents(path: str | os.PathLike) -> list[Record]:
+    return list(iter_text_documents(path))
+
+
+def drop_last(items: Iterable, n: int, held: list | None = None) -> Iterator:
+    """Yield all but the last n items (streaming); the last n are appended to `held`.
+
+    This is the fixed held-out split: the last n records of a file are never trained on.
+    """
+    if n <= 0:
+        yield from items
+        return
+    tail: deque = deque()
+    for x in items:
+        tail.append(x)
+        if len(tail) > n:
+            yield tail.popleft()
+    if held is not None:
+        held.extend(tail)
+
+
+def holdout_records(path: str | os.PathLike, n: int) -> list[Record]:
+    """The last n conversation records of a file (the held-out split), or all records if n <= 0."""
+    if n <= 0:
+        return read_conversations(path)
+    return list(deque(iter_records(path), maxlen=n))
+
+
+def record_key(rec: Record) -> str:
+    """A digest of a record's content, for finding exact duplicates."""
+    return hashlib.sha1(json.dumps(rec.messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------- tokenising
@@ -237,82 +409,159 @@ class Sample:
     source: str
 
 
-def fit_length(ids, labels, max_length: int, overflow: str, source: str):
-    """Apply the overflow policy; return None to drop the sample.
+def fit_length(ids, labels, max_length: int, overflow: str, source: str) -> list[tuple[list, list]]:
+    """Apply the overflow policy to one encoded sample; returns the pieces to keep (none: dropped).
+
+    Policies: error, drop, truncate (keep the first max_length tokens), split (pretraining: cut a
+    long document into max_length pieces, each its own sample).
 
     Raises:
         ChatforgeError: the sample is too long and the policy is 'error'.
     """
     if len(ids) <= max_length:
-        return ids, labels
+        return [(ids, labels)]
     if overflow == "error":
         raise ChatforgeError(f"{source}: sample has {len(ids)} tokens, more than max_length "
                              f"{max_length} (raise max_length, or set overflow=drop or truncate)")
     if overflow == "drop":
-        return None
-    ids, labels = ids[:max_length], labels[:max_length]
-    return (ids, labels) if any(l != IGNORE for l in labels) else None
+        return []
+    if overflow == "split":
+        pieces = [(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
+    else:
+        pieces = [(ids[:max_length], labels[:max_length])]
+    # a piece needs a trained token after its first (the first token is never a target)
+    return [(i, l) for i, l in pieces if l[1:].count(IGNORE) < len(l) - 1]
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """encode_text for many documents at once (fast tokenizers encode a batch on all cores)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [encode_text(tokenizer, t) for t in texts]
+    bos = [tokenizer.bos_token_id] if (tokenizer.bos_token_id is not None
+                                       and getattr(tokenizer, "add_bos_token", False)) else []
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = bos + ids + [tokenizer.eos_token_id]
+        out.append((ids, list(ids)))
+    return out
+
+
+def read_source(src, cfg, on_error: OnError | None = None) -> Iterator[Record]:
+    """Records of one data source of a recipe (streamed, held-out tail removed), with the recipe's
+    system prompt applied to conversations that have none."""
+    if cfg.task == "pretrain":
+        records = iter_text_documents(src.path, on_error, whole_file=src.format == "document")
+    else:
+        records = iter_records(src.path, on_error)
+    for rec in drop_last(records, getattr(src, "holdout_last", 0)):
+        if cfg.system is not None and cfg.task != "pretrain" and not any(m["role"] == "system" for m in rec.messages):
+            rec.messages.insert(0, {"role": "system", "content": cfg.system})
+        yield rec
+
+
+def iter_samples(src, cfg, tokenizer, stats: dict | None = None, on_error: OnError | None = None,
+                 batch: int = 64) -> Iterator[Sample]:
+    """Tokenised samples of one data source, streamed, after the overflow policy.
+
+    stats (if given) counts: records, dropped, truncated, split, tokens, trained_tokens.
+    """
+    stats = stats if stats is not None else {}
+    for key in ("records", "dropped", "truncated", "split", "tokens", "trained_tokens"):
+        stats.setdefault(key, 0)
+    pending: list[Record] = []
+
+    def emit(recs):
+        if cfg.task == "pretrain":
+            encoded = encode_texts(tokenizer, [r.messages[0]["content"] for r in recs])
+        else:
+            encoded = [encode_sft(tokenizer, r.messages) for r in recs]
+        for rec, (ids, labels) in zip(recs, encoded):
+            stats["records"] += 1
+            pieces = fit_length(ids, labels, cfg.max_length, cfg.overflow, rec.source)
+            if not pieces:
+                stats["dropped"] += 1
+            elif len(ids) > cfg.max_length:
+                stats["split" if cfg.overflow == "split" else "truncated"] += 1
+            for i, l in pieces:
+                stats["tokens"] += len(i)
+                stats["trained_tokens"] += len(l) - 1 - l[1:].count(IGNORE)
+                yield Sample(i, l, rec.source)
+
+    for rec in read_source(src, cfg, on_error):
+        pending.append(rec)
+        if len(pending) >= batch:
+            yield from emit(pending)
+            pending = []
+    yield from emit(pending)
 
 
 def build_dataset(cfg, tokenizer) -> tuple[list[Sample], dict]:
-    """Read, tokenise and mix every data source of a recipe; returns samples and statistics."""
+    """Read, tokenise and mix every data source of a recipe; returns samples and statistics.
+
+    A source's weight sets how often it is used: 2 = every sample twice, 0.5 = a seeded half,
+    2.5 = twice plus a seeded half. The final order is shuffled by the recipe's seed.
+
+    Raises:
+        ChatforgeError: bad records (file:line), a source without usable samples, a too-long sample
+            under overflow=error.
+    """
     rng = random.Random(cfg.seed)
     samples: list[Sample] = []
-    stats = {"sources": [], "dropped": 0, "truncated": 0}
+    stats: dict = {"sources": [], "dropped": 0, "truncated": 0, "split": 0}
     for src in cfg.data:
-        part = []
-        for rec in read_source(src, cfg):
-            if cfg.task == "pretrain":
-                ids, labels = encode_text(tokenizer, rec.messages[0]["content"])
-            else:
-                ids, labels = encode_sft(tokenizer, rec.messages)
-            fitted = fit_length(ids, labels, cfg.max_length, cfg.overflow, rec.source)
-            if fitted is None:
-                stats["dropped"] += 1
-                continue
-            stats["truncated"] += len(ids) > cfg.max_length
-            part.append(Sample(fitted[0], fitted[1], rec.source))
+        if src.weight <= 0:
+            raise ChatforgeError(f"{src.path}: weight must be above 0, got {src.weight}")
+        st: dict = {}
+        part = list(iter_samples(src, cfg, tokenizer, st))
         if not part:
             raise ChatforgeError(f"{src.path}: no usable samples")
-        count = max(1, round(len(part) * src.weight))  # weight 2 = twice as often, 0.5 = half
-        picked = [part[i % len(part)] for i in range(count)] if count >= len(part) else rng.sample(part, count)
+        whole, frac = divmod(src.weight, 1.0)
+        picked = part * int(whole) + rng.sample(part, round(frac * len(part)))
+        if not picked:
+            picked = rng.sample(part, 1)
         samples += picked
-        stats["sources"].append({"path": src.path, "records": len(part), "used": len(picked)})
+        for key in ("dropped", "truncated", "split"):
+            stats[key] += st[key]
+        stats["sources"].append({"path": src.path, "records": st["records"], "samples": len(part),
+                                 "used": len(picked), "held_out": getattr(src, "holdout_last", 0),
+                                 "tokens": st["tokens"], "trained_tokens": st["trained_tokens"]})
     rng.shuffle(samples)
     return samples, stats
 
 
-def read_source(src, cfg) -> list[Record]:
-    """Records of one data source of a recipe, with the recipe's system prompt applied."""
-    if cfg.task == "pretrain":
-        return read_text_documents(src.path)
-    records = read_conversations(src.path)
-    if cfg.system is not None:
-        for r in records:
-            if not any(m["role"] == "system" for m in r.messages):
-                r.messages.insert(0, {"role": "system", "content": cfg.system})
-    return records
+# ---------------------------------------------------------------- packing
 
+def pack(samples: Iterable[Sample], max_length: int, open_bins: int = 64) -> Iterator[list[Sample]]:
+    """Group samples into sequences of at most max_length tokens, never splitting a sample.
 
-def read_text_documents(path: str | os.PathLike) -> list[Record]:
-    """Raw text: a .txt file (documents split by blank lines) or JSON/JSONL with a 'text' field."""
-    path = Path(path)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise ChatforgeError(f"data file not found: {path}")
-        blocks, out, line0 = path.read_text(encoding="utf-8").split("\n\n"), [], 1
-        for block in blocks:
-            if block.strip():
-                out.append(Record([{"role": "text", "content": block.strip()}], f"{path}:{line0}"))
-            line0 += block.count("\n") + 2
-        return out
-    out = []
-    for line, obj in iter_json_records(path):
-        where = f"{path}:{line}"
-        if not isinstance(obj, dict):
-            raise ChatforgeError(f"{where}: a record must be a JSON object")
-        out.append(Record([{"role": "text", "content": _text(obj.get("text"), where, "text")}], where))
-    return out
+    Online best fit: each sample goes into the open sequence it fills best; when `open_bins`
+    sequences are open and none has room, the fullest is emitted. Streams with memory bounded
+    by open_bins * max_length tokens. A sample longer than max_length is an error (apply the
+    overflow policy first).
+    """
+    bins: list[list] = []  # [used tokens, samples]
+    for s in samples:
+        n = len(s.input_ids)
+        if n > max_length:
+            raise ChatforgeError(f"{s.source}: sample has {n} tokens, more than max_length {max_length}")
+        best = None
+        for b in bins:
+            if b[0] + n <= max_length and (best is None or b[0] > best[0]):
+                best = b
+        if best is None:
+            if len(bins) >= open_bins:
+                full = max(bins, key=lambda b: b[0])
+                bins.remove(full)
+                yield full[1]
+            best = [0, []]
+            bins.append(best)
+        best[0] += n
+        best[1].append(s)
+        if best[0] == max_length:
+            bins.remove(best)
+            yield best[1]
+    for b in sorted(bins, key=lambda b: -b[0]):
+        yield b[1]
 
 
 # ---------------------------------------------------------------- batching
@@ -329,3 +578,48 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(s.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_packed(packs: list[list[Sample]], pad_id: int) -> dict:
+    """A batch of packed sequences: several samples per row, no attention across them.
+
+    Keys: input_ids, labels, position_ids (restarting at 0 for every sample, which makes
+    transformers build a block-causal mask for sdpa/eager when attention_mask is None),
+    attention_mask (None), cu_seqlens (int32 boundaries over the flattened batch, for varlen
+    attention kernels; the padding tail of a row is a segment of its own), max_seqlen (int) and
+    num_tokens (real tokens). The first token of every sample carries no loss, so no sample is
+    trained to predict across a boundary.
+    """
+    width = max(sum(len(s.input_ids) for s in p) for p in packs)
+    ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(packs), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(packs), width), dtype=torch.long)
+    cu, longest, real = [0], 0, 0
+    for row, p in enumerate(packs):
+        off = 0
+        for s in p:
+            n = len(s.input_ids)
+            ids[row, off:off + n] = torch.tensor(s.input_ids)
+            labels[row, off + 1:off + n] = torch.tensor(s.labels[1:])
+            pos[row, off:off + n] = torch.arange(n)
+            off += n
+            cu.append(row * width + off)
+            longest = max(longest, n)
+        real += off
+        if off < width:
+            pos[row, off:] = torch.arange(width - off)
+            cu.append((row + 1) * width)
+            longest = max(longest, width - off)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
+            "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": longest, "num_tokens": real}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a batch from collate or collate_packed."""
+    if batch.get("attention_mask") is not None:
+        return int(batch["attention_mask"].sum())
+    return int(batch["num_tokens"])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

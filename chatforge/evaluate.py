@@ -111,7 +111,7 @@ def run_model(spec: str, es: dict, max_new_tokens: int) -> dict:
 
 def format_table(columns: dict[str, dict]) -> str:
     names = list(columns)
-    keys = list(next(iter(columns.values())))
+    keys = list(dict.fromkeys(k for col in columns.values() for k in col))
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in keys:
         cells = [columns[n].get(k) for n in names]
@@ -134,7 +134,7 @@ def evaluate(model: str, base: str | None = None, eval_file: str | None = None, 
     runs["fine-tuned"] = run_model(model, es, max_new_tokens)
     for name, r in runs.items():
         columns[name] = dict(r["scores"])
-        if base:
+        if base and name != "base":
             ref = runs["base"]["general_replies"]
             columns[name]["general ROUGE-L vs base"] = (
                 sum(rouge_l(a, b) for a, b in zip(r["general_replies"], ref)) / len(ref))
@@ -143,6 +143,96 @@ def evaluate(model: str, base: str | None = None, eval_file: str | None = None, 
     if out_dir:
         out = Path(out_dir)
         write_text(out / "eval.md", f"# Evaluation: {model}\n\nowner: {es['owner']}\n\n{table}")
+        write_json(out / "eval.json", {k: v for k, v in result.items() if k != "table"})
+        write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
+    return result
+
+
+# ---------------------------------------------------------------- data-set eval (e.g. a held-out split)
+
+def reference_loss(model, tokenizer, records, batch_size: int = 8) -> tuple[float, int]:
+    """Mean per-token cross-entropy of the reference replies (the tokens training would train on)."""
+    import torch
+
+    from .data import IGNORE, Sample, collate, encode_sft
+
+    samples = [Sample(*encode_sft(tokenizer, r.messages), r.source) for r in records]
+    samples.sort(key=lambda s: len(s.input_ids))  # similar lengths together: little padding
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for k in range(0, len(samples), batch_size):
+            b = {n: v.to(device) for n, v in collate(samples[k:k + batch_size], pad).items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+            labels = b["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                             ignore_index=IGNORE, reduction="sum"))
+            count += int((labels != IGNORE).sum())
+    return total / max(1, count), count
+
+
+def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int) -> dict:
+    """Reference loss on every record; greedy answers and ROUGE-L on the first `generate` records."""
+    import gc
+    import math
+
+    from .generate import generate_batch
+    from .models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    loss, n_tokens = reference_loss(model, tokenizer, records)
+    gen = records[:generate] if generate > 0 else records
+    prompts, refs = [], []
+    for r in gen:
+        last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
+        prompts.append(r.messages[:last])
+        refs.append(r.messages[last]["content"])
+    replies = generate_batch(model, tokenizer, prompts, max_new_tokens=max_new_tokens) if gen else []
+    del model
+    gc.collect()
+    scores = [rouge_l(a, b) for a, b in zip(replies, refs)]
+    return {"scores": {"ROUGE-L": sum(scores) / max(1, len(scores)), "reference loss per token": loss,
+                       "reference perplexity": math.exp(loss)},
+            "answers": [{"source": r.source, "prompt": p[-1]["content"], "reference": ref, "reply": a, "rouge_l": s}
+                        for r, p, ref, a, s in zip(gen, prompts, refs, replies, scores)],
+            "counts": {"records": len(records), "generated": len(gen), "reference tokens": n_tokens}}
+
+
+def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_last: int = 0, generate: int = 100,
+                  out_dir: str | Path | None = None, max_new_tokens: int = 128) -> dict:
+    """Score `model` (and `base`) on a conversation data set: ROUGE-L of greedy answers against the
+    reference replies (characters for Chinese, words otherwise) and the mean per-token loss of the
+    references. Writes eval.md, eval.json and eval_answers.jsonl to out_dir.
+
+    Args:
+        holdout_last: use only the last N records (a recipe's held-out split); 0 = all records.
+        generate: answer only the first N of them (generation is the slow part); 0 = all.
+    Raises:
+        ChatforgeError: missing model or data file, a bad record (file:line).
+    """
+    from .data import holdout_records
+
+    records = holdout_records(data_file, holdout_last)
+    if not records:
+        raise ChatforgeError(f"{data_file}: no records to evaluate")
+    runs = {}
+    if base:
+        runs["base"] = run_model_on_data(base, records, generate, max_new_tokens)
+    runs["fine-tuned"] = run_model_on_data(model, records, generate, max_new_tokens)
+    first = next(iter(runs.values()))["counts"]
+    lines = ["| metric | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for key in runs["fine-tuned"]["scores"]:
+        lines.append(f"| {key} | " + " | ".join(f"{r['scores'][key]:.4f}" for r in runs.values()) + " |")
+    split = f"last {holdout_last} records" if holdout_last > 0 else "all records"
+    table = (f"data: {data_file} ({split}: {first['records']} records, {first['reference tokens']} reference "
+             f"tokens; ROUGE-L on the first {first['generated']}, greedy, max_new_tokens {max_new_tokens})\n\n"
+             + "\n".join(lines) + "\n")
+    result = {"model": str(model), "base": base, "data": str(data_file), "holdout_last": holdout_last,
+              "counts": first, "scores": {n: r["scores"] for n, r in runs.items()}, "table": table}
+    if out_dir:
+        out = Path(out_dir)
+        write_text(out / "eval.md", f"# Evaluation on a data set: {model}\n\n{table}")
         write_json(out / "eval.json", {k: v for k, v in result.items() if k != "table"})
         write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
     return result
