@@ -185,16 +185,13 @@ def write_checkpoint(folder: Path, shape: dict, shards: int = 2, fmt: str = "saf
     return folder
 
 
-def _peak_gb() -> float:
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+def _peak_gb() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None
 
 
 def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
-    from chatforge.config import load_recipe
     from chatforge.generate import generate_batch
     from chatforge.models import load_model, load_tokenizer
-    from chatforge.train import build_model, token_loss_sum
-    from chatforge import data as data_mod
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -215,7 +212,7 @@ def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
         torch.cuda.synchronize()
     report["load_s"] = round(time.perf_counter() - t, 2)
     report["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
-    report["load_peak_gpu_gb"] = round(_peak_gb(), 2)
+    report["load_peak_gpu_gb"] = _peak_gb()
 
     t = time.perf_counter()
     replies = generate_batch(model, tok, [[{"role": "user", "content": "Who are you?"}]], max_new_tokens=32)
@@ -224,40 +221,53 @@ def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
     report["generate_32_tokens_s"] = round(time.perf_counter() - t, 2)
     report["reply_chars"] = len(replies[0])
     del model
+    print(json.dumps(report), flush=True)
 
     conv = {"messages": [{"role": "user", "content": "请介绍一下你自己"},
                          {"role": "assistant", "content": "我是Clement Wu的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"}]}
     data = workdir / "d.jsonl"
     data.write_text("\n".join(json.dumps(conv, ensure_ascii=False) for _ in range(8)) + "\n")
     for method in ["lora"] + (["qlora"] if qlora else []):
-        cfg = load_recipe("internlm2_chat_1_8b_identity_lora", [f"model={folder}", f"data={data}", f"method={method}",
-                                                                 f"output_dir={workdir / method}", "batch_size=8"])
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        model = build_model(cfg, device)
-        report[f"{method}_build_s"] = round(time.perf_counter() - t, 2)
-        samples, _ = data_mod.build_dataset(cfg, tok)
-        batch = {k: v.to(device) for k, v in data_mod.collate(samples[:8], tok.pad_token_id).items()}
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-        times = []
-        for _ in range(3):  # the first step warms up kernels; report the last
-            t = time.perf_counter()
-            loss, n = token_loss_sum(model, batch)
-            (loss / n).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        report[f"{method}_step_s"] = round(times[-1], 3)
-        report[f"{method}_first_step_s"] = round(times[0], 3)
-        report[f"{method}_loss"] = round(float(loss / n), 4)
-        report[f"{method}_tokens_per_step"] = int(batch["attention_mask"].sum())
-        report[f"{method}_peak_gpu_gb"] = round(_peak_gb(), 2)
-        del model, opt
+        try:
+            train_step(report, method, folder, data, tok, workdir, device)
+        except Exception as e:  # keep the other method's figures
+            report[f"{method}_error"] = f"{type(e).__name__}: {e}"[:500]
+        print(json.dumps(report), flush=True)
     return report
+
+
+def train_step(report: dict, method: str, folder: Path, data: Path, tok, workdir: Path, device: str) -> None:
+    from chatforge.config import load_recipe
+    from chatforge.train import build_model, token_loss_sum
+    from chatforge import data as data_mod
+
+    cfg = load_recipe("internlm2_chat_1_8b_identity_lora", [f"model={folder}", f"data={data}", f"method={method}",
+                                                             f"output_dir={workdir / method}", "batch_size=8"])
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    model = build_model(cfg, device)
+    report[f"{method}_build_s"] = round(time.perf_counter() - t, 2)
+    samples, _ = data_mod.build_dataset(cfg, tok)
+    batch = {k: v.to(device) for k, v in data_mod.collate(samples[:8], tok.pad_token_id).items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    times = []
+    for _ in range(3):  # the first step warms up kernels; report the last
+        t = time.perf_counter()
+        loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    report[f"{method}_step_s"] = round(times[-1], 3)
+    report[f"{method}_first_step_s"] = round(times[0], 3)
+    report[f"{method}_loss"] = round(loss.item() / n, 4)
+    report[f"{method}_tokens_per_step"] = int(batch["attention_mask"].sum())
+    report[f"{method}_peak_gpu_gb"] = _peak_gb()
+    del model, opt
 
 
 def main(argv=None) -> None:

@@ -207,13 +207,18 @@ def native_shards(folder: Path, cfg: dict, dtype: torch.dtype | None):
     for path in tqdm(files, desc="load InternLM2", unit="shard", disable=len(files) < 2):
         converted = {}
         for name, tensor in read_shard(path).items():
-            for new, t in to_native(name, tensor, cfg).items():
+            try:
+                parts = to_native(name, tensor, cfg)
+            except RuntimeError as e:  # a fused wqkv that does not split as config.json says
+                raise ChatforgeError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit "
+                                     f"{folder / 'config.json'}: {e}") from None
+            for new, t in parts.items():
                 converted[new] = t.to(dtype) if dtype is not None else t
         yield path, converted
 
 
 def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, quantization_config=None):
-    """Load an InternLM2 folder as a native LlamaForCausalLM (on the CPU, or quantised on the GPU).
+    """Load an InternLM2 folder as a native LlamaForCausalLM on the CPU (or quantised, for QLoRA).
 
     Without quantization the model is built without memory and filled shard by shard, so the
     peak is one model plus one shard. With a quantization config (QLoRA) transformers quantises
@@ -233,7 +238,9 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, quantizat
         state = {}
         for _path, part in native_shards(folder, cfg, dtype):
             state.update(part)
-        _check_keys(folder, config, set(state))
+        with init_empty_weights():
+            expected = set(LlamaForCausalLM(config).state_dict())
+        _check_keys(folder, config, expected, set(state))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
@@ -244,13 +251,16 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, quantizat
     else:
         with init_empty_weights():  # parameters on the meta device; buffers (RoPE) real
             model = LlamaForCausalLM(config)
-        loaded: set[str] = set()
+        expected, loaded = set(model.state_dict()), set()
         for path, part in native_shards(folder, cfg, dtype):
-            result = model.load_state_dict(part, strict=False, assign=True)
+            try:
+                result = model.load_state_dict(part, strict=False, assign=True)
+            except RuntimeError as e:  # a shape that does not fit config.json
+                raise ChatforgeError(f"{path}: tensors do not fit {folder / 'config.json'}: {e}") from None
             if result.unexpected_keys:
                 raise ChatforgeError(f"{path}: tensor {result.unexpected_keys[0]} does not fit the config")
             loaded |= set(part)
-        _check_keys(folder, config, loaded)
+        _check_keys(folder, config, expected, loaded)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
     model.config.name_or_path = str(folder)
@@ -265,14 +275,9 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, quantizat
     return model
 
 
-def _check_keys(folder: Path, config, names: set[str]) -> None:
-    from accelerate import init_empty_weights
-    from transformers import LlamaForCausalLM
-
-    with init_empty_weights():
-        expected = set(LlamaForCausalLM(config).state_dict())
+def _check_keys(folder: Path, config, expected: set[str], names: set[str]) -> None:
     if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+        expected = expected - {"lm_head.weight"}
     missing = sorted(expected - names)
     if missing:
         raise ChatforgeError(f"{folder}: the checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")

@@ -281,7 +281,7 @@ def test_qlora_load(ckpt):
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ids = torch.tensor([[1, 300, 301, 302, 303]])
     with torch.no_grad():
-        got = model(ids).logits.flatten()
+        got = model(ids.to(model.device)).logits.flatten().float().cpu()  # quantised on the GPU when there is one
         want = internlm2.load_model(ckpt, dtype=torch.float32)(ids).logits.flatten()
     assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.9  # NF4 rounding, same model
 
@@ -324,3 +324,13 @@ def test_tokenizer_model_not_sentencepiece(ckpt, tmp_path):
     (bad / "tokenizer.model").unlink()
     with pytest.raises(ChatforgeError, match="tokenizer.model is missing"):
         internlm2.load_tokenizer(bad)
+
+
+def test_shape_that_does_not_fit_config(ckpt, tmp_path):
+    wrong = tmp_path / "wrong"
+    shutil.copytree(ckpt, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4  # the fused wqkv was written for 2 key/value heads
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ChatforgeError, match="wqkv.*(does|do) not fit"):
+        internlm2.load_model(wrong)
