@@ -4,9 +4,9 @@
     PYTHONPATH=. python3 bench/train_speed.py --tiny          # CPU smoke test, tiny shape, no timing meaning
     PYTHONPATH=. python3 bench/train_speed.py hf_lora_b8 cf_lora_b8 cf_lora_b8,compile=0
 
-Scenarios: hf_{lora|qlora|full}[_gc][_b4|_b8][_liger] (bench/hf_baseline.py) and
+Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
-compile, loss, dropout, budget). Each GPU scenario runs in its own process, so peaks do not mix.
+compile, loss, dropout, budget, prof=1 for a profile of one extra step). Each GPU scenario runs in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
@@ -28,8 +28,8 @@ import torch  # noqa: E402
 
 import hf_baseline  # noqa: E402
 
-DEFAULT = ["hf_lora_b8", "hf_lora_gc_b4_liger", "hf_qlora_gc", "hf_full", "hf_full_gc_b4_liger",
-           "cf_lora_b8", "cf_qlora_b1", "cf_full_b4"]
+DEFAULT = ["hf_lora_b8", "cf_lora_b8", "hf_lora_gc_b4_liger", "hf_full", "cf_full_b4", "hf_full_gc_b4_liger",
+           "hf_qlora_gc", "hf_qlora_gc_b4", "cf_qlora_b4"]
 TINY = ["hf_lora_b4", "hf_full_b4", "cf_lora_b4", "cf_full_b4", "cf_lora_b4,ckpt=1,micro=2", "cf_full_b4,loss=plain"]
 BUDGET_GIB = {"lora": 24.0, "qlora": 8.0, "full": 32.5}
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16, datasheet
@@ -101,7 +101,20 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
         losses.append(total / n)
     dt = (times[-1] - times[warm - 1]) / (len(times) - warm)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
-    return {"name": name, "method": method, "global_batch": batch, "micro_batch": mb, "tok_s": batch * seq / dt,
+    profile = ""
+    if opts.get("prof") and device == "cuda":  # one more step under the profiler, after the timing
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for b in batches:
+                loss_sum, _ = token_loss_sum(model, b)
+                (loss_sum / n).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        ka = p.key_averages()
+        profile = (ka.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+                   + ka.table(sort_by="cpu_time_total", row_limit=8, max_name_column_width=60))
+    return {"profile": profile, "name": name, "method": method, "global_batch": batch, "micro_batch": mb, "tok_s": batch * seq / dt,
             "peak_gib": peak, "losses": losses, "step_ms": dt * 1000, "plan": fastpath.asdict(plan),
             "first_steps_s": round(times[warm - 1] - t0, 1)}
 
@@ -205,10 +218,13 @@ def main(argv=None) -> int:
             if "error" in r:
                 print(f"{name} failed:\n{r['error']}", file=sys.stderr, flush=True)
         results.append(r)
-        short = {k: v for k, v in r.items() if k not in ("losses", "error")}
+        short = {k: v for k, v in r.items() if k not in ("losses", "error", "profile")}
         print(json.dumps(short), flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+        if a.json:  # after every scenario: a run cut short keeps what it measured
+            Path(a.json).write_text(json.dumps(results, indent=1))
+    for r in results:
+        if r.get("profile"):
+            print(f"\nprofile of one step of {r['name']}:\n{r['profile']}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{gpu}, sequences of {seq} tokens, {steps} steps ({warm} warm-up), "
           f"budgets GiB {BUDGET_GIB}\n" + table(results, a.tiny, seq))

@@ -279,10 +279,15 @@ def shape_of(model) -> Shape:
 
 # Saved activations per token and layer, in bytes, for a bf16 Llama-layout layer with flash attention:
 # 6 hidden-wide (layer input, attention input, q, attention output, MLP input, norm) + 2 kv-wide (k, v)
-# + 3 ffn-wide (gate, up, their product) tensors of 2 bytes.  The factor scales this idealised count to
-# what was measured (compiled: inductor recomputes cheap pointwise ops; eager keeps fp32 norm copies too).
-ACT_FACTOR = {"compiled": 1.15, "eager": 1.9}
-RESERVE_BYTES = int(1.0 * GIB)  # CUDA context is outside max_memory_allocated; this covers workspaces
+# + 3 ffn-wide (gate, up, their product) tensors of 2 bytes. The factors scale this count to the peaks
+# measured on an H200 (torch 2.11; InternLM2-1.8B shape, docs/speed.md): compiled LoRA/full runs
+# came out within 4% of the count; eager keeps more (fp32 norm copies), 1.4 is a safe upper figure.
+ACT_FACTOR = {"compiled": 1.0, "eager": 1.4}
+RESERVE_BYTES = int(0.5 * GIB)  # allocator slack and library workspaces (max_memory_allocated counts)
+# Fixed cost of one micro-batch (Python, launches, per-call dequantisation) in token-equivalents: a
+# micro-batch of T tokens runs at 1 / (1 + OVERHEAD / T) of the ideal rate. bitsandbytes NF4 layers
+# measured ~5x slower per token than bf16 LoRA at one 2,048-token sequence (H200), hence its large figure.
+OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192}
 
 
 def act_bytes_per_token(shape: Shape, compiled: bool, lora_dropout: float = 0.0) -> float:
@@ -293,14 +298,22 @@ def act_bytes_per_token(shape: Shape, compiled: bool, lora_dropout: float = 0.0)
     return per_layer * ACT_FACTOR["compiled" if compiled else "eager"]
 
 
-def static_bytes(model) -> int:
-    """Weights, gradients and AdamW states (same dtype as each trainable parameter)."""
+def is_quantized(model) -> bool:
+    return any(p.element_size() == 1 and not p.requires_grad for p in model.parameters())
+
+
+def static_bytes(model, loss: str = "chunked") -> int:
+    """Weights, gradients and AdamW states (same dtype as each trainable parameter), plus the fp32
+    output-layer gradient the chunked loss accumulates when that layer trains."""
     total = 0
     for p in model.parameters():
         b = p.numel() * p.element_size()
         total += b * (4 if p.requires_grad else 1)
         if not p.requires_grad and p.element_size() == 1:  # 4-bit: absmax and double-quant tables
             total += b // 16
+    parts = lm_parts(model)
+    if loss == "chunked" and parts is not None and parts[1].weight.requires_grad:
+        total += parts[1].weight.numel() * 4
     return total
 
 
@@ -318,15 +331,22 @@ def estimate_bytes(shape: Shape, static: int, tokens: int, ckpt_layers: int, com
     return int(static + tokens * (kept + recompute) + head + 4 * tokens * shape.hidden * 2 + RESERVE_BYTES)
 
 
+def relative_cost(shape: Shape, tokens: int, ckpt_layers: int, overhead_tokens: int, recompute: float) -> float:
+    """Time per token relative to the ideal: recomputation and the fixed cost per micro-batch."""
+    return (1 + recompute * ckpt_layers / shape.layers) * (1 + overhead_tokens / tokens)
+
+
 def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, budget: int,
                        compiled: bool, loss: str, lora_dropout: float = 0.0,
-                       checkpointing: str | bool = "auto", chunk_rows: int = 0) -> tuple[int, int]:
-    """(micro-batch, checkpointed layers) for the memory budget.
+                       checkpointing: str | bool = "auto", chunk_rows: int = 0,
+                       overhead_tokens: int = 1024, recompute: float = 0.5) -> tuple[int, int]:
+    """(micro-batch, checkpointed layers) for the memory budget, cheapest by `relative_cost`.
 
-    Fewest checkpointed layers first (recomputing costs a third to a half of a layer's time), then
-    the largest micro-batch dividing the global batch (no odd-sized last micro-batch). With
-    checkpointing true every layer is checkpointed; false: none (the smallest micro-batch is taken
-    even if it does not fit, and the caller is told by the estimate).
+    For each micro-batch dividing the global batch (no odd-sized last micro-batch) it takes the fewest
+    checkpointed layers that fit, then the pair with the lowest time per token (recomputing a layer
+    costs `recompute` of its time: 1/2 for LoRA, 1/3 for full training). Checkpointing true: every
+    layer; false: none (the smallest micro-batch is taken even if it does not fit; the plan's estimate
+    says so).
     """
     divisors = [m for m in range(global_batch, 0, -1) if global_batch % m == 0]
     if checkpointing is True:
@@ -335,15 +355,16 @@ def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, b
         options = [0]
     else:
         options = range(0, shape.layers + 1)
-
-    def fits(m, k):
-        return estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout, chunk_rows) <= budget
-
-    for k in options:
-        for m in divisors:
-            if fits(m, k):
-                return m, k
-    return 1, options[-1]
+    best = None
+    for m in divisors:
+        k = next((k for k in options if estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout,
+                                                       chunk_rows) <= budget), None)
+        if k is None:
+            continue
+        cost = relative_cost(shape, m * seq, k, overhead_tokens, recompute)
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, m, k)
+    return (best[1], best[2]) if best else (1, options[-1])
 
 
 # ---------------------------------------------------------------- the plan
@@ -405,24 +426,22 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     shape = shape_of(model)
     budget = device_budget(device, memory_budget_gib)
     plan.budget_gib = round(budget / GIB, 2) if budget < 1 << 60 else 0.0
-    static = static_bytes(model)
+    static = static_bytes(model, plan.loss)
+    overhead = OVERHEAD_TOKENS["nf4" if is_quantized(model) else ("compiled" if plan.compile else "eager")]
+    rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
         plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)
         plan.checkpoint_layers = shape.layers if checkpointing is True else 0
         return plan
-    if micro_batch not in (None, "auto"):
+    if micro_batch not in (None, "auto"):  # the micro-batch is fixed: only checkpointing can make it fit
         plan.micro_batch = int(micro_batch)
-        ck = checkpointing if checkpointing in (True, False) else "auto"
-        _m, plan.checkpoint_layers = choose_micro_batch(shape, static, seq, plan.micro_batch, budget, plan.compile,
-                                                        plan.loss, lora_dropout, ck)
-        if ck == "auto":  # the micro-batch is fixed: only checkpointing can make it fit
-            plan.checkpoint_layers = next((k for k in range(shape.layers + 1) if estimate_bytes(
-                shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget),
-                shape.layers)
+        fits = [k for k in range(shape.layers + 1) if estimate_bytes(
+            shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget]
+        plan.checkpoint_layers = {True: shape.layers, False: 0}.get(checkpointing, fits[0] if fits else shape.layers)
     else:
         plan.micro_batch, plan.checkpoint_layers = choose_micro_batch(
             shape, static, seq, global_batch, budget, plan.compile, plan.loss, lora_dropout,
-            checkpointing if checkpointing in (True, False) else "auto")
+            checkpointing if checkpointing in (True, False) else "auto", overhead_tokens=overhead, recompute=rc)
     plan.estimate_gib = round(estimate_bytes(shape, static, plan.micro_batch * seq, plan.checkpoint_layers,
                                              plan.compile, plan.loss, lora_dropout) / GIB, 2)
     return plan
