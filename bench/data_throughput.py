@@ -51,15 +51,25 @@ def bench_huatuo(max_length: int) -> dict:
             "packed_sequences": packs, "max_length": max_length, "padding": padding_report(lengths, max_length)}
 
 
-def write_corpus(path: Path, size_mb: int, seed: int = 0) -> int:
-    """Synthetic documents of 50-2,000 words (English-like words, some CJK), JSONL {"text": ...}."""
+def corpus_words() -> list[str]:
+    """Whole words of the default tokenizer's vocabulary (about one token per word, like real text)."""
+    import re
+
+    from chatforge.models import load_tokenizer
+
+    vocab = load_tokenizer(None).get_vocab()
+    return sorted(t[1:] for t in vocab if t.startswith("Ġ") and re.fullmatch(r"[a-z]{2,12}", t[1:]))
+
+
+def write_corpus(path: Path, size_mb: int, words: list[str], seed: int = 0) -> int:
+    """Synthetic documents of 50-2,000 words (Zipf-weighted vocabulary words), JSONL {"text": ...}."""
     rng = random.Random(seed)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
-    words += [chr(rng.randint(0x4E00, 0x9FA5)) * rng.randint(1, 3) for _ in range(500)]
+    rng.shuffle(words)
+    weights = [1 / (rank + 10) for rank in range(len(words))]
     target, written, docs = size_mb << 20, 0, 0
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
-            text = " ".join(rng.choices(words, k=rng.randint(50, 2000)))
+            text = " ".join(rng.choices(words, weights, k=rng.randint(50, 2000)))
             line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
             f.write(line)
             written += len(line.encode())
@@ -82,6 +92,9 @@ def bench_corpus(path: str, max_length: int) -> dict:
     for p in D.pack(D.iter_samples(cfg.data[0], cfg, tok, stats, batch=256), max_length, open_bins=64):
         rows += 1
         filled += sum(len(s.input_ids) for s in p)
+        if rows % 100_000 == 0:  # memory as the run goes: it must stay flat
+            print(f"  {stats['records']} documents, {stats['tokens']} tokens, {time.perf_counter() - t0:.0f} s, "
+                  f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr, flush=True)
     dt = time.perf_counter() - t0
     return {"corpus_mb": round(os.path.getsize(path) / 2**20), "documents": stats["records"],
             "seconds": round(dt, 1), "documents_per_s": round(stats["records"] / dt, 1),
@@ -107,14 +120,15 @@ def main() -> None:
             print("huatuo", json.dumps(bench_huatuo(a.max_length), ensure_ascii=False), flush=True)
         else:
             print(f"huatuo: skipped, {HUATUO} is absent", flush=True)
+    words = corpus_words()
     with tempfile.TemporaryDirectory(dir=a.corpus_dir) as tmp:
         for mb in a.sizes_mb:
             path = Path(tmp) / f"corpus_{mb}mb.jsonl"
             t0 = time.perf_counter()
-            docs = write_corpus(path, mb)
+            docs = write_corpus(path, mb, words)
             made = time.perf_counter() - t0
             out = subprocess.run([sys.executable, __file__, "--child", str(path), "--max-length", str(a.max_length)],
-                                 capture_output=True, text=True, check=True)
+                                 stdout=subprocess.PIPE, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["corpus_written_s"] = round(made, 1)
             print("corpus", json.dumps(result), flush=True)

@@ -100,7 +100,7 @@ def cmd_eval(a):
 
     if a.data:
         result = evaluate_data(a.model, a.data, base=a.base, holdout_last=a.holdout_last, generate=a.generate,
-                               out_dir=a.out, max_new_tokens=a.max_new_tokens)
+                               out_dir=a.out, max_new_tokens=a.max_new_tokens, limit=a.limit)
         print(result["table"])
         return
     result = evaluate(a.model, base=a.base, eval_file=a.eval_set, owner=a.name, out_dir=a.out,
@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="score on a conversation data set instead: ROUGE-L and reference loss")
     s.add_argument("--holdout-last", type=int, default=0, help="with --data: only its last N records")
     s.add_argument("--generate", type=int, default=100, help="with --data: answer the first N (0 = all)")
+    s.add_argument("--limit", type=int, default=0, help="with --data: score only the first N records (0 = all)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("assistant", help="one command: identity data -> LoRA -> merge -> eval")

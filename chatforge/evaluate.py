@@ -200,7 +200,7 @@ def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int) ->
 
 
 def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_last: int = 0, generate: int = 100,
-                  out_dir: str | Path | None = None, max_new_tokens: int = 128) -> dict:
+                  out_dir: str | Path | None = None, max_new_tokens: int = 128, limit: int = 0) -> dict:
     """Score `model` (and `base`) on a conversation data set: ROUGE-L of greedy answers against the
     reference replies (characters for Chinese, words otherwise) and the mean per-token loss of the
     references. Writes eval.md, eval.json and eval_answers.jsonl to out_dir.
@@ -208,12 +208,14 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
     Args:
         holdout_last: use only the last N records (a recipe's held-out split); 0 = all records.
         generate: answer only the first N of them (generation is the slow part); 0 = all.
+        limit: score only the first N of them at all (reference loss too); 0 = all.
     Raises:
         ChatforgeError: missing model or data file, a bad record (file:line).
     """
     from .data import holdout_records
 
     records = holdout_records(data_file, holdout_last)
+    records = records[:limit] if limit > 0 else records
     if not records:
         raise ChatforgeError(f"{data_file}: no records to evaluate")
     runs = {}
@@ -225,6 +227,7 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
     for key in runs["fine-tuned"]["scores"]:
         lines.append(f"| {key} | " + " | ".join(f"{r['scores'][key]:.4f}" for r in runs.values()) + " |")
     split = f"last {holdout_last} records" if holdout_last > 0 else "all records"
+    split += f", the first {limit} of them" if 0 < limit < (holdout_last or 10**12) else ""
     table = (f"data: {data_file} ({split}: {first['records']} records, {first['reference tokens']} reference "
              f"tokens; ROUGE-L on the first {first['generated']}, greedy, max_new_tokens {max_new_tokens})\n\n"
              + "\n".join(lines) + "\n")
