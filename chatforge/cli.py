@@ -56,7 +56,6 @@ def cmd_recipes(a):
 def cmd_train(a):
     from . import distributed
     from .config import load_recipe
-    from .train import train
 
     overrides = list(a.overrides) + ([f"strategy={a.strategy}"] if a.strategy else [])
     cfg = load_recipe(a.recipe, overrides)  # a bad recipe fails here, before any process starts
@@ -69,6 +68,8 @@ def cmd_train(a):
                                  f"error is printed above)")
         return
     from torch.distributed.elastic.multiprocessing.errors import record
+
+    from .train import train
 
     final = record(train)(cfg, resume=a.resume, progress=not a.no_progress)  # record: torchrun shows the traceback
     if distributed.rank_env()[0] == 0:

@@ -221,6 +221,8 @@ class Parallel:
             import deepspeed
         except ImportError:
             raise ChatforgeError(f"strategy {self.strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'") from None
+        if not self.device.startswith("cuda"):  # CPU (tests): gloo collectives, not DeepSpeed's shared-memory
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # op, which compiles for minutes first
         stage = 3 if self.strategy.endswith("3") else 2
         bf16 = self.device.startswith("cuda") and any(p.dtype == torch.bfloat16 for p in engine.parameters())
         conf = {"train_micro_batch_size_per_gpu": micro_batch,

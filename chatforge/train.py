@@ -8,6 +8,7 @@ any moment resumes from its last checkpoint to the same weights.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -262,7 +263,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     samples = par.on_main(lambda: _prepare(cfg, tokenizer, run_dir, resume))  # tokenised once, sent to all ranks
 
     # 2. model, optimizer, schedule
-    model = build_model(cfg, device)
+    share = len(par.shard(list(range(cfg.batch_size * cfg.grad_accum))))  # this rank's samples per step
+    # the speed plan sizes micro-batches and checkpointing for this rank's share of the step
+    model = build_model(cfg if par.world == 1 else dataclasses.replace(cfg, batch_size=share, grad_accum=1), device)
     if par.is_main:
         write_text(run_dir / "speed_plan.json", json.dumps(fastpath.asdict(model._chatforge_plan), indent=2))
     ckpt = checkpoints(run_dir)[-1] if resume and checkpoints(run_dir) else None
@@ -274,7 +277,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     steps = total_steps(cfg, len(samples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     sampler = StepSampler(len(samples), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of the global step
-    share = len(par.shard(list(range(cfg.batch_size * cfg.grad_accum))))
     mb = min(share, fastpath.micro_batch_of(model, cfg.batch_size))
     engine, optimizer = par.wrap_optimizer(engine, optimizer, cfg, mb, math.ceil(share / mb))  # DeepSpeed
 

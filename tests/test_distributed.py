@@ -105,20 +105,40 @@ def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama, dat
     assert_same(resumed, ddp, (3, 4))
 
 
-def test_fsdp2_on_two_launchers_as_two_machines(tmp_path, tiny_llama, data_file):
+@pytest.fixture(scope="module")
+def full_alone(tmp_path_factory, tiny_llama, data_file) -> Path:
+    """Full fine-tuning in one process: the reference of the sharded strategies."""
+    run = tmp_path_factory.mktemp("full") / "one"
+    train_here(overrides(tiny_llama, data_file, run, method="full"))
+    return run
+
+
+def test_fsdp2_on_two_launchers_as_two_machines(tmp_path, tiny_llama, data_file, full_alone):
     """Two torchrun launchers (--nnodes 2) on 127.0.0.1; full fine-tuning, FSDP2 (auto for full)."""
     port = free_port()
     args = overrides(tiny_llama, data_file, tmp_path / "fsdp", method="full")
     nodes = [cli(*args, "--gpus", "1", "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
                  "--master-port", str(port)) for r in (0, 1)]
-    train_here(overrides(tiny_llama, data_file, tmp_path / "one", method="full"))
     outs = [finish(p) for p in nodes]
-    one, fsdp = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    one, fsdp = losses(full_alone), losses(tmp_path / "fsdp")
     assert_same(one, fsdp, range(1, 5))
     assert (tmp_path / "fsdp" / "model" / "model.safetensors").is_file(), outs[0][-2000:]
     resumed = resume_alone(tmp_path / "fsdp", tmp_path / "resumed",
                            overrides(tiny_llama, data_file, tmp_path / "resumed", method="full"))
     assert_same(resumed, fsdp, (3, 4))
+
+
+def test_deepspeed_zero3_matches_one_process(tmp_path, tiny_llama, data_file, full_alone):
+    """ZeRO-3 on CPU (gloo): same losses and, gathered on save, the same final weights."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    run = tmp_path / "zero3"
+    finish(cli(*overrides(tiny_llama, data_file, run, method="full"), "--gpus", "2", "--strategy", "deepspeed_zero3"))
+    assert_same(losses(full_alone), losses(run), range(1, 5))
+    mine, ref = load_file(run / "model" / "model.safetensors"), load_file(full_alone / "model" / "model.safetensors")
+    assert set(mine) == set(ref)
+    assert all((mine[k] - ref[k]).abs().max() < 1e-5 for k in ref)
 
 
 def test_killed_rank_ends_the_job_with_its_error(tmp_path, tiny_llama, data_file):
