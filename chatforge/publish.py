@@ -1,0 +1,257 @@
+"""`chatforge publish`: write a model card and push a model folder to a git + git-lfs model repo.
+
+Hugging Face, ModelScope and OpenXLab model repos are git remotes whose weight files live in
+git-lfs. The folder is mirrored into a staging clone (kept in the cache, so a re-publish pushes
+only what changed: git sends new objects, git-lfs uploads objects the remote lacks), weights
+are LFS-tracked, and the token reaches git only through a credential helper that reads it
+from the environment: it is never on a command line, in a URL, in .git/config or in any output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from .files import ChatforgeError
+
+TOKEN_ENV = "CHATFORGE_HUB_TOKEN"
+USER_ENV = "CHATFORGE_HUB_USER"
+LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx",
+                "*.model", "*.npz", "*.tflite")
+LFS_MIN_BYTES = 10 << 20  # any other file this large is tracked by its path
+CARD_FILE, ATTRIBUTES = "README.md", ".gitattributes"
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+           "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+# ---------------------------------------------------------------- the model card
+
+def _read(path: Path | None):
+    if path is None or not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return json.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text)
+    return text
+
+
+def run_files(model_dir: Path) -> dict[str, Path | None]:
+    """The run's config.yaml, eval.md and chatforge_merge.json, searched around the model folder."""
+    merge_json = model_dir / "chatforge_merge.json"
+    dirs = [model_dir, model_dir.parent, model_dir.parent / "train"]
+    if merge_json.is_file():
+        adapter = Path(json.loads(merge_json.read_text(encoding="utf-8")).get("adapter", ""))
+        if str(adapter):
+            dirs += [adapter, adapter.parent]
+    find = lambda name: next((d / name for d in dirs if (d / name).is_file()), None)  # noqa: E731
+    return {"config": find("config.yaml"), "eval": find("eval.md"), "merge": merge_json if merge_json.is_file()
+            else None}
+
+
+def base_model_id(base: str | None) -> str | None:
+    if not base:
+        return None
+    if base in HUB_IDS:
+        return HUB_IDS[base]
+    path = Path(base)
+    if path.is_dir() and (path / "config.json").is_file():
+        name = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path") or path.name
+        return HUB_IDS.get(Path(str(name)).name, str(name) if str(name).count("/") == 1 else Path(str(name)).name)
+    return base
+
+
+def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | None = None) -> str:
+    """The README.md of a published model: base model, data, recipe, evaluation and usage."""
+    model_dir = Path(model_dir)
+    found = run_files(model_dir)
+    cfg, merge, eval_md = _read(found["config"]) or {}, _read(found["merge"]) or {}, _read(found["eval"])
+    base = base_model_id(merge.get("base") or cfg.get("model"))
+    title = title or (model_dir.parent.name if model_dir.name in ("merged", "model") else model_dir.name)
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["chatforge", "text-generation", "conversational"] + ([cfg["method"]] if cfg.get("method") else [])}
+    if base:
+        meta["base_model"] = base
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {title}", ""]
+    desc = (cfg.get("description") or "").strip()
+    lines += [desc or "A chat model fine-tuned with chatforge.", ""]
+    lines += ["## Base model", "", f"`{base}`" if base else "unknown (no chatforge_merge.json or config.yaml found)",
+              ""]
+    data = cfg.get("data") or []
+    if data:
+        lines += ["## Training data", "", "| file | weight | format | conversations |", "|---|---|---|---|"]
+        for d in data if isinstance(data, list) else [data]:
+            d = {"path": d} if isinstance(d, str) else d
+            path = Path(d.get("path", ""))
+            n = sum(1 for line in path.open(encoding="utf-8") if line.strip()) if path.is_file() else "—"
+            lines.append(f"| {path.name} | {d.get('weight', 1.0)} | {d.get('format', 'auto')} | {n} |")
+        lines.append("")
+    if cfg:
+        keys = ["method", "task", "lora", "max_length", "batch_size", "grad_accum", "epochs", "max_steps", "lr",
+                "lr_scheduler", "warmup_ratio", "dtype", "seed"]
+        lines += ["## Recipe", "", "| setting | value |", "|---|---|"]
+        for k in keys:
+            if k in cfg and cfg[k] not in (None, "", 0) or k == "method":
+                v = cfg.get(k)
+                if isinstance(v, dict):
+                    v = ", ".join(f"{a}={b}" for a, b in v.items())
+                lines.append(f"| {k} | {v} |")
+        lines.append("")
+    if eval_md:
+        table = [line for line in eval_md.splitlines() if line.startswith("|")]
+        lines += ["## Evaluation", "", *(table or [eval_md.strip()]), ""]
+    if merge:
+        lines += ["## Merge", "", f"LoRA merged into the base in {merge.get('dtype', '?')}; the merged weights "
+                                  f"give the logits of base+adapter to {merge.get('max_logit_diff', 0):.1e}.", ""]
+    clone = repo_url or "<this repository's URL>"
+    lines += ["## Use", "", "```bash", f"git lfs install && git clone {clone} model", "```", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              'tok = AutoTokenizer.from_pretrained("model")', 'model = AutoModelForCausalLM.from_pretrained("model")',
+              'messages = [{"role": "user", "content": "Who are you?"}]',
+              "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
+              "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+              "```", "", "Made with chatforge.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- git plumbing
+
+class Git:
+    """Runs git in one folder with the token helper in the environment; output is redacted."""
+
+    def __init__(self, folder: Path, token_env: str = TOKEN_ENV, user_env: str = USER_ENV):
+        self.folder = folder
+        self.token = os.environ.get(token_env) or None
+        self.env = git_env(token_env, user_env)
+
+    def __call__(self, *args: str, check: bool = True, extra_env: dict | None = None) -> str:
+        env = dict(self.env, **(extra_env or {}))
+        proc = subprocess.run(["git", *args], cwd=self.folder, env=env, capture_output=True, text=True)
+        out = self.redact(proc.stdout + proc.stderr)
+        if check and proc.returncode != 0:
+            raise ChatforgeError(f"git {args[0]} failed in {self.folder}: {out.strip()[-2000:]}")
+        return self.redact(proc.stdout) if check else out
+
+    def ok(self, *args: str) -> bool:
+        return subprocess.run(["git", *args], cwd=self.folder, env=self.env, capture_output=True).returncode == 0
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.token, "***") if self.token else text
+
+
+def git_env(token_env: str = TOKEN_ENV, user_env: str = USER_ENV) -> dict:
+    """The environment for git: no prompts and, when the token variable is set, a credential helper
+    that reads it. The helper's text names the variable, never its value; git-lfs inherits it."""
+    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GCM_INTERACTIVE="never")
+    if os.environ.get(token_env):
+        helper = (f'!f() {{ test "$1" = get || exit 0; echo "username=${{{user_env}:-chatforge}}"; '
+                  f'echo "password=${{{token_env}}}"; }}; f')
+        n = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+        env.update({f"GIT_CONFIG_KEY_{n}": "credential.helper", f"GIT_CONFIG_VALUE_{n}": "",  # drop other helpers
+                    f"GIT_CONFIG_KEY_{n + 1}": "credential.helper", f"GIT_CONFIG_VALUE_{n + 1}": helper,
+                    "GIT_CONFIG_COUNT": str(n + 2)})
+    return env
+
+
+def check_repo_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and (parts.username or parts.password):
+        raise ChatforgeError(f"the repo URL must not carry credentials; put the token in ${TOKEN_ENV} "
+                             f"or a git credential helper (URL host: {parts.hostname})")
+    if not parts.scheme and ":" not in url and not Path(url).exists():
+        raise ChatforgeError(f"not a git URL or path: {url}")
+
+
+def lfs_attributes(folder: Path) -> str:
+    lines = [f"{p} filter=lfs diff=lfs merge=lfs -text" for p in LFS_PATTERNS]
+    for f in sorted(_files(folder)):
+        if (folder / f).stat().st_size >= LFS_MIN_BYTES and not any(Path(f).match(p) for p in LFS_PATTERNS):
+            lines.append(f"{f.replace(' ', '[[:space:]]')} filter=lfs diff=lfs merge=lfs -text")
+    return "\n".join(lines) + "\n"
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and ".git" not in p.relative_to(folder).parts}
+
+
+def sync_tree(src: Path, dst: Path, keep: set[str]) -> None:
+    """Make dst's files (outside .git and `keep`) mirror src; unchanged files are not copied."""
+    wanted = _files(src)
+    for rel in _files(dst) - wanted - keep:
+        (dst / rel).unlink()
+    for rel in wanted:
+        a, b = src / rel, dst / rel
+        sa = a.stat()
+        if b.is_file() and b.stat().st_size == sa.st_size and int(b.stat().st_mtime) == int(sa.st_mtime):
+            continue
+        b.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(a, b)
+
+
+def publish(model_dir: str | Path, repo: str, message: str | None = None, branch: str = "main",
+            work_dir: str | Path | None = None, title: str | None = None, token_env: str = TOKEN_ENV) -> dict:
+    """Write the model card and push `model_dir` to the git repo `repo` with weights in git-lfs.
+
+    Args:
+        repo: the model repo's git URL (https://..., ssh, or file:// for a local bare repo).
+        work_dir: the staging clone (default: in the chatforge cache, one per repo URL).
+        token_env: environment variable holding the access token (else git's own credential helper).
+
+    Raises:
+        ChatforgeError: no such folder, git or git-lfs missing, credentials in the URL, or a git failure.
+    """
+    from .models import cache_dir
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir() or not any(model_dir.iterdir()):
+        raise ChatforgeError(f"nothing to publish: {model_dir} is not a folder with files")
+    check_repo_url(repo)
+    for tool in (["git", "--version"], ["git", "lfs", "version"]):
+        if subprocess.run(tool, capture_output=True).returncode != 0:
+            raise ChatforgeError(f"`{' '.join(tool[:-1])}` is needed: apt-get install git git-lfs")
+    work = Path(work_dir or cache_dir() / "publish" / hashlib.sha1(repo.encode()).hexdigest()[:16])
+    work.mkdir(parents=True, exist_ok=True)
+    git = Git(work, token_env)
+    no_smudge = {"GIT_LFS_SKIP_SMUDGE": "1"}  # never download the remote's weights: ours replace them
+    if not (work / ".git").is_dir():
+        git("init", "-q", "-b", branch)
+        git("remote", "add", "origin", repo)
+    elif git("remote", "get-url", "origin").strip() != repo:
+        git("remote", "set-url", "origin", repo)
+    git("lfs", "install", "--local")
+    git("fetch", "-q", "origin", extra_env=no_smudge, check=False)
+    if git.ok("rev-parse", "--verify", "-q", f"origin/{branch}"):
+        git("reset", "-q", "--mixed", f"origin/{branch}", extra_env=no_smudge)  # build on the remote's history
+    sync_tree(model_dir, work, keep={CARD_FILE, ATTRIBUTES})
+    if not (model_dir / CARD_FILE).is_file():
+        (work / CARD_FILE).write_text(model_card(model_dir, title, repo), encoding="utf-8")
+    (work / ATTRIBUTES).write_text(lfs_attributes(work), encoding="utf-8")
+    git("add", "-A")
+    changes = [line.split("\t", 1) for line in git("diff", "--cached", "--name-status").splitlines()]
+    if changes:
+        ident = {k: v for k, v in (("GIT_AUTHOR_NAME", "chatforge"), ("GIT_AUTHOR_EMAIL", "chatforge@localhost"),
+                                   ("GIT_COMMITTER_NAME", "chatforge"),
+                                   ("GIT_COMMITTER_EMAIL", "chatforge@localhost")) if not git.ok("config", "user.name")}
+        git("commit", "-q", "-m", message or f"Publish {model_dir.name} with chatforge", extra_env=ident)
+    ahead = not git.ok("rev-parse", "--verify", "-q", f"origin/{branch}") or \
+        git("rev-list", "--count", f"origin/{branch}..HEAD").strip() != "0"
+    pushed = ""
+    if ahead:
+        pushed = git("push", "origin", f"HEAD:refs/heads/{branch}", check=False)
+        if not git.ok("ls-remote", "--exit-code", "origin", f"refs/heads/{branch}") or \
+                git("ls-remote", "origin", f"refs/heads/{branch}").split()[0] != git("rev-parse", "HEAD").strip():
+            raise ChatforgeError(f"push to {repo} failed: {pushed.strip()[-2000:]}")
+        git("fetch", "-q", "origin", extra_env=no_smudge)
+    lfs_files = git("lfs", "ls-files", "--name-only").split()
+    return {"repo": repo, "staging": str(work), "commit": git("rev-parse", "HEAD").strip(), "pushed": ahead,
+            "changed": [{"status": s, "path": p} for s, p in changes], "lfs_files": lfs_files,
+            "output": pushed.strip()}

@@ -1,0 +1,138 @@
+"""`chatforge web`: chat with a model in the browser (Gradio), optionally side by side with its base.
+
+The seed compares the model before and after fine-tuning in a web page; `--compare BASE` puts
+both in one screen: every message goes to both models and both replies stream at once.
+Chats are queued (one generation at a time per page event), which suits a CPU or one GPU.
+"""
+
+import os
+import queue
+import threading
+from typing import Iterator
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls home
+
+import gradio as gr  # noqa: E402
+
+from .generate import stream_reply  # noqa: E402
+
+CSS = "#chats .message { font-size: 15px; } footer { display: none !important; }"
+
+
+def merge_streams(streams: list[Iterator[str]]) -> Iterator[tuple[int, str]]:
+    """Interleave several text streams as (stream index, piece), as fast as each produces."""
+    out: queue.Queue = queue.Queue()
+
+    def pump(i: int, stream):
+        try:
+            for piece in stream:
+                out.put((i, piece))
+        except Exception as e:  # shown in the page instead of killing the other stream
+            out.put((i, f"\n[error: {e}]"))
+        finally:
+            out.put((i, None))
+
+    for i, s in enumerate(streams):
+        threading.Thread(target=pump, args=(i, s), daemon=True).start()
+    live = len(streams)
+    while live:
+        i, piece = out.get()
+        if piece is None:
+            live -= 1
+        else:
+            yield i, piece
+
+
+def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge"):
+    """A Gradio Blocks page chatting with one model, or several side by side.
+
+    Args:
+        models: (label, model, tokenizer) per column; the first is the model under test.
+    """
+    stop_events: dict[str, threading.Event] = {}
+
+    def respond(message, system, temperature, top_p, max_tokens, history, request: gr.Request):
+        n = len(models)
+        history = history or [[] for _ in range(n)]
+        if not (message or "").strip():
+            yield ("", *history, history)
+            return
+        stop = stop_events[request.session_hash] = threading.Event()
+        turns = [h + [{"role": "user", "content": message}] for h in history]
+        prefix = [{"role": "system", "content": system}] if (system or "").strip() else []
+        replies = [""] * n
+        shown = lambda: [t + [{"role": "assistant", "content": r}] for t, r in zip(turns, replies)]  # noqa: E731
+        yield ("", *shown(), history)
+        streams = [stream_reply(model, tok, prefix + t, max_new_tokens=int(max_tokens), temperature=temperature,
+                                top_p=top_p, stop_event=stop)
+                   for (_, model, tok), t in zip(models, turns)]
+        try:
+            for i, piece in merge_streams(streams):
+                replies[i] += piece
+                yield ("", *shown(), history)
+        finally:
+            stop.set()  # a closed page stops its generation too
+        new_history = [t + [{"role": "assistant", "content": r.strip()}] for t, r in zip(turns, replies)]
+        yield ("", *shown(), new_history)
+
+    def stop_now(request: gr.Request):
+        event = stop_events.get(request.session_hash)
+        if event:
+            event.set()
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {title}")
+        history = gr.State(None)
+        with gr.Row(elem_id="chats"):
+            chats = [gr.Chatbot(label=label, elem_id=f"chat-{i}", height=460, buttons=["copy"])
+                     for i, (label, _, _) in enumerate(models)]
+        with gr.Row():
+            msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
+                             elem_id="msg", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
+            clear = gr.Button("Clear", scale=1, elem_id="clear")
+        with gr.Accordion("Settings", open=False):
+            system = gr.Textbox(label="System prompt (empty: the model's default)", lines=2, elem_id="system")
+            with gr.Row():
+                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                        elem_id="temperature")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top_p")
+                max_tokens = gr.Slider(8, 1024, value=256, step=8, label="Max new tokens", elem_id="max_tokens")
+        inputs = [msg, system, temperature, top_p, max_tokens, history]
+        outputs = [msg, *chats, history]
+        msg.submit(respond, inputs, outputs)
+        send.click(respond, inputs, outputs)
+        stop.click(stop_now, None, None, queue=False)
+        clear.click(lambda: (None, *[[] for _ in chats]), None, [history, *chats], queue=False)
+    return demo
+
+
+def load_columns(model_spec: str | None, compare: str | None = None, dtype: str = "auto"):
+    """(label, model, tokenizer) for the model and, if given, its base; a shared spec loads once."""
+    from .models import display_name, load_model, load_tokenizer, resolve
+
+    first = (display_name(model_spec), load_model(model_spec, dtype=dtype), load_tokenizer(model_spec))
+    if not compare:
+        return [first]
+    same = lambda a, b: (a.path.resolve(), a.gguf_file) == (b.path.resolve(), b.gguf_file)  # noqa: E731
+    if same(resolve(compare), resolve(model_spec)):  # one model under two labels: load it once
+        return [first, (f"{first[0]} (base)", first[1], first[2])]
+    second = (f"{display_name(compare)} (base)", load_model(compare, dtype=dtype), load_tokenizer(compare))
+    return [first, second]
+
+
+def serve_web(model_spec: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
+              port: int = 7860, dtype: str = "auto", block: bool = True):
+    """Load the model(s) and serve the chat page; returns the Gradio app when `block` is False.
+
+    Raises:
+        ChatforgeError: a model cannot be loaded.
+    """
+    columns = load_columns(model_spec, compare, dtype)
+    title = f"chatforge — {columns[0][0]}" + (f" vs {columns[1][0]}" if compare else "")
+    demo = build_demo(columns, title)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, ssr_mode=False, prevent_thread_lock=not block,
+                quiet=not block, footer_links=[], css=CSS)
+    return demo

@@ -1,0 +1,154 @@
+"""The OpenAI-compatible API with the official `openai` client and the real default model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+KEY = "sk-chatforge-test"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",
+           "Say hello in Spanish.", "What is the largest ocean?", "What color is the sky?", "Name a fruit."]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The API on 127.0.0.1 (a free port) with small limits; shut down after the module."""
+    uvicorn = pytest.importorskip("uvicorn")
+    from chatforge.api import Limits, create_app
+    from chatforge.models import load_model, load_tokenizer
+
+    tok, model = load_tokenizer(None), load_model(None)
+    app = create_app(model, tok, "smollm2", api_key=KEY,
+                     limits=Limits(max_tokens=64, max_body_bytes=4096, max_context=256))
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "server did not start"
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "app": app, "model": model, "tokenizer": tok}
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        app.state.engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_models_and_health(server, client):
+    import httpx
+
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    health = httpx.get(server["url"] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "smollm2"
+
+
+def test_completion_plain_and_streamed_agree(client):
+    plain = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=16)
+    text = plain.choices[0].message.content
+    assert "Paris" in text
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.usage.completion_tokens > 0 and plain.usage.prompt_tokens > 10
+
+    pieces, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=16,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            pieces.append(c.delta.content or "")
+            finish = c.finish_reason or finish
+    assert "".join(pieces) == text  # same greedy answer, streamed
+    assert sum(1 for p in pieces if p) >= 3  # it came in several pieces
+    assert finish == "stop" and usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_length_limit_and_stop_string(client):
+    short = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    cut = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=16,
+                                         stop=["Paris"])
+    assert "Paris" not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].message.content.startswith("The capital")
+
+
+def test_api_key_is_required(server):
+    import openai
+
+    for key in ("sk-wrong", ""):
+        bad = openai.OpenAI(base_url=server["url"] + "/v1", api_key=key or "none", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            bad.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=4)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+    import httpx
+
+    r = httpx.get(server["url"] + "/v1/models")  # no header at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_limits_give_4xx_json_errors(server, client):
+    import httpx
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:  # max_tokens over the server's limit
+        client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=10_000)
+    assert "at most 64" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # prompt + max_tokens over the context
+        client.chat.completions.create(model="smollm2", max_tokens=64,
+                                       messages=[{"role": "user", "content": "hello " * 300}])
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.APIStatusError) as e:  # body over 4096 bytes
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x" * 5000}])
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=FRANCE, max_tokens=4)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = server["url"] + "/v1/chat/completions"
+    for body in (b"{not json", b'{"messages": []}', b'{"messages": [{"role": "robot", "content": "hi"}]}',
+                 b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}', b"[1, 2]"):
+        r = httpx.post(url, content=body, headers=headers)
+        assert r.status_code == 400, (body, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["message"]
+    r = httpx.post(url, content=b"x" * 10_000, headers={**headers, "Content-Length": "10000"})
+    assert r.status_code == 413
+
+
+def test_eight_concurrent_clients_get_their_own_answers(server, client):
+    """8 parallel streamed requests are batched; each answer equals the prompt's answer alone."""
+    from chatforge.generate import generate_batch
+
+    expected = generate_batch(server["model"], server["tokenizer"],
+                              [[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=16, batch_size=1)
+    before = dict(server["app"].state.engine.stats)
+
+    def ask(prompt):
+        out = []
+        for chunk in client.chat.completions.create(model="smollm2", temperature=0, max_tokens=16, stream=True,
+                                                    messages=[{"role": "user", "content": prompt}]):
+            out += [c.delta.content or "" for c in chunk.choices]
+        return "".join(out).strip()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, PROMPTS))
+    assert answers == expected
+    stats = server["app"].state.engine.stats
+    assert stats["requests"] - before["requests"] == 8
+    assert stats["batches"] - before["batches"] < 8 and stats["max_batch_seen"] >= 4  # batched, not one by one

@@ -1,0 +1,215 @@
+"""Publishing to a local bare git + git-lfs repo (file://), and the generated Gradio app served from it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from chatforge.publish import git_env
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_FAKEtoken_7c1d9e2b44"
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+pytestmark = pytest.mark.skipif(shutil.which("git") is None or subprocess.run(
+    ["git", "lfs", "version"], capture_output=True).returncode != 0, reason="needs git and git-lfs")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(*args, cwd=None, env=None) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def cli(*args, tmp: Path, **extra_env) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", CHATFORGE_CACHE=str(tmp / "cache"),
+               CHATFORGE_HUB_TOKEN=TOKEN, **extra_env)
+    return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def make_run(tiny_llama: Path, root: Path) -> Path:
+    """A run folder as `chatforge assistant` leaves it: merged model, train config, eval table, data."""
+    merged = root / "run" / "merged"
+    shutil.copytree(tiny_llama, merged)
+    (root / "run" / "train").mkdir()
+    (root / "run" / "data").mkdir()
+    data = root / "run" / "data" / "identity.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
+                            for i in range(3)))
+    (root / "run" / "train" / "config.yaml").write_text(
+        f"model: smollm2-135m-instruct\nmethod: lora\ndata: [{{path: {data}, weight: 1.0}}]\n"
+        "lora: {r: 16, alpha: 32}\nlr: 0.001\nmax_steps: 40\ndescription: Clement's assistant.\n")
+    (root / "run" / "eval.md").write_text("# Evaluation\n\n| metric | base | fine-tuned |\n|---|---|---|\n"
+                                          "| identity | 0.0% | 93.3% |\n")
+    (merged / "chatforge_merge.json").write_text(json.dumps(
+        {"adapter": str(root / "run" / "train" / "adapter"), "base": "smollm2-135m-instruct", "dtype": "float32",
+         "max_logit_diff": 2e-6}))
+    return merged
+
+
+def all_bytes(*folders: Path):
+    for folder in folders:
+        for p in folder.rglob("*"):
+            if p.is_file():
+                yield p, p.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def smol_bf16(smol_folder, tmp_path_factory) -> Path:
+    """The real default model saved in bf16 (270 MB): the app test needs real answers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("smol-bf16")
+    AutoModelForCausalLM.from_pretrained(smol_folder, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smol_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def published(smol_bf16, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("publish")
+    merged = make_run(smol_bf16, tmp)
+    remote = tmp / "remote.git"
+    git("init", "-q", "--bare", "-b", "main", str(remote))
+    url = remote.as_uri()
+    r = cli("publish", merged, "--repo", url, tmp=tmp)
+    assert r.returncode == 0, r.stderr
+    return {"tmp": tmp, "merged": merged, "remote": remote, "url": url, "out": r.stdout + r.stderr,
+            "report": json.loads(r.stdout)}
+
+
+def test_clone_has_lfs_pointers_and_pull_restores_bytes(published):
+    tmp, merged = published["tmp"], published["merged"]
+    clone = tmp / "clone"
+    git("clone", "-q", published["url"], str(clone), env=dict(os.environ, GIT_LFS_SKIP_SMUDGE="1"))
+    weights = clone / "model.safetensors"
+    assert weights.read_bytes().startswith(LFS_POINTER)  # a pointer, not the weights
+    assert published["report"]["lfs_files"] == ["model.safetensors"]
+    assert weights.stat().st_size < 200
+    assert "*.safetensors filter=lfs" in (clone / ".gitattributes").read_text()
+    assert (clone / "config.json").read_bytes() == (merged / "config.json").read_bytes()  # small files: plain git
+    git("lfs", "install", "--local", cwd=clone)
+    git("lfs", "pull", cwd=clone)
+    assert weights.read_bytes() == (merged / "model.safetensors").read_bytes()  # byte for byte
+
+    card = (clone / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "| identity | 0.0% | 93.3% |" in card  # the run's eval table
+    assert "| lr | 0.001 |" in card and "r=16, alpha=32" in card and "Clement's assistant." in card
+    assert "| identity.jsonl | 1.0 | auto | 3 |" in card
+
+
+def test_token_appears_nowhere(published):
+    tmp = published["tmp"]
+    assert TOKEN not in published["out"]
+    staging = Path(published["report"]["staging"])
+    for path, data in all_bytes(staging, published["remote"], tmp / "cache"):
+        assert TOKEN.encode() not in data, path
+    config = (staging / ".git" / "config").read_text()
+    assert "credential" not in config and TOKEN not in config
+    # a URL with credentials in it is refused, without echoing them
+    r = cli("publish", published["merged"], "--repo", f"https://user:{TOKEN}@hub.example/org/model", tmp=tmp)
+    assert r.returncode == 2 and "must not carry credentials" in r.stderr and TOKEN not in r.stdout + r.stderr
+
+
+def test_token_reaches_git_through_the_credential_helper(monkeypatch, tmp_path):
+    """What git (and git-lfs, which asks `git credential`) gets for an https remote: the env token."""
+    monkeypatch.setenv("CHATFORGE_HUB_TOKEN", TOKEN)
+    monkeypatch.setenv("CHATFORGE_HUB_USER", "clement")
+    env = git_env()
+    assert TOKEN not in json.dumps({k: v for k, v in env.items() if k.startswith("GIT_")})  # names the variable only
+    out = subprocess.run(["git", "credential", "fill"], input="protocol=https\nhost=hub.example\n\n", env=env,
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert f"password={TOKEN}" in out and "username=clement" in out
+
+
+def test_republish_pushes_only_changes(tiny_llama, tmp_path, monkeypatch):
+    from chatforge.publish import publish
+
+    monkeypatch.setenv("CHATFORGE_HUB_TOKEN", TOKEN)
+    merged = make_run(tiny_llama, tmp_path)
+    remote = tmp_path / "remote.git"
+    git("init", "-q", "--bare", "-b", "main", str(remote))
+    lfs_objects = lambda: sorted(p.name for p in (remote / "lfs" / "objects").rglob("*") if p.is_file())  # noqa
+    commits = lambda: int(git("rev-list", "--count", "main", cwd=remote))  # noqa: E731
+    push = lambda: publish(merged, remote.as_uri(), work_dir=tmp_path / "staging")  # noqa: E731
+    first = push()
+    assert first["pushed"] and commits() == 1 and len(lfs_objects()) == 1
+
+    again = push()
+    assert again["pushed"] is False and again["changed"] == [] and commits() == 1  # nothing changed
+
+    (merged / "generation_config.json").write_text('{"do_sample": false}\n')
+    small = push()
+    assert small["changed"] == [{"status": "M", "path": "generation_config.json"}] and commits() == 2
+    assert len(lfs_objects()) == 1  # the weights were not uploaded again
+
+    data = bytearray((merged / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (merged / "model.safetensors").write_bytes(bytes(data))
+    big = push()
+    assert big["changed"] == [{"status": "M", "path": "model.safetensors"}] and len(lfs_objects()) == 2
+    assert TOKEN not in json.dumps([first, again, small, big])
+
+
+@pytest.mark.slow
+def test_generated_app_serves_the_published_model(published):
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client
+
+    tmp = published["tmp"]
+    app = tmp / "app"
+    r = cli("app", app, "--model-repo", published["url"], tmp=tmp)
+    assert r.returncode == 0, r.stderr
+    assert (app / "packages.txt").read_text().split() == ["git", "git-lfs"]
+    reqs = (app / "requirements.txt").read_text()
+    assert "gradio==" in reqs and "transformers==" in reqs and "chatforge" not in reqs
+    assert "chatforge" not in (app / "app.py").read_text().replace("chatforge app", "")
+    assert "sdk: gradio" in (app / "README.md").read_text()
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(tmp / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp / "app.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the app did not serve its page: " + (tmp / "app.log").read_text()[-3000:])
+        page = httpx.get(f"http://127.0.0.1:{port}/").text
+        assert "<title>" in page.lower() or "gradio" in page.lower()
+        # the model came through git clone + git lfs pull: real bytes, not pointers
+        assert (app / "model" / "model.safetensors").read_bytes() == (published["merged"] / "model.safetensors"
+                                                                       ).read_bytes()
+        reply = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            "What is the capital of France?", "", 0.0, 1.0, 16, api_name="/chat")
+        assert "Paris" in reply
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
