@@ -72,15 +72,20 @@ def recipe(folder: Path, model: Path, data: Path, method: str, seq: int, per_gpu
 
 
 def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path, data: Path) -> dict:
-    """One `chatforge train --gpus N` run, stopped after warm + steps logged steps."""
+    """One `chatforge train --gpus N` run, stopped after warm + steps logged steps.
+
+    strategy may carry recipe overrides: "deepspeed_zero3+compile=false".
+    """
+    strategy, *extra = strategy.split("+")
     out = folder / f"run-{method}-{strategy}-{gpus}"
     subprocess.run(["rm", "-rf", str(out)])
     cfg = recipe(folder, model, data, method, a.seq, a.per_gpu, gpus)
-    cmd = [sys.executable, "-m", "chatforge", "train", str(cfg), f"output_dir={out}", "--no-progress",
+    cmd = [sys.executable, "-m", "chatforge", "train", str(cfg), f"output_dir={out}", *extra, "--no-progress",
            "--gpus", str(gpus)]
     if strategy != "plain":
         cmd += ["--strategy", strategy]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
     if not a.tiny:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(gpus)))
     t0 = time.perf_counter()
@@ -88,10 +93,13 @@ def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path,
     proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     need, log = a.warm + a.steps, out / "log.jsonl"
     rows: list = []
+    last_change = time.perf_counter()
     while proc.poll() is None and time.perf_counter() - t0 < a.run_timeout:
         time.sleep(1)
-        rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
-        if len(rows) >= need:
+        new = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+        if len(new) != len(rows):
+            rows, last_change = new, time.perf_counter()
+        if len(rows) >= need or (rows and time.perf_counter() - last_change > a.stall_s):
             break
     stopped_by_us = proc.poll() is None
     if stopped_by_us:
@@ -105,12 +113,12 @@ def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path,
     wall = round(time.perf_counter() - t0, 1)
     if len(rows) < need:
         tail = (folder / f"{out.name}.out").read_text()[-1500:]
-        return {"method": method, "strategy": strategy, "gpus": gpus, "wall_s": wall,
+        return {"method": method, "strategy": "+".join([strategy, *extra]), "gpus": gpus, "wall_s": wall,
                 "error": f"{len(rows)} of {need} steps logged (exit {proc.returncode}): {tail}"}
     a0, b0 = rows[a.warm - 1], rows[need - 1]
     tok_s = (b0["tokens"] - a0["tokens"]) / (b0["elapsed_s"] - a0["elapsed_s"])
     plan = json.loads((out / "speed_plan.json").read_text()) if (out / "speed_plan.json").is_file() else {}
-    return {"method": method, "strategy": strategy, "gpus": gpus, "tok_s": tok_s, "tok_s_gpu": tok_s / gpus,
+    return {"method": method, "strategy": "+".join([strategy, *extra]), "gpus": gpus, "tok_s": tok_s, "tok_s_gpu": tok_s / gpus,
             "step_s": (b0["elapsed_s"] - a0["elapsed_s"]) / a.steps, "losses": [r["loss"] for r in rows],
             "plan": {k: plan.get(k) for k in ("micro_batch", "checkpoint_layers", "compile", "loss")},
             "first_step_s": rows[0]["elapsed_s"], "wall_s": wall}
@@ -142,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--run-timeout", type=float, default=240)
+    ap.add_argument("--stall-s", type=float, default=60, help="stop a run whose log has not grown this long")
+    ap.add_argument("--fallback", default="", help="method:strategy+overrides runs made only when the same "
+                    "method:strategy failed at that GPU count, e.g. full:deepspeed_zero3+compile=false")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no run after this many seconds")
     ap.add_argument("--folder", default="/tmp/chatforge-scaling")
     ap.add_argument("--json", help="write the results here")
@@ -161,16 +172,26 @@ def main(argv=None) -> int:
         if 1 in counts:
             plan.append((method, "plain", 1))
         for n in (c for c in counts if c > 1):
-            plan += [(method, s, n) for m, s in pairs if m == method and s in ("ddp", "fsdp2")]
-    for n in (c for c in counts if c > 1):
+            plan += [(method, s, n) for m, s in pairs if m == method and not s.startswith("deepspeed")]
+    for n in sorted((c for c in counts if c > 1), reverse=True):
         plan += [(m, s, n) for m, s in pairs if s.startswith("deepspeed")]
-    results = []
-    for method, strategy, n in plan:
+    fallback = {}
+    for x in filter(None, a.fallback.split(",")):
+        m, s = x.split(":")
+        fallback.setdefault((m, s.split("+")[0]), []).append(s)
+    results, failed = [], set()
+    for method, strategy, n in plan + [(m, s, n) for (m, base), ss in fallback.items() for n in sorted(counts, reverse=True)
+                                       for s in ss if n > 1]:
+        if "+" in strategy and (method, strategy.split("+")[0], n) not in failed and \
+                strategy in fallback.get((method, strategy.split("+")[0]), []):
+            continue  # a fallback, and what it falls back from did not fail
         if time.perf_counter() - t0 > a.budget_s:
             results.append({"method": method, "strategy": strategy, "gpus": n, "error": "not run: time budget"})
             continue
         r = run_one(folder, method, strategy, n, a, model, data)
         results.append(r)
+        if "error" in r:
+            failed.add((method, strategy, n))
         print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1))
