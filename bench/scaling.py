@@ -180,8 +180,8 @@ def main(argv=None) -> int:
         m, s = x.split(":")
         fallback.setdefault((m, s.split("+")[0]), []).append(s)
     results, failed = [], set()
-    for method, strategy, n in plan + [(m, s, n) for (m, base), ss in fallback.items() for n in sorted(counts, reverse=True)
-                                       for s in ss if n > 1]:
+    plan += [(m, s, n) for n in sorted(counts, reverse=True) if n > 1 for (m, _), ss in fallback.items() for s in ss]
+    for method, strategy, n in plan:
         if "+" in strategy and (method, strategy.split("+")[0], n) not in failed and \
                 strategy in fallback.get((method, strategy.split("+")[0]), []):
             continue  # a fallback, and what it falls back from did not fail
