@@ -96,10 +96,11 @@ def test_training_with_packing_runs_and_counts_sequences(tmp_path, tiny_llama):
     rows = [{"text": " ".join(["token"] * (5 + 7 * i))} for i in range(12)]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_recipe("smollm2_135m_identity_lora", {
-        "model": str(tiny_llama), "task": "pretrain", "data": [{"path": str(data), "holdout_last": 2}],
-        "output_dir": str(tmp_path / "run"), "packing": True, "max_length": 64, "overflow": "split",
-        "batch_size": 2, "max_steps": 2, "save_every": 0, "eval_prompts": [], "method": "full", "lr": 1e-3})
+    cfg = load_recipe("smollm2_135m_pretrain_full", {  # the shipped recipe: pretrain, packing, overflow split
+        "model": str(tiny_llama), "data": [{"path": str(data), "holdout_last": 2}],
+        "output_dir": str(tmp_path / "run"), "max_length": 64, "batch_size": 2, "grad_accum": 1,
+        "max_steps": 2, "save_every": 0, "lr": 1e-3})
+    assert cfg.task == "pretrain" and cfg.packing and cfg.overflow == "split"
     train(cfg, progress=False)
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
     assert stats["split"] == 1 and stats["samples"] == 11 and stats["packed_sequences"] < 11  # 10 docs, one split
