@@ -207,3 +207,15 @@ def test_train_speed_bench_tiny_smoke(capsys):
     assert len(hf) == len(cf) == 3
     assert max(abs(a - b) / b for a, b in zip(cf, hf)) < 1e-3  # same data, seed, hyper-parameters
     assert rows["cf_full_b2,ckpt=1,micro=1"]["plan"]["checkpoint_layers"] == 2
+
+
+def test_checkpointed_nf4_layers_stay_eager_others_compile():
+    model = tiny_llama(layers=4)
+    # a frozen 1-byte parameter is what bitsandbytes' packed NF4 weights look like
+    model.model.layers[0].mlp.register_parameter(
+        "packed", torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False))
+    assert fp.is_quantized(model)
+    fp.apply(model, fp.Plan(compile=True, checkpoint_layers=2))  # compiles lazily: nothing runs here
+    compiled = [getattr(l, "_compiled_call_impl", None) is not None for l in model.model.layers]
+    assert compiled == [False, True, False, True]
+    torch._dynamo.reset()
