@@ -363,8 +363,15 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
         stops = [req.stop] if isinstance(req.stop, str) else [s for s in (req.stop or []) if s]
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
-        job = Job(ids, max_new, req.temperature, req.top_p, stops,
-                  emit=lambda item: loop.call_soon_threadsafe(out.put_nowait, item))
+        cancelled = threading.Event()
+
+        def emit(item):  # called from the worker thread
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (shutdown): stop this row
+                cancelled.set()
+
+        job = Job(ids, max_new, req.temperature, req.top_p, stops, emit=emit, cancelled=cancelled)
         engine.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n,  # noqa: E731

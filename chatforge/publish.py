@@ -184,7 +184,8 @@ def _files(folder: Path) -> set[str]:
 
 
 def sync_tree(src: Path, dst: Path, keep: set[str]) -> None:
-    """Make dst's files (outside .git and `keep`) mirror src; unchanged files are not copied."""
+    """Make dst's files (outside .git and `keep`) mirror src (hard links where possible); unchanged
+    files are left alone."""
     wanted = _files(src)
     for rel in _files(dst) - wanted - keep:
         (dst / rel).unlink()
@@ -194,7 +195,11 @@ def sync_tree(src: Path, dst: Path, keep: set[str]) -> None:
         if b.is_file() and b.stat().st_size == sa.st_size and int(b.stat().st_mtime) == int(sa.st_mtime):
             continue
         b.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(a, b)
+        b.unlink(missing_ok=True)
+        try:
+            os.link(a, b)  # same file system: the staging tree costs no space
+        except OSError:
+            shutil.copy2(a, b)
 
 
 def publish(model_dir: str | Path, repo: str, message: str | None = None, branch: str = "main",

@@ -46,7 +46,7 @@ def browser():
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1280,900"):
+                 "--window-size=1280,1100"):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)  # the system driver: no download
     try:
@@ -101,6 +101,7 @@ def test_compare_page_streams_both_replies(page_url, browser):
         time.sleep(0.05)
     final = bot_texts(browser)
     ARTIFACTS.mkdir(exist_ok=True)
+    browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ARTIFACTS / "web_compare.png"))
     assert all("Paris" in t for t in final), final
     # streamed: the page showed partial replies before the final ones
@@ -113,7 +114,9 @@ def test_compare_page_streams_both_replies(page_url, browser):
     browser.find_element(By.CSS_SELECTOR, "#send").click()
     WebDriverWait(browser, 120, poll_frequency=0.2).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-0 [data-testid='bot']")) >= 2
-        and "Rome" in bot_texts(d)[0])
+        and all("Rome" in t for t in bot_texts(d)))
+    time.sleep(1.0)
+    browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ARTIFACTS / "web_compare_turn2.png"))
 
 
