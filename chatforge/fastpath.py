@@ -445,8 +445,15 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
             shape, static, seq, global_batch, budget, plan.compile, plan.loss, lora_dropout,
             checkpointing if checkpointing in (True, False) else "auto", overhead_tokens=overhead, recompute=rc,
             ckpt_eager=nf4)
-    plan.estimate_gib = round(estimate_bytes(shape, static, plan.micro_batch * seq, plan.checkpoint_layers,
-                                             plan.compile, plan.loss, lora_dropout, 0, nf4) / GIB, 2)
+    need = estimate_bytes(shape, static, plan.micro_batch * seq, plan.checkpoint_layers, plan.compile, plan.loss,
+                          lora_dropout, 0, nf4)
+    plan.estimate_gib = round(need / GIB, 2)
+    if need > budget:
+        import logging
+        logging.getLogger("chatforge").warning(
+            "memory budget %.1f GiB is below the estimated %.1f GiB of micro-batch %d with %d checkpointed "
+            "layers: the run may run out of GPU memory (lower max_length or use qlora)", budget / GIB,
+            need / GIB, plan.micro_batch, plan.checkpoint_layers)
     return plan
 
 
