@@ -5,7 +5,6 @@
 2. varlen attention on a packed batch equals sdpa with transformers' block-causal mask;
 3. chunked loss with compiled layers, eager vs compiled decoder layer (same loss).
 """
-import os
 import sys
 import time
 from pathlib import Path
