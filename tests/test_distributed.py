@@ -47,15 +47,22 @@ def overrides(model, data, out, **extra) -> list[str]:
 
 
 def train_here(args: list[str], resume: bool = False):
-    """One process, inside pytest (no interpreter start-up)."""
+    """One process, inside pytest (no interpreter start-up), one thread like each launched rank."""
+    import torch
+
     from chatforge.config import load_recipe
     from chatforge.train import train
 
-    return train(load_recipe(RECIPE, args), resume=resume, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core machine, 2 spinning OpenMP threads ran 70x slower
+    try:
+        return train(load_recipe(RECIPE, args), resume=resume, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cli(*args) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
     return subprocess.Popen([sys.executable, "-m", "chatforge", "train", RECIPE, *map(str, args), "--no-progress"],
