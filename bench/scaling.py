@@ -43,11 +43,12 @@ def build_inputs(folder: Path, tiny: bool, docs: int, seq: int) -> tuple[Path, P
                       num_hidden_layers=2 if tiny else 24, num_attention_heads=4 if tiny else 16,
                       num_key_value_heads=2 if tiny else 8, max_position_embeddings=32768, rope_theta=1e6,
                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    torch.manual_seed(0)  # built on the CPU: this process must hold no GPU memory while the runs measure
+    torch.set_default_dtype(torch.float32 if tiny else torch.bfloat16)
+    model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
     model.save_pretrained(model_dir)
+    del model
     words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
     tk = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -111,6 +112,7 @@ def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path,
             proc.wait()
     logf.close()
     wall = round(time.perf_counter() - t0, 1)
+    wait_gpus_free()
     if len(rows) < need:
         tail = (folder / f"{out.name}.out").read_text()[-1500:]
         return {"method": method, "strategy": "+".join([strategy, *extra]), "gpus": gpus, "wall_s": wall,
@@ -122,6 +124,20 @@ def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path,
             "step_s": (b0["elapsed_s"] - a0["elapsed_s"]) / a.steps, "losses": [r["loss"] for r in rows],
             "plan": {k: plan.get(k) for k in ("micro_batch", "checkpoint_layers", "compile", "loss")},
             "first_step_s": rows[0]["elapsed_s"], "wall_s": wall}
+
+
+def wait_gpus_free(limit_s: float = 60) -> None:
+    """Until no process holds a GPU (the next run's memory budget is taken from free memory)."""
+    end = time.time() + limit_s
+    while time.time() < end:
+        try:
+            busy = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return  # no GPU tools: CPU run
+        if not busy:
+            return
+        time.sleep(1)
 
 
 def table(results: list[dict], device: str) -> str:
