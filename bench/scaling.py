@@ -43,10 +43,9 @@ def build_inputs(folder: Path, tiny: bool, docs: int, seq: int) -> tuple[Path, P
                       num_hidden_layers=2 if tiny else 24, num_attention_heads=4 if tiny else 16,
                       num_key_value_heads=2 if tiny else 8, max_position_embeddings=32768, rope_theta=1e6,
                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)  # built on the CPU: this process must hold no GPU memory while the runs measure
-    torch.set_default_dtype(torch.float32 if tiny else torch.bfloat16)
-    model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)  # on the GPU in a child process (--build-only): the bench holds no GPU memory
+    with torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.float32 if tiny else torch.bfloat16)
     model.save_pretrained(model_dir)
     del model
     words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
@@ -173,6 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", default="/tmp/chatforge-scaling")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU (gloo): proves the path, not speed")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.tiny:
         a.seq, a.per_gpu = min(a.seq, 64), min(a.per_gpu, 2)
@@ -181,7 +181,14 @@ def main(argv=None) -> int:
     counts = [int(x) for x in a.gpus.split(",")]
     pairs = [tuple(x.split(":")) for x in a.runs.split(",") if x]
     t0 = time.perf_counter()
-    model, data = build_inputs(folder, a.tiny, docs=max(counts) * a.per_gpu * (a.warm + a.steps + 2), seq=a.seq)
+    docs = max(counts) * a.per_gpu * (a.warm + a.steps + 2)
+    if a.build_only:
+        build_inputs(folder, a.tiny, docs=docs, seq=a.seq)
+        return 0
+    subprocess.run([sys.executable, __file__, "--build-only", "--folder", str(folder), "--gpus", a.gpus,
+                    "--per-gpu", str(a.per_gpu), "--seq", str(a.seq), "--warm", str(a.warm), "--steps", str(a.steps)]
+                   + ["--tiny"] * a.tiny, check=True)
+    model, data = build_inputs(folder, a.tiny, docs=docs, seq=a.seq)  # built: returns the paths
     print(f"inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
     plan = []
     for method in dict.fromkeys(m for m, _ in pairs):
