@@ -60,6 +60,8 @@ def cmd_train(a):
     overrides = list(a.overrides) + ([f"strategy={a.strategy}"] if a.strategy else [])
     cfg = load_recipe(a.recipe, overrides)  # a bad recipe fails here, before any process starts
     if (a.gpus or a.nnodes) and not distributed.in_launched_rank():
+        world = (a.gpus or 1) * (a.nnodes or distributed.slurm_nodes().get("nnodes") or 1)
+        distributed.Parallel(world=world).shard(list(range(cfg.batch_size * cfg.grad_accum)))  # splits evenly?
         args = ["train", a.recipe, *overrides] + ["--resume"] * a.resume + ["--no-progress"] * a.no_progress
         rc = distributed.launch(args, a.gpus or 1, nnodes=a.nnodes, node_rank=a.node_rank,
                                 master_addr=a.master_addr, master_port=a.master_port)

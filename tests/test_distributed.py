@@ -170,7 +170,11 @@ def test_killed_rank_ends_the_job_with_its_error(tmp_path, tiny_llama, data_file
     assert "chatforge: error: training stopped" in out
 
 
-def test_launch_layout_slurm_and_strategies(monkeypatch):
+def test_launch_layout_slurm_and_strategies(monkeypatch, capsys):
+    from chatforge.cli import main
+
+    assert main(["train", RECIPE, "data=x.jsonl", "batch_size=3", "--gpus", "2"]) == 2  # before any process starts
+    assert "batch_size x grad_accum = 3 does not split over 2 processes" in capsys.readouterr().err
     assert distributed.expand_nodelist("gpu[01-03,07],login2") == ["gpu01", "gpu02", "gpu03", "gpu07", "login2"]
     env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[3-4]"}
     cmd = distributed.torchrun_argv(["train", "r"], 4, env=env)
