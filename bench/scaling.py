@@ -93,9 +93,11 @@ def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path,
     proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     need, log = a.warm + a.steps, out / "log.jsonl"
     rows: list = []
-    last_change = time.perf_counter()
+    last_change, peak = time.perf_counter(), 0.0
     while proc.poll() is None and time.perf_counter() - t0 < a.run_timeout:
         time.sleep(1)
+        if len(rows) >= a.warm:
+            peak = max(peak, gpu_memory_gib(gpus))
         new = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
         if len(new) != len(rows):
             rows, last_change = new, time.perf_counter()
@@ -122,7 +124,17 @@ def run_one(folder: Path, method: str, strategy: str, gpus: int, a, model: Path,
     return {"method": method, "strategy": "+".join([strategy, *extra]), "gpus": gpus, "tok_s": tok_s, "tok_s_gpu": tok_s / gpus,
             "step_s": (b0["elapsed_s"] - a0["elapsed_s"]) / a.steps, "losses": [r["loss"] for r in rows],
             "plan": {k: plan.get(k) for k in ("micro_batch", "checkpoint_layers", "compile", "loss")},
-            "first_step_s": rows[0]["elapsed_s"], "wall_s": wall}
+            "first_step_s": rows[0]["elapsed_s"], "wall_s": wall, "gpu_mem_gib": round(peak, 1)}
+
+
+def gpu_memory_gib(gpus: int) -> float:
+    """Largest memory in use (nvidia-smi, so the CUDA context and the allocator's cache count) of GPUs 0..N-1."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return 0.0
+    return max((float(x) / 1024 for x in out[:gpus]), default=0.0)
 
 
 def wait_gpus_free(limit_s: float = 60) -> None:
@@ -143,16 +155,16 @@ def table(results: list[dict], device: str) -> str:
     base = {r["method"]: r["tok_s_gpu"] for r in results if r["gpus"] == 1 and r["strategy"] == "plain"
             and "error" not in r}
     lines = [f"{device}; efficiency = tokens/s per GPU / the same method's 1-GPU run",
-             "| method | strategy | GPUs | tokens/s | tokens/s per GPU | efficiency | micro-batch / ckpt layers |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | strategy | GPUs | tokens/s | tokens/s per GPU | efficiency | GPU memory GiB | "
+             "micro-batch / ckpt layers |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['strategy']} | {r['gpus']} | failed | | | {r['error'][:200]!r} |")
+            lines.append(f"| {r['method']} | {r['strategy']} | {r['gpus']} | failed | | | | {r['error'][:200]!r} |")
             continue
         eff = f"{r['tok_s_gpu'] / base[r['method']] * 100:.1f}%" if r["method"] in base else "-"
         p = r["plan"]
         lines.append(f"| {r['method']} | {r['strategy']} | {r['gpus']} | {r['tok_s']:,.0f} | {r['tok_s_gpu']:,.0f} | "
-                     f"{eff} | {p.get('micro_batch')} / {p.get('checkpoint_layers')} |")
+                     f"{eff} | {r.get('gpu_mem_gib', '-')} | {p.get('micro_batch')} / {p.get('checkpoint_layers')} |")
     return "\n".join(lines)
 
 
