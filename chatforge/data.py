@@ -87,6 +87,8 @@ def iter_json_records(path: str | os.PathLike, on_error: OnError | None = None) 
                 yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
                 cut = "; the last line looks truncated" if not raw.endswith(b"\n") else ""
+                if not cut and ((lineno == 1 and text.strip() == "{") or text.strip().endswith(",")):
+                    cut = "; a JSON file must hold an array of records, or one record per line (JSONL)"
                 _fail(on_error, f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno}){cut}")
 
 
