@@ -104,9 +104,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
 
     import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
     import uvicorn
 
     from chatforge.api import Limits, create_app

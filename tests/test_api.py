@@ -28,6 +28,10 @@ def server():
     from chatforge.api import Limits, create_app
     from chatforge.models import load_model, load_tokenizer
 
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machines: 2 OpenMP threads under load run 20-40x slower
     tok, model = load_tokenizer(None), load_model(None)
     app = create_app(model, tok, "smollm2", api_key=KEY,
                      limits=Limits(max_tokens=64, max_body_bytes=4096, max_context=256))
@@ -45,6 +49,7 @@ def server():
         srv.should_exit = True
         thread.join(timeout=30)
         app.state.engine.close()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +157,37 @@ def test_eight_concurrent_clients_get_their_own_answers(server, client):
     stats = server["app"].state.engine.stats
     assert stats["requests"] - before["requests"] == 8
     assert stats["batches"] - before["batches"] < 8 and stats["max_batch_seen"] >= 4  # batched, not one by one
+
+
+def test_cli_serve_reads_the_key_from_the_environment(tmp_path):
+    """`chatforge serve` as a user runs it: the key from CHATFORGE_API_KEY, bound to 127.0.0.1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, CHATFORGE_API_KEY=KEY, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--port", str(port), "--model-name", "cf"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert [m["id"] for m in models["data"]] == ["cf"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert "API key required" in (tmp_path / "serve.log").read_text() and KEY not in (tmp_path / "serve.log").read_text()

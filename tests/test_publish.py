@@ -182,7 +182,8 @@ def test_generated_app_serves_the_published_model(published):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
+               OMP_NUM_THREADS="1")  # see test_api: avoids OpenMP oversubscription on shared machines
     log = open(tmp / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -27,14 +27,19 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian 
 def page_url():
     """The compare page (default model vs itself, as fine-tuned and base columns) on 127.0.0.1."""
     pytest.importorskip("gradio")
+    import torch
+
     from chatforge.web import serve_web
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core machines: 2 OpenMP threads under load run 20-40x slower
     port = free_port()
     demo = serve_web(None, compare="smollm2-135m-instruct", host="127.0.0.1", port=port, block=False)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
