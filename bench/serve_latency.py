@@ -1,7 +1,8 @@
 """Time to first token and tokens/s of `chatforge serve` for 1 and 8 concurrent clients (CPU, default model).
 
 Compared in the same run with a plain transformers loop (`model.generate` with a streamer, one
-request after another, as a naive server would) and with the API server queued (--max-batch 1).
+request after another, as a naive server would), and across the server's engines: continuous
+batching (default), static batches, and queued (static with --max-batch 1).
 
     python bench/serve_latency.py [--max-tokens 64] [--clients 1 8] [--json out.json]
 """
@@ -119,8 +120,10 @@ def main() -> None:
     tokenizer, model = load_tokenizer(None), load_model(None, device="cpu")
     results = []
     servers = {}
-    for label, max_batch in (("chatforge serve, batched", 8), ("chatforge serve, queued (--max-batch 1)", 1)):
-        app = create_app(model, tokenizer, "bench", limits=Limits(max_batch=max_batch))
+    for label, engine, max_batch in (("chatforge serve, continuous batching (default)", "continuous", 8),
+                                     ("chatforge serve, static batches", "static", 8),
+                                     ("chatforge serve, queued (--engine static --max-batch 1)", "static", 1)):
+        app = create_app(model, tokenizer, "bench", limits=Limits(max_batch=max_batch, engine=engine))
         port = free_port()
         srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         threading.Thread(target=srv.run, daemon=True).start()
@@ -135,7 +138,7 @@ def main() -> None:
                                plain_loop(model, tokenizer, prompts, a.max_tokens)))
         for label, (_, _, url) in servers.items():
             if n == 1 and "queued" in label:
-                continue  # same as batched for a single client
+                continue  # same as static batches for a single client
             results.append(summary(label, n, api_clients(url, prompts, a.max_tokens)))
     for srv, app, _ in servers.values():
         srv.should_exit = True

@@ -3,11 +3,12 @@
 Built on FastAPI + uvicorn: both already come with Gradio (the `web` extra), they give an
 async server that keeps many streams open on one thread, and request validation for free.
 
-Concurrency: requests are *batched*. One worker thread owns the model; requests that wait
-while a batch runs are gathered into the next batch (up to --max-batch rows, left-padded) and
-generated together by `model.generate`. Each row keeps its own sampling settings, token
-limit, stop strings and output stream, so clients never see each other's tokens. On 2 CPU
-cores 8 batched clients get ~4-5x the total tokens/s of one-at-a-time (bench/serve_latency.py).
+Concurrency: requests are *batched*, never mixed: each request's tokens go to its own stream.
+- `continuous` (default): transformers' continuous batching; a request joins the running batch at
+  the next decoding step, so its first token does not wait for other replies to finish.
+- `static`: one worker thread gathers the requests waiting while a batch runs into the next batch
+  (up to --max-batch rows, left-padded) for `model.generate`; per-row sampling, limits and stops.
+Both beat one-request-at-a-time on total tokens/s; bench/serve_latency.py measures all three.
 """
 
 import asyncio
@@ -41,7 +42,8 @@ class Limits:
     max_context: int = 0  # prompt + completion tokens; 0: the model's max_position_embeddings
     max_batch: int = 8
     max_waiting: int = 64  # queued requests beyond this get 429
-    batch_window_s: float = 0.02  # how long the worker waits for company before starting a batch
+    batch_window_s: float = 0.02  # how long the static batcher waits for company before starting a batch
+    engine: str = "continuous"  # continuous (transformers' continuous batching) | static (batches of waiting requests)
 
 
 # ---------------------------------------------------------------- the batching engine
@@ -59,6 +61,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the reply already emitted
+    seen: int = 0  # generated tokens already read (continuous engine)
     finished: str | None = None
 
     def finish(self, reason: str, text: str | None = None) -> None:
@@ -138,7 +141,7 @@ class BatchEngine:
         self.stops = stop_token_ids(tokenizer, model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.stats = {"batches": 0, "requests": 0, "max_batch_seen": 0, "busy": False}
+        self.stats = {"engine": "static", "batches": 0, "requests": 0, "max_batch_seen": 0, "busy": False}
         self.lock = threading.Lock()  # one generate at a time (also shared with direct callers)
         self.thread = threading.Thread(target=self._loop, name="chatforge-batcher", daemon=True)
         self.thread.start()
@@ -204,6 +207,77 @@ class BatchEngine:
                 j.finish("length", progress._text(j))
 
 
+class ContinuousEngine:
+    """transformers' continuous batching (paged KV cache): a new request joins the running batch at
+    the next decoding step instead of waiting for the batch to finish; per-request temperature/top-p."""
+
+    def __init__(self, model, tokenizer):
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        self.stops = stop_token_ids(tokenizer, model)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
+        # temperature/top_p must differ from 1.0 here for the per-request processors to exist
+        config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=256,
+                                  eos_token_id=self.stops, pad_token_id=pad)
+        self.manager = model.init_continuous_batching(
+            generation_config=config, continuous_batching_config=ContinuousBatchingConfig(per_request_processors=True))
+        self.manager.start()
+        self.progress = _RowProgress([], tokenizer, self.stops)
+        self.stats = {"engine": "continuous", "requests": 0, "in_flight": 0, "max_in_flight": 0}
+        # the first request sets up the paged cache (~16 s on 2 CPU cores): pay it at start, not on a client
+        rid = self.manager.add_request(prompt_ids(tokenizer, [{"role": "user", "content": "hi"}]), max_new_tokens=2)
+        for _ in self.manager.request_id_iter(rid):
+            pass
+
+    def waiting(self) -> int:
+        return self.stats["in_flight"]
+
+    def submit(self, job: Job) -> None:
+        """Start `job`; must be called on the event loop that will deliver its tokens."""
+        rid = f"chatforge-{uuid.uuid4().hex}"
+        self.manager.register_result_handler(rid, lambda out: self._on_output(job, rid, out))
+        self.stats["requests"] += 1
+        self.stats["in_flight"] += 1
+        self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
+        self.manager.add_request(job.ids, request_id=rid, max_new_tokens=job.max_new_tokens, streaming=True,
+                                 eos_token_id=self.stops, temperature=max(job.temperature, 1e-4), top_p=job.top_p)
+
+    def _on_output(self, job: Job, rid: str, out) -> None:
+        if job.finished is not None:
+            return
+        if out.error:
+            job.finished = "error"
+            job.emit(("error", f"generation failed: {out.error}"))
+        elif job.cancelled.is_set():
+            job.finish("cancelled")
+        else:
+            for tok in out.generated_tokens[job.seen:]:
+                if job.finished is None:
+                    self.progress._advance(job, tok)
+            job.seen = len(out.generated_tokens)
+            if job.finished is None and out.is_finished():
+                job.finish("length", self.progress._text(job))
+        if job.finished is not None:
+            self.stats["in_flight"] -= 1
+            if not out.is_finished():
+                self.manager.cancel_request(rid)  # stop string, cancelled client
+
+    def close(self) -> None:
+        self.manager.stop(block=True)
+
+
+def make_engine(model, tokenizer, limits: Limits):
+    if limits.engine == "continuous":
+        try:
+            return ContinuousEngine(model, tokenizer)
+        except Exception as e:  # a model the paged attention cannot run: fall back, loudly
+            log.warning("continuous batching unavailable (%s); using static batches", e)
+    elif limits.engine != "static":
+        raise ChatforgeError(f"unknown engine {limits.engine!r}: use continuous or static")
+    return BatchEngine(model, tokenizer, limits.max_batch, limits.batch_window_s)
+
+
 # ---------------------------------------------------------------- request schema and errors
 
 class TextPart(BaseModel):
@@ -267,7 +341,7 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
 
     limits = limits or Limits()
     max_context = limits.max_context or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    engine = BatchEngine(model, tokenizer, limits.max_batch, limits.batch_window_s)
+    engine = make_engine(model, tokenizer, limits)
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.model_id = engine, model_id
     started = int(time.time())

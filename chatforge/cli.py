@@ -128,7 +128,7 @@ def cmd_serve(a):
     from .api import Limits, serve_api
 
     limits = Limits(max_tokens=a.max_tokens_limit, max_body_bytes=a.max_body_bytes, max_context=a.max_context,
-                    max_batch=a.max_batch)
+                    max_batch=a.max_batch, engine=a.engine)
     serve_api(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name, limits=limits,
               dtype=a.dtype)
 
@@ -265,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--max-context", type=int, default=0, help="prompt+completion tokens (0: the model's)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests generated together")
+    s.add_argument("--max-batch", type=int, default=8, help="requests per batch (static engine)")
+    s.add_argument("--engine", choices=["continuous", "static"], default="continuous",
+                   help="continuous batching (new requests join the running batch) or static batches")
     s.add_argument("--dtype", default="auto")
     s.set_defaults(func=cmd_serve)
 
