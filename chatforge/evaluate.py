@@ -221,10 +221,11 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
     runs = {}
     if base:
         runs["base"] = run_model_on_data(base, records, generate, max_new_tokens)
-    runs["fine-tuned"] = run_model_on_data(model, records, generate, max_new_tokens)
+    label = Path(str(model)).name or str(model)  # a column per model, named after it
+    runs[label if label != "base" else "model"] = run_model_on_data(model, records, generate, max_new_tokens)
     first = next(iter(runs.values()))["counts"]
     lines = ["| metric | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
-    for key in runs["fine-tuned"]["scores"]:
+    for key in next(iter(runs.values()))["scores"]:
         lines.append(f"| {key} | " + " | ".join(f"{r['scores'][key]:.4f}" for r in runs.values()) + " |")
     split = f"last {holdout_last} records" if holdout_last > 0 else "all records"
     split += f", the first {limit} of them" if 0 < limit < (holdout_last or 10**12) else ""

@@ -216,7 +216,7 @@ def test_eval_on_a_data_set_reports_rouge_and_reference_loss(tmp_path, tiny_llam
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     r = evaluate_data(str(tiny_llama), str(path), holdout_last=4, generate=2, max_new_tokens=4, out_dir=tmp_path / "ev")
     assert r["counts"]["records"] == 4 and r["counts"]["generated"] == 2
-    s = r["scores"]["fine-tuned"]
+    s = r["scores"][tiny_llama.name]  # a column named after the model
     assert 0.0 <= s["ROUGE-L"] <= 1.0
     # the reference loss is the mean CE over exactly the reply tokens of the last 4 records
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
