@@ -69,13 +69,19 @@ def base_model_id(base: str | None) -> str | None:
     return base
 
 
+def run_name(model_dir: Path) -> str:
+    """`runs/assistant-x/merged` is named assistant-x; other folders by their own name."""
+    model_dir = model_dir.resolve()
+    return model_dir.parent.name if model_dir.name in ("merged", "model") else model_dir.name
+
+
 def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | None = None) -> str:
     """The README.md of a published model: base model, data, recipe, evaluation and usage."""
     model_dir = Path(model_dir)
     found = run_files(model_dir)
     cfg, merge, eval_md = _read(found["config"]) or {}, _read(found["merge"]) or {}, _read(found["eval"])
     base = base_model_id(merge.get("base") or cfg.get("model"))
-    title = title or (model_dir.parent.name if model_dir.name in ("merged", "model") else model_dir.name)
+    title = title or run_name(model_dir)
     meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
             "tags": ["chatforge", "text-generation", "conversational"] + ([cfg["method"]] if cfg.get("method") else [])}
     if base:
@@ -246,7 +252,7 @@ def publish(model_dir: str | Path, repo: str, message: str | None = None, branch
         ident = {k: v for k, v in (("GIT_AUTHOR_NAME", "chatforge"), ("GIT_AUTHOR_EMAIL", "chatforge@localhost"),
                                    ("GIT_COMMITTER_NAME", "chatforge"),
                                    ("GIT_COMMITTER_EMAIL", "chatforge@localhost")) if not git.ok("config", "user.name")}
-        git("commit", "-q", "-m", message or f"Publish {model_dir.name} with chatforge", extra_env=ident)
+        git("commit", "-q", "-m", message or f"Publish {title or run_name(model_dir)} with chatforge", extra_env=ident)
     ahead = not git.ok("rev-parse", "--verify", "-q", f"origin/{branch}") or \
         git("rev-list", "--count", f"origin/{branch}..HEAD").strip() != "0"
     pushed = ""
