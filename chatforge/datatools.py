@@ -167,9 +167,16 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
     return report
 
 
+def _padding(lengths: list[int], batch_size: int) -> int:
+    """Padding tokens when consecutive items are batched and padded to the longest of their batch."""
+    return sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
+               for i in range(0, len(lengths), batch_size)) - sum(lengths)
+
+
 def padding_report(lengths: list[int], max_length: int, batch_sizes=(4, 8)) -> dict:
-    """Padding tokens of shuffled batches padded to their longest sample vs packed max_length rows
-    (as training pads: each packed row to max_length at most)."""
+    """Padding of shuffled samples batched and padded to their longest (as `collate` does), vs packed
+    sequences batched the same way (as `collate_packed` does), vs packed rows padded to max_length
+    (fixed shapes, e.g. for compiled GPU kernels)."""
     import random
 
     if not lengths:
@@ -177,15 +184,15 @@ def padding_report(lengths: list[int], max_length: int, batch_sizes=(4, 8)) -> d
     order = lengths[:]
     random.Random(0).shuffle(order)
     real = sum(order)
-    report = {"real_tokens": real, "batch_padding_tokens": {}}
-    for bs in batch_sizes:
-        padded = sum(max(order[i:i + bs]) * len(order[i:i + bs]) for i in range(0, len(order), bs))
-        report["batch_padding_tokens"][bs] = padded - real
     samples = (D.Sample([0] * n, [0] * n, "") for n in order)
-    rows = sum(1 for _ in D.pack(samples, max_length, open_bins=256))
-    report.update(packed_sequences=rows, packing_padding_tokens=rows * max_length - real,
-                  packing_fill=round(real / (rows * max_length), 4))
-    return report
+    rows = [sum(len(s.input_ids) for s in p) for p in D.pack(samples, max_length, open_bins=256)]
+    random.Random(1).shuffle(rows)  # training draws packed rows in a seeded random order
+    return {"real_tokens": real,
+            "batch_padding_tokens": {bs: _padding(order, bs) for bs in batch_sizes},
+            "packed_sequences": len(rows),
+            "packed_batch_padding_tokens": {bs: _padding(rows, bs) for bs in (1,) + tuple(batch_sizes[:1])},
+            "packing_padding_tokens": len(rows) * max_length - real,
+            "packing_fill": round(real / (len(rows) * max_length), 4)}
 
 
 def format_check(r: dict) -> str:
@@ -201,11 +208,13 @@ def format_check(r: dict) -> str:
     lines.append(f"longer than max_length {r['max_length']}: {r['over_max_length']}"
                  + (f" — {r['over_max_length_fate']}" if r["over_max_length"] else ""))
     if p:
-        batches = ", ".join(f"{n} ({n / p['real_tokens']:.1%}) in batches of {bs}"
-                            for bs, n in p["batch_padding_tokens"].items())
-        lines.append(f"padding tokens (samples that fit max_length, shuffled): {batches} padded to their longest; "
-                     f"{p['packing_padding_tokens']} ({p['packing_padding_tokens'] / p['real_tokens']:.1%}) with "
-                     f"packing ({p['packed_sequences']} sequences of {r['max_length']}, {p['packing_fill']:.1%} full)")
+        share = lambda n: f"{n} ({n / p['real_tokens']:.1%})"  # noqa: E731
+        plain = ", ".join(f"{share(n)} in batches of {bs}" for bs, n in p["batch_padding_tokens"].items())
+        packed = ", ".join(f"{share(n)} in batches of {bs}" for bs, n in p["packed_batch_padding_tokens"].items())
+        lines.append(f"padding tokens (samples that fit max_length, shuffled), padded to the longest of the batch: "
+                     f"{plain}; packed into {p['packed_sequences']} sequences ({p['packing_fill']:.1%} of "
+                     f"{r['max_length']} used): {packed}; {share(p['packing_padding_tokens'])} if every "
+                     f"sequence is padded to {r['max_length']}")
     d = r["duplicates"]
     lines.append(f"exact duplicates: {d['records_repeated']} records repeated, {d['extra_copies']} extra copies"
                  + (" (first seen at " + ", ".join(f"{k} ×{v}" for k, v in d["examples"].items()) + ")"
