@@ -8,7 +8,6 @@ any moment resumes from its last checkpoint to the same weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -264,8 +263,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     # 2. model, optimizer, schedule
     share = len(par.shard(list(range(cfg.batch_size * cfg.grad_accum))))  # this rank's samples per step
-    # the speed plan sizes micro-batches and checkpointing for this rank's share of the step
-    model = build_model(cfg if par.world == 1 else dataclasses.replace(cfg, batch_size=share, grad_accum=1), device)
+    model = build_model(par.plan_config(cfg, share), device)  # speed plan for this rank's share of the step
     if par.is_main:
         write_text(run_dir / "speed_plan.json", json.dumps(fastpath.asdict(model._chatforge_plan), indent=2))
     ckpt = checkpoints(run_dir)[-1] if resume and checkpoints(run_dir) else None
