@@ -109,6 +109,13 @@ def run_model(spec: str, es: dict, max_new_tokens: int) -> dict:
     return {"scores": scores, "answers": answers, "general_replies": r_general}
 
 
+def write_report(out: Path, markdown: str, result: dict, runs: dict) -> None:
+    """eval.md (the table), eval.json (the scores) and eval_answers.jsonl (every answer) in `out`."""
+    write_text(out / "eval.md", markdown)
+    write_json(out / "eval.json", {k: v for k, v in result.items() if k != "table"})
+    write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
+
+
 def format_table(columns: dict[str, dict]) -> str:
     names = list(columns)
     keys = list(dict.fromkeys(k for col in columns.values() for k in col))
@@ -141,10 +148,7 @@ def evaluate(model: str, base: str | None = None, eval_file: str | None = None, 
     table = format_table(columns)
     result = {"model": str(model), "base": base, "owner": es["owner"], "scores": columns, "table": table}
     if out_dir:
-        out = Path(out_dir)
-        write_text(out / "eval.md", f"# Evaluation: {model}\n\nowner: {es['owner']}\n\n{table}")
-        write_json(out / "eval.json", {k: v for k, v in result.items() if k != "table"})
-        write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
+        write_report(Path(out_dir), f"# Evaluation: {model}\n\nowner: {es['owner']}\n\n{table}", result, runs)
     return result
 
 
@@ -235,8 +239,5 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
     result = {"model": str(model), "base": base, "data": str(data_file), "holdout_last": holdout_last,
               "counts": first, "scores": {n: r["scores"] for n, r in runs.items()}, "table": table}
     if out_dir:
-        out = Path(out_dir)
-        write_text(out / "eval.md", f"# Evaluation on a data set: {model}\n\n{table}")
-        write_json(out / "eval.json", {k: v for k, v in result.items() if k != "table"})
-        write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
+        write_report(Path(out_dir), f"# Evaluation on a data set: {model}\n\n{table}", result, runs)
     return result
