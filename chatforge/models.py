@@ -20,6 +20,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import torch
 
+if not torch.cuda.is_available():  # else DeepSpeed, imported by peft when installed, warns on stdout
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 from .files import ChatforgeError, atomic_path
 
 log = logging.getLogger(__name__)
