@@ -311,10 +311,6 @@ def _txt_documents(path: Path, on_error: OnError | None, whole_file: bool) -> It
         yield doc
 
 
-def read_text_documents(path: str | os.PathLike) -> list[Record]:
-    return list(iter_text_documents(path))
-
-
 def drop_last(items: Iterable, n: int, held: list | None = None) -> Iterator:
     """Yield all but the last n items (streaming); the last n are appended to `held`.
 
