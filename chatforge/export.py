@@ -94,10 +94,10 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
     from transformers import AutoModelForCausalLM
 
     adapter = Path(adapter)
-    base = base or read_adapter_config(adapter).get("base_model_name_or_path")
+    adapter_config = read_adapter_config(adapter)  # a clear error if this is no adapter
+    base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise ChatforgeError(f"{adapter}: the adapter names no base model; pass --base")
-    read_adapter_config(adapter)
     if fmt not in ("hf", "internlm2"):
         raise ChatforgeError(f"unknown format {fmt!r}: use hf or internlm2")
     originals = internlm2.originals(local_folder(base))
