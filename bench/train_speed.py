@@ -6,7 +6,7 @@
 
 Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
-compile, loss, dropout, budget, prof=1 for a profile of one extra step). Each GPU scenario runs in its own process, so peaks do not mix.
+compile, loss, dropout, budget, nf4=torch|bitsandbytes, cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM autotuning), prof=1 for a profile of one extra step). Each GPU scenario runs in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
@@ -30,7 +30,8 @@ import hf_baseline  # noqa: E402
 
 DEFAULT = ["hf_lora_b8", "cf_lora_b8", "hf_lora_gc_b4_liger", "hf_full", "cf_full_b4", "hf_full_gc_b4_liger",
            "hf_qlora_gc", "hf_qlora_gc_b4", "cf_qlora_b4"]
-TINY = ["hf_lora_b4", "hf_full_b4", "cf_lora_b4", "cf_full_b4", "cf_lora_b4,ckpt=1,micro=2", "cf_full_b4,loss=plain"]
+TINY = ["hf_lora_b4", "hf_full_b4", "cf_lora_b4", "cf_full_b4", "cf_lora_b4,ckpt=1,micro=2", "cf_full_b4,loss=plain",
+        "hf_qlora_b4", "cf_qlora_b4"]
 BUDGET_GIB = {"lora": 24.0, "qlora": 8.0, "full": 32.5}
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16, datasheet
 
@@ -66,11 +67,18 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
     model.config.use_cache = False
     model.train()
     budget = opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto")
+    if opts.get("cpp"):  # Inductor's C++ wrapper: fewer Python calls per compiled layer
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp_wrapper = opts["cpp"] not in ("0", "false")
+    if opts.get("autotune"):  # Inductor benchmarks GEMM kernels (longer first compile)
+        import torch._inductor.config as inductor_config
+        inductor_config.max_autotune_gemm = opts["autotune"] not in ("0", "false")
     t0 = time.perf_counter()
     plan = fastpath.make_plan(model, device=device, method=method, seq=seq, global_batch=batch,
                               micro_batch=_opt(opts.get("micro"), int), checkpointing=_opt(opts.get("ckpt"), bool),
                               compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
-                              memory_budget_gib=budget, lora_dropout=float(opts.get("dropout", 0.0)))
+                              memory_budget_gib=budget, lora_dropout=float(opts.get("dropout", 0.0)),
+                              nf4_matmul=opts.get("nf4", "auto"))
     fastpath.apply(model, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = fastpath.make_optimizer(params, 2e-4, 0.0, device)
@@ -194,6 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warm", type=int, default=None)
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--json", default=None, help="write all results (per-step losses too) here")
+    ap.add_argument("--scenario-timeout", type=float, default=900, help="seconds before a scenario is stopped")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     steps = a.steps or (4 if a.tiny else 30)
@@ -211,7 +220,11 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, name, "--child", "--steps", str(steps), "--warm", str(warm),
                    "--seq", str(seq)] + (["--tiny"] if a.tiny else [])
             t0 = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.scenario_timeout)
+            except subprocess.TimeoutExpired as e:
+                out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                p = subprocess.CompletedProcess(cmd, -9, out, f"timed out after {a.scenario_timeout} s")
             found = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
             r = json.loads(found[-1]) if found else {"name": name, "error": (p.stderr or p.stdout).strip()[-600:]}
             r["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -68,9 +68,14 @@ class TrainConfig:
     fused_loss: str = "auto"  # auto | chunked | liger | plain (plain materialises the full logits)
     attention: str = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
     packing: bool = False  # several samples per max_length sequence; batch_size then counts sequences
+    nf4_matmul: str = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
     # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch
     strategy: str = "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
     collective_timeout: int = 1800  # seconds a rank waits in a collective before the job fails
+    # FSDP2: keep layers' gathered weights from forward to backward (no second all-gather); auto: when
+    # the whole model's 16-bit weights take under a tenth of the GPU's memory
+    fsdp_reshard_after_forward: Any = "auto"  # auto | true | false
+    reduce_dtype: str = "auto"  # gradient exchange dtype under FSDP2: auto (the weights' dtype) | fp32 | bf16
     description: str = ""
 
 
@@ -118,7 +123,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
     return value
 
 
-AUTO_KEYS = {"gradient_checkpointing": bool, "micro_batch": int, "memory_budget_gib": float, "compile": bool}
+AUTO_KEYS = {"gradient_checkpointing": bool, "micro_batch": int, "memory_budget_gib": float, "compile": bool,
+             "fsdp_reshard_after_forward": bool}
 
 
 def _coerce_auto(kind, value: Any, where: str):
@@ -230,6 +236,7 @@ def validate(cfg: TrainConfig) -> None:
                "overflow": ("error", "drop", "truncate", "split"),
                "lr_scheduler": ("cosine", "linear", "constant"),
                "fused_loss": ("auto", "chunked", "liger", "plain"), "attention": ("auto", "sdpa", "varlen"),
+               "nf4_matmul": ("auto", "torch", "bitsandbytes"), "reduce_dtype": ("auto", "fp32", "bf16"),
                "strategy": ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:

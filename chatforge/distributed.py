@@ -133,6 +133,8 @@ class Parallel:
     device: str = "cpu"
     strategy: str = "none"
     engine: object = None  # the DeepSpeed engine, once built
+    reshard_after_forward: object = "auto"  # FSDP2 (recipe key fsdp_reshard_after_forward)
+    reduce_dtype: str = "auto"  # FSDP2 gradient exchange dtype
 
     @property
     def is_main(self) -> bool:
@@ -354,14 +356,35 @@ class LossForward(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def fsdp2_options(model, par: Parallel, device_bytes: int) -> tuple[torch.dtype | None, torch.dtype | None, bool]:
+    """(param dtype, reduce dtype, reshard after forward) for fully_shard.
+
+    GPU: bf16 compute; gradients are exchanged in the weights' own dtype by default (bf16 weights
+    keep bf16 gradients, so an fp32 exchange would double the bytes and add nothing kept). Layers keep
+    their gathered weights until backward (ZeRO-2-like: one all-gather per layer and step instead of
+    two) when the whole model's 16-bit weights take under a tenth of `device_bytes`.
+    """
+    cuda = par.device.startswith("cuda")
+    weights = next(iter(model.parameters())).dtype
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": weights if cuda else None}
+    reduce = dtypes[par.reduce_dtype]
+    param = torch.bfloat16 if cuda else None
+    if par.reshard_after_forward in (True, False):
+        return param, reduce, par.reshard_after_forward
+    gathered = sum(p.numel() for p in model.parameters()) * 2
+    return param, reduce, not (cuda and gathered * 10 < device_bytes)
+
+
 def shard_fsdp2(model, par: Parallel):
-    """fully_shard each decoder layer, then the root; bf16 compute with fp32 gradient reduction on GPU."""
+    """fully_shard each decoder layer, then the root, with fsdp2_options."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cuda" if par.device.startswith("cuda") else "cpu", (par.world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if par.device.startswith("cuda") else MixedPrecisionPolicy()
+    cuda = par.device.startswith("cuda")
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (par.world,))
+    total = torch.cuda.get_device_properties(par.local_rank).total_memory if cuda else 0
+    param, reduce, reshard = fsdp2_options(model, par, total)
+    mp = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
     layer_names = set()
     for m in model.modules():
         layer_names.update(getattr(m, "_no_split_modules", None) or [])
@@ -369,8 +392,8 @@ def shard_fsdp2(model, par: Parallel):
     if not layers:
         raise ChatforgeError(f"FSDP2: found no decoder layers to shard in {type(model).__name__}")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     return model
 
 
@@ -391,4 +414,6 @@ def setup(cfg) -> Parallel:
             timeout=timedelta(seconds=getattr(cfg, "collective_timeout", 1800)))
     elif cuda:
         torch.cuda.set_device(local_rank)
-    return Parallel(rank, world, local_rank, "cuda" if cuda else "cpu", strategy)
+    return Parallel(rank, world, local_rank, "cuda" if cuda else "cpu", strategy,
+                    reshard_after_forward=getattr(cfg, "fsdp_reshard_after_forward", "auto"),
+                    reduce_dtype=getattr(cfg, "reduce_dtype", "auto"))

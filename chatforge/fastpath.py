@@ -288,8 +288,9 @@ ACT_FACTOR = {"compiled": 1.0, "eager": 1.4}
 RESERVE_BYTES = int(0.5 * GIB)  # allocator slack and library workspaces (max_memory_allocated counts)
 # Fixed cost of one micro-batch (Python, launches, per-call dequantisation) in token-equivalents: a
 # micro-batch of T tokens runs at 1 / (1 + OVERHEAD / T) of the ideal rate. bitsandbytes NF4 layers
-# measured ~5x slower per token than bf16 LoRA at one 2,048-token sequence (H200), hence its large figure.
-OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192}
+# measured ~5x slower per token than bf16 LoRA at one 2,048-token sequence (H200), hence its large figure;
+# the plain-torch NF4 path (nf4.py) dequantises each weight ~3 times per micro-batch, a fixed cost too.
+OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192, "nf4_torch": 2048}
 
 
 def act_bytes_per_token(shape: Shape, compiled: bool, lora_dropout: float = 0.0) -> float:
@@ -382,6 +383,7 @@ class Plan:
     loss: str = "chunked"  # chunked | liger | plain
     chunk_rows: int = 0
     attention: str = "sdpa"  # sdpa | varlen
+    nf4_matmul: str = ""  # QLoRA only: torch (nf4.py, compilable) | bitsandbytes
     autocast: bool = False
     budget_gib: float = 0.0
     estimate_gib: float = 0.0
@@ -406,7 +408,8 @@ def device_budget(device: str, value) -> int:
 
 def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, micro_batch="auto",
               checkpointing="auto", compile="auto", fused_loss="auto", attention="auto",
-              memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0) -> Plan:
+              memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0,
+              nf4_matmul="auto") -> Plan:
     """Resolve the `auto` speed keys for this model, device and data shape.
 
     Raises:
@@ -430,8 +433,13 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     budget = device_budget(device, memory_budget_gib)
     plan.budget_gib = round(budget / GIB, 2) if budget < 1 << 60 else 0.0
     static = static_bytes(model, plan.loss)
-    nf4 = is_quantized(model)
-    overhead = OVERHEAD_TOKENS["nf4" if nf4 else ("compiled" if plan.compile else "eager")]
+    quantized = is_quantized(model)
+    if quantized:
+        plan.nf4_matmul = _auto(nf4_matmul, "torch")
+        if plan.nf4_matmul not in ("torch", "bitsandbytes"):
+            raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use auto, torch or bitsandbytes")
+    nf4 = quantized and plan.nf4_matmul == "bitsandbytes"  # checkpointed layers then run eagerly
+    overhead = OVERHEAD_TOKENS["nf4" if nf4 else "nf4_torch" if quantized else ("compiled" if plan.compile else "eager")]
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
         plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)
@@ -493,8 +501,14 @@ def apply(model, plan: Plan):
         layer.forward = functools.partial(_checkpointed, layer.forward)
     # A checkpoint inside a compiled layer is recomputed by the compiler's partitioner, which keeps the
     # outputs of ops it cannot recompute: bitsandbytes' NF4 matmuls (measured on an H200: 20 checkpointed
-    # QLoRA layers, 13.0 GiB instead of the 7.9 estimated). So checkpointed NF4 layers stay eager.
-    skip = ckpt if is_quantized(model) else set()
+    # QLoRA layers, 13.0 GiB instead of the 7.9 estimated). nf4.py's matmul is plain torch and has no
+    # such outputs; layers left on bitsandbytes' matmul stay eager when checkpointed.
+    if plan.nf4_matmul == "torch":
+        from . import nf4
+
+        nf4.patch(model)
+    on_bnb = is_quantized(model) and (plan.nf4_matmul != "torch" or not _nf4_compilable(model))
+    skip = ckpt if on_bnb else set()
     if plan.compile and layers:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for i, layer in enumerate(layers):
@@ -502,6 +516,12 @@ def apply(model, plan: Plan):
                 layer.compile(dynamic=False)
     model._chatforge_plan = plan
     return model
+
+
+def _nf4_compilable(model) -> bool:
+    from . import nf4
+
+    return nf4.fully_patched(model)
 
 
 @contextlib.contextmanager
@@ -531,7 +551,7 @@ def plan_for_recipe(model, cfg, device: str) -> Plan:
                      global_batch=cfg.batch_size * cfg.grad_accum, micro_batch=cfg.micro_batch,
                      checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, fused_loss=cfg.fused_loss,
                      attention=cfg.attention, memory_budget_gib=cfg.memory_budget_gib, packing=cfg.packing,
-                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0)
+                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0, nf4_matmul=cfg.nf4_matmul)
 
 
 def micro_batch_of(model, default: int) -> int:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from chatforge import distributed
 from chatforge.files import ChatforgeError
@@ -121,9 +122,10 @@ def full_alone(tmp_path_factory, tiny_llama, data_file) -> Path:
 
 
 def test_fsdp2_on_two_launchers_as_two_machines(tmp_path, tiny_llama, data_file, full_alone):
-    """Two torchrun launchers (--nnodes 2) on 127.0.0.1; full fine-tuning, FSDP2 (auto for full)."""
+    """Two torchrun launchers (--nnodes 2) on 127.0.0.1; full fine-tuning, FSDP2 (auto for full),
+    gathered weights kept from forward to backward (auto on CPU reshards)."""
     port = free_port()
-    args = overrides(tiny_llama, data_file, tmp_path / "fsdp", method="full")
+    args = overrides(tiny_llama, data_file, tmp_path / "fsdp", method="full") + ["fsdp_reshard_after_forward=false"]
     nodes = [cli(*args, "--gpus", "1", "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
                  "--master-port", str(port)) for r in (0, 1)]
     outs = [finish(p) for p in nodes]
@@ -196,3 +198,14 @@ def test_launch_layout_slurm_and_strategies(monkeypatch, capsys):
     assert par.shard(list(range(8))) == [4, 5, 6, 7]
     with pytest.raises(ChatforgeError, match="does not split"):
         par.shard(list(range(6))[:3])
+
+
+def test_fsdp2_options():
+    model = torch.nn.Linear(1000, 1000).to(torch.bfloat16)  # 1M weights: 2 MB gathered
+    gpu = distributed.Parallel(world=2, device="cuda")
+    assert distributed.fsdp2_options(model, gpu, 100 * 2**20) == (torch.bfloat16, torch.bfloat16, False)
+    assert distributed.fsdp2_options(model, gpu, 10 * 2**20)[2] is True  # over a tenth: reshard
+    cpu = distributed.Parallel(world=2, device="cpu", reduce_dtype="fp32", reshard_after_forward=False)
+    assert distributed.fsdp2_options(model, cpu, 0) == (None, torch.float32, False)
+    assert distributed.fsdp2_options(model.float(), distributed.Parallel(world=2, device="cuda"),
+                                     100 * 2**20)[1] == torch.float32  # fp32 weights: fp32 exchange

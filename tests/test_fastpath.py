@@ -209,13 +209,18 @@ def test_train_speed_bench_tiny_smoke(capsys):
     assert rows["cf_full_b2,ckpt=1,micro=1"]["plan"]["checkpoint_layers"] == 2
 
 
-def test_checkpointed_nf4_layers_stay_eager_others_compile():
+@pytest.mark.parametrize("matmul", ["bitsandbytes", "torch"])
+def test_checkpointed_nf4_layers_compile_only_on_the_torch_matmul(matmul):
+    bnb = pytest.importorskip("bitsandbytes")
     model = tiny_llama(layers=4)
-    # a frozen 1-byte parameter is what bitsandbytes' packed NF4 weights look like
-    model.model.layers[0].mlp.register_parameter(
-        "packed", torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False))
+    mlp = model.model.layers[0].mlp
+    q = bnb.nn.Linear4bit(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False,
+                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    q.load_state_dict(mlp.down_proj.state_dict())
+    mlp.down_proj = q.to("cpu")  # quantised on the move
     assert fp.is_quantized(model)
-    fp.apply(model, fp.Plan(compile=True, checkpoint_layers=2))  # compiles lazily: nothing runs here
+    fp.apply(model, fp.Plan(compile=True, checkpoint_layers=2, nf4_matmul=matmul))  # compiles lazily
     compiled = [getattr(l, "_compiled_call_impl", None) is not None for l in model.model.layers]
-    assert compiled == [False, True, False, True]
+    assert compiled == ([False, True, False, True] if matmul == "bitsandbytes" else [True] * 4)
+    assert hasattr(mlp.down_proj, "_chatforge_nf4") == (matmul == "torch")
     torch._dynamo.reset()
