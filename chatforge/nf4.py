@@ -19,8 +19,9 @@ def tables(weight) -> tuple | None:
     """(tensors, layout) of one bitsandbytes 4-bit weight, or None if its layout is not handled.
 
     tensors: packed uint8 values, the 16-entry code, the block absmax (8-bit under double
-    quantisation), then the 256-entry absmax code and the fp32 absmax scales (None when not nested).
-    layout: (blocksize, nested blocksize, nested offset, shape, dtype).
+    quantisation), then the 256-entry absmax code, the fp32 absmax scales and the absmax offset
+    (None when not nested; a tensor, so compiled code is not specialised on each layer's value).
+    layout: (blocksize, nested blocksize, shape, dtype).
     """
     state = getattr(weight, "quant_state", None)
     if state is None or state.quant_type not in ("nf4", "fp4"):
@@ -33,17 +34,19 @@ def tables(weight) -> tuple | None:
         return None  # a ragged last block or packed storage other than 2 values per byte
     packed = weight.data.view(torch.uint8).reshape(-1).as_subclass(torch.Tensor)
     if state.nested:
-        tensors = (packed, state.code.float(), state.absmax, state.state2.code.float(), state.state2.absmax.float())
-        layout = (state.blocksize, state.state2.blocksize, float(state.offset), shape, state.dtype)
+        state2 = state.state2
+        offset = torch.as_tensor(state.offset, dtype=torch.float32, device=packed.device).reshape(())
+        tensors = (packed, state.code.float(), state.absmax, state2.code.float(), state2.absmax.float(), offset)
+        layout = (state.blocksize, state2.blocksize, shape, state.dtype)
     else:
-        tensors = (packed, state.code.float(), state.absmax.float(), None, None)
-        layout = (state.blocksize, 0, 0.0, shape, state.dtype)
+        tensors = (packed, state.code.float(), state.absmax.float(), None, None, None)
+        layout = (state.blocksize, 0, shape, state.dtype)
     return tensors, layout
 
 
-def dequantize(packed, code, absmax, code2, absmax2, layout) -> torch.Tensor:
+def dequantize(packed, code, absmax, code2, absmax2, offset, layout) -> torch.Tensor:
     """The 16/32-bit weight: code[nibble] x block absmax, with bitsandbytes' arithmetic."""
-    blocksize, blocksize2, offset, shape, dtype = layout
+    blocksize, blocksize2, shape, dtype = layout
     if code2 is not None:  # double quantisation: 8-bit absmax, one fp32 scale per blocksize2 of them
         scale = absmax2.repeat_interleave(blocksize2)[: absmax.numel()]
         absmax = code2[absmax.long()] * scale + offset
@@ -56,16 +59,16 @@ class _NF4Matmul(torch.autograd.Function):
     """x @ dequantize(W).T with no 16-bit weight saved for backward (it is dequantised again)."""
 
     @staticmethod
-    def forward(ctx, x, packed, code, absmax, code2, absmax2, layout):
-        ctx.save_for_backward(packed, code, absmax, code2, absmax2)
+    def forward(ctx, x, packed, code, absmax, code2, absmax2, offset, layout):
+        ctx.save_for_backward(packed, code, absmax, code2, absmax2, offset)
         ctx.layout, ctx.x_dtype = layout, x.dtype
-        w = dequantize(packed, code, absmax, code2, absmax2, layout)
+        w = dequantize(packed, code, absmax, code2, absmax2, offset, layout)
         return x.to(w.dtype) @ w.t()
 
     @staticmethod
     def backward(ctx, grad):
         w = dequantize(*ctx.saved_tensors, ctx.layout)
-        return ((grad.to(w.dtype) @ w).to(ctx.x_dtype),) + (None,) * 6
+        return ((grad.to(w.dtype) @ w).to(ctx.x_dtype),) + (None,) * 7
 
 
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +97,4 @@ def patch(model) -> int:
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
-
-
-def fully_patched(model) -> bool:
-    """True when no 4-bit layer is left on bitsandbytes' own (uncompilable) matmul."""
-    return all(hasattr(m, "_chatforge_nf4") for m in _four_bit_layers(model))
 
