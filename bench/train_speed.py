@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import hf_baseline  # noqa: E402
 
 DEFAULT = ["hf_lora_b8", "cf_lora_b8", "hf_lora_gc_b4_liger", "hf_full", "cf_full_b4", "hf_full_gc_b4_liger",
-           "hf_qlora_gc", "hf_qlora_gc_b4", "cf_qlora_b4"]
+           "hf_qlora_gc", "hf_qlora_gc_b4", "cf_qlora_b4", "cf_qlora_b8"]
 TINY = ["hf_lora_b4", "hf_full_b4", "cf_lora_b4", "cf_full_b4", "cf_lora_b4,ckpt=1,micro=2", "cf_full_b4,loss=plain",
         "hf_qlora_b4", "cf_qlora_b4"]
 BUDGET_GIB = {"lora": 24.0, "qlora": 8.0, "full": 32.5}
