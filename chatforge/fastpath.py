@@ -289,7 +289,9 @@ RESERVE_BYTES = int(0.5 * GIB)  # allocator slack and library workspaces (max_me
 # Fixed cost of one micro-batch (Python, launches, per-call dequantisation) in token-equivalents: a
 # micro-batch of T tokens runs at 1 / (1 + OVERHEAD / T) of the ideal rate. bitsandbytes NF4 layers
 # measured ~5x slower per token than bf16 LoRA at one 2,048-token sequence (H200), hence its large figure;
-# the plain-torch NF4 path (nf4.py) dequantises each weight ~3 times per micro-batch, a fixed cost too.
+# the plain-torch NF4 path (nf4.py) dequantises each weight ~3 times per micro-batch, a fixed cost too
+# (a rough figure, not fitted: with it the chooser took micro-batch 8 / 24 checkpointed layers at 8 GiB,
+# 40.5k tokens/s, against 39.3k for micro-batch 4 / 20 layers; H200, docs/speed.md).
 OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192, "nf4_torch": 2048}
 
 
