@@ -507,8 +507,9 @@ def apply(model, plan: Plan):
     layers = decoder_layers(model)
     ckpt = set(checkpoint_indices(len(layers), plan.checkpoint_layers))
     for i, layer in enumerate(layers):
-        forward = torch.compile(layer.forward, dynamic=False) if plan.compile else layer.forward
-        layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
+        if plan.compile or i in ckpt:  # else the class's forward stays (no bound method stored on the module)
+            forward = torch.compile(layer.forward, dynamic=False) if plan.compile else layer.forward
+            layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
     model._chatforge_plan = plan
     return model
 
