@@ -67,12 +67,11 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
     model.config.use_cache = False
     model.train()
     budget = opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto")
-    if opts.get("cpp"):  # Inductor's C++ wrapper: fewer Python calls per compiled layer
-        import torch._inductor.config as inductor_config
-        inductor_config.cpp_wrapper = opts["cpp"] not in ("0", "false")
-    if opts.get("autotune"):  # Inductor benchmarks GEMM kernels (longer first compile)
-        import torch._inductor.config as inductor_config
-        inductor_config.max_autotune_gemm = opts["autotune"] not in ("0", "false")
+    import torch._inductor.config as inductor_config
+    # cpp: Inductor's C++ wrapper (fewer Python calls per compiled layer); autotune: GEMM benchmarking
+    for key, setting in (("cpp", "cpp_wrapper"), ("autotune", "max_autotune_gemm")):
+        if key in opts:
+            setattr(inductor_config, setting, _opt(opts[key], bool))
     t0 = time.perf_counter()
     plan = fastpath.make_plan(model, device=device, method=method, seq=seq, global_batch=batch,
                               micro_batch=_opt(opts.get("micro"), int), checkpointing=_opt(opts.get("ckpt"), bool),

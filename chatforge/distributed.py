@@ -364,10 +364,13 @@ def fsdp2_options(model, par: Parallel, device_bytes: int) -> tuple[torch.dtype 
     their gathered weights until backward (ZeRO-2-like: one all-gather per layer and step instead of
     two) when the whole model's 16-bit weights take under a tenth of `device_bytes`.
     """
+    from .models import DTYPES
+
     cuda = par.device.startswith("cuda")
-    weights = next(iter(model.parameters())).dtype
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": weights if cuda else None}
-    reduce = dtypes[par.reduce_dtype]
+    if par.reduce_dtype == "auto":
+        reduce = next(iter(model.parameters())).dtype if cuda else None
+    else:
+        reduce = DTYPES[par.reduce_dtype]
     param = torch.bfloat16 if cuda else None
     if par.reshard_after_forward in (True, False):
         return param, reduce, par.reshard_after_forward

@@ -434,13 +434,12 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     budget = device_budget(device, memory_budget_gib)
     plan.budget_gib = round(budget / GIB, 2) if budget < 1 << 60 else 0.0
     static = static_bytes(model, plan.loss)
-    quantized = is_quantized(model)
-    if quantized:
+    overhead = OVERHEAD_TOKENS["compiled" if plan.compile else "eager"]
+    if is_quantized(model):
         plan.nf4_matmul = _auto(nf4_matmul, "torch")
         if plan.nf4_matmul not in ("torch", "bitsandbytes"):
             raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use auto, torch or bitsandbytes")
-    overhead = OVERHEAD_TOKENS[("nf4" if plan.nf4_matmul == "bitsandbytes" else "nf4_torch") if quantized
-                               else ("compiled" if plan.compile else "eager")]
+        overhead = OVERHEAD_TOKENS["nf4_torch" if plan.nf4_matmul == "torch" else "nf4"]
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
         plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)

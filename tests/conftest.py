@@ -49,3 +49,14 @@ def run_cli(*args, cwd=None, timeout=600, input=None) -> subprocess.CompletedPro
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], cwd=cwd, env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def nf4_linear(dense, compute_dtype=None):
+    """A bitsandbytes NF4 (double-quantised) copy of `dense`, quantised on the CPU."""
+    import bitsandbytes as bnb
+    import torch
+
+    layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
+                              compute_dtype=compute_dtype or torch.float32, quant_type="nf4", compress_statistics=True)
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu")  # bitsandbytes quantises on the move to a device

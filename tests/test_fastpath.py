@@ -1,8 +1,7 @@
 """CPU checks of the training speed levers (chatforge/fastpath.py) and the speed bench's smoke run."""
+import functools
 import sys
 from pathlib import Path
-
-import functools
 
 import pytest
 import torch
@@ -214,13 +213,12 @@ def test_train_speed_bench_tiny_smoke(capsys):
 @pytest.mark.parametrize("matmul", ["bitsandbytes", "torch"])
 def test_checkpoint_wraps_the_compiled_layer(matmul):
     """Every layer compiles (NF4 ones too); checkpointed layers run their compiled forward again."""
-    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("bitsandbytes")
+    from conftest import nf4_linear
+
     model = tiny_llama(layers=4)
     mlp = model.model.layers[0].mlp
-    q = bnb.nn.Linear4bit(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False,
-                          compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-    q.load_state_dict(mlp.down_proj.state_dict())
-    mlp.down_proj = q.to("cpu")  # quantised on the move
+    mlp.down_proj = nf4_linear(mlp.down_proj)
     assert fp.is_quantized(model)
     fp.apply(model, fp.Plan(compile=True, checkpoint_layers=2, nf4_matmul=matmul))  # compiles lazily
     forwards = [l.forward for l in model.model.layers]

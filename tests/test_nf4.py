@@ -5,6 +5,7 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 
 from chatforge import nf4  # noqa: E402
+from conftest import nf4_linear  # noqa: E402
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -24,11 +25,7 @@ def test_dequantize_equals_bitsandbytes(quant_type, nested, shape):
 
 def _layer(bias: bool):
     torch.manual_seed(1)
-    dense = torch.nn.Linear(128, 192, bias=bias)
-    layer = bnb.nn.Linear4bit(128, 192, bias=bias, compute_dtype=torch.float32, quant_type="nf4",
-                              compress_statistics=True)
-    layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu")  # bitsandbytes quantises on the move to a device
+    return nf4_linear(torch.nn.Linear(128, 192, bias=bias))
 
 
 @pytest.mark.parametrize("bias", [True, False])
