@@ -171,7 +171,8 @@ def table(results: list[dict], device: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", default="1,2,4", help="GPU counts (1 runs once per method, unwrapped)")
-    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="method:strategy pairs for N > 1")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="method:strategy[+key=value...] pairs for "
+                    "N > 1; method:plain+key=value... runs one more 1-GPU variant (e.g. +profile_steps=2)")
     ap.add_argument("--per-gpu", type=int, default=8, help="samples per GPU per optimizer step")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warm", type=int, default=3)
@@ -204,10 +205,10 @@ def main(argv=None) -> int:
     print(f"inputs ready in {time.perf_counter() - t0:.0f} s", flush=True)
     plan = []
     for method in dict.fromkeys(m for m, _ in pairs):
-        if 1 in counts:
-            plan.append((method, "plain", 1))
+        if 1 in counts:  # plus 1-GPU variants given as plain+overrides, e.g. full:plain+profile_steps=2
+            plan += [(method, "plain", 1)] + [(method, s, 1) for m, s in pairs if m == method and s.startswith("plain+")]
         for n in (c for c in counts if c > 1):
-            plan += [(method, s, n) for m, s in pairs if m == method and not s.startswith("deepspeed")]
+            plan += [(method, s, n) for m, s in pairs if m == method and not s.startswith(("deepspeed", "plain"))]
     for n in sorted((c for c in counts if c > 1), reverse=True):
         plan += [(m, s, n) for m, s in pairs if s.startswith("deepspeed")]
     fallback = {}

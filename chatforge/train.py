@@ -25,6 +25,7 @@ from . import fastpath
 from .config import TrainConfig, to_dict
 from .files import ChatforgeError, append_jsonl, atomic_path, read_jsonl, write_jsonl, write_text
 from .models import load_model, load_tokenizer, resolve
+from .profiling import StepProfiler
 
 STATE_FILE = "trainer_state.pt"
 
@@ -300,7 +301,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=not (progress and par.is_main),
                dynamic_ncols=True)
     start, tokens_seen = time.perf_counter(), 0
+    profiler = StepProfiler(run_dir, cfg.profile_steps, par.rank)  # recipe key profile_steps; 0: off
     while step < steps:
+        profiler.before(step)
         idx = par.shard(sampler.indices(step))  # this rank's share of the step, no overlap with the others
         mb = fastpath.micro_batch_of(model, cfg.batch_size)  # chosen for the memory budget; same step
         micro = [[samples[i] for i in idx[k:k + mb]] for k in range(0, len(idx), mb)]
@@ -314,10 +317,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 loss_sum, _ = engine(b)
                 par.backward(loss_sum / max(1, n_trained))
             total += loss_sum.item()
-        grad_norm = par.step(optimizer, params, cfg.max_grad_norm)  # clip, step, zero (DeepSpeed: its own)
+        grad_norm = par.step(optimizer, params, cfg.max_grad_norm, fastpath.keeps_grads(model))  # clip, step, zero
         scheduler.step()
         total, = par.all_sum(total)
         step += 1
+        profiler.after(step)
         tokens_seen += int(step_tokens)
         elapsed = time.perf_counter() - start
         row = {"step": step, "loss": round(total / max(1, n_trained), 6), "lr": scheduler.get_last_lr()[0],

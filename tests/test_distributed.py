@@ -101,11 +101,13 @@ def resume_alone(run: Path, copy: Path, method_args: list[str]) -> dict:
 
 
 def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama, data_file):
-    two = cli(*overrides(tiny_llama, data_file, tmp_path / "ddp2"), "--gpus", "2")  # runs while we train alone
-    train_here(overrides(tiny_llama, data_file, tmp_path / "one"))
+    two = cli(*overrides(tiny_llama, data_file, tmp_path / "ddp2", profile_steps=1), "--gpus", "2")
+    train_here(overrides(tiny_llama, data_file, tmp_path / "one"))  # while the two ranks run
     finish(two)
     one, ddp = losses(tmp_path / "one"), losses(tmp_path / "ddp2")
-    assert_same(one, ddp, range(1, 5))
+    assert_same(one, ddp, range(1, 5))  # profiling one step changes nothing
+    for rank in (0, 1):
+        assert "idle" in (tmp_path / "ddp2" / "profile" / f"rank{rank}.txt").read_text()
     assert (tmp_path / "ddp2" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((tmp_path / "ddp2").glob(".*tmp"))  # rank 0 alone wrote, nothing half-written
     resumed = resume_alone(tmp_path / "ddp2", tmp_path / "resumed",

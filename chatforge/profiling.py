@@ -1,0 +1,86 @@
+"""Where a training step's time goes: torch.profiler over a few steps, summarised per rank.
+
+Recipe key `profile_steps: N` profiles N steps after `PROFILE_START` warm-up steps (compilation done)
+and writes `profile/rank{R}.txt` into the run folder. Besides the profiler's own table, it reports
+the GPU timeline: busy, idle (the GPU waiting for the CPU), compute, communication (NCCL kernels),
+and communication not hidden behind compute.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .files import write_text
+
+PROFILE_START = 3
+
+
+def _union(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def timeline(kernels: list[tuple[str, float, float]], wall_us: float) -> dict:
+    """Busy, idle, compute, communication and exposed-communication microseconds of GPU kernels.
+
+    Args:
+        kernels: (name, start µs, end µs) of every GPU kernel in the window.
+        wall_us: the window's length.
+    """
+    comm = [(s, e) for n, s, e in kernels if "nccl" in n.lower()]
+    compute = [(s, e) for n, s, e in kernels if "nccl" not in n.lower()]
+    busy, compute_busy = _union(comm + compute), _union(compute)
+    return {"wall": wall_us, "busy": busy, "idle": max(0.0, wall_us - busy), "compute_busy": compute_busy,
+            "compute_kernel_sum": sum(e - s for s, e in compute), "comm_busy": _union(comm),
+            "comm_exposed": busy - compute_busy}
+
+
+class StepProfiler:
+    """Profiles steps [PROFILE_START, PROFILE_START + count) of a run; no-op when count is 0."""
+
+    def __init__(self, folder: Path, count: int, rank: int = 0):
+        self.folder, self.count, self.rank = folder, count, rank
+        self.prof, self.t0 = None, 0.0
+
+    def before(self, step: int) -> None:
+        if self.count <= 0 or step != PROFILE_START:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.prof = profile(activities=acts)
+        self._sync()
+        self.prof.__enter__()
+        self.t0 = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        """Call with the number of steps done; ends the window after `count` steps."""
+        if self.prof is None or step != PROFILE_START + self.count:
+            return
+        self._sync()
+        wall = (time.perf_counter() - self.t0) * 1e6
+        self.prof.__exit__(None, None, None)
+        events = self.prof.events()
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        stats = timeline(kernels, wall)
+        lines = [f"rank {self.rank}: {self.count} steps profiled after {PROFILE_START}; per step, ms:"]
+        lines += [f"  {k:<20} {v / self.count / 1000:9.2f}" for k, v in stats.items()]
+        table = self.prof.key_averages().table(sort_by="cuda_time_total" if kernels else "cpu_time_total",
+                                               row_limit=30, max_name_column_width=70)
+        write_text(self.folder / "profile" / f"rank{self.rank}.txt", "\n".join(lines) + "\n\n" + table)
+        self.prof = None
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
