@@ -55,7 +55,9 @@ def _opt(value, kind):
 def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:
     """chatforge's trainer on the baseline's model and data: plan, apply, the train.py step."""
     from chatforge import fastpath
-    from chatforge.train import token_loss_sum
+    from chatforge.data import to_device
+    from chatforge.distributed import Parallel
+    from chatforge.train import accumulate, token_loss_sum
 
     method, batch, opts = parse_cf(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,38 +88,36 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
     mb = plan.micro_batch or batch
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(steps):
+    par = Parallel()  # one process: the train.py step's accumulation, clipping and optimizer step
+
+    def prepare(step: int) -> tuple[list, int]:
         rows = [data[i] for i in range(step * batch, (step + 1) * batch)]
-        batches = []
+        cpu = []
         for k in range(0, batch, mb):
-            ids = torch.stack([r["input_ids"] for r in rows[k:k + mb]]).to(device)
-            batches.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
-        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        total = 0.0
-        for b in batches:
-            loss_sum, _ = token_loss_sum(model, b)
-            (loss_sum / n).backward()
-            total += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=not fastpath.keeps_grads(model))
-        if device == "cuda":
-            torch.cuda.synchronize()
+            ids = torch.stack([r["input_ids"] for r in rows[k:k + mb]])
+            cpu.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+        return [to_device(b, device) for b in cpu], sum(int((b["labels"][:, 1:] != -100).sum()) for b in cpu)
+
+    def train_step(batches: list, n: int) -> torch.Tensor:
+        total = accumulate(lambda b: token_loss_sum(model, b), batches, n, par)
+        par.step(optimizer, params, 1.0, fastpath.keeps_grads(model))
+        return total
+
+    times, losses = [], []
+    ready = prepare(0)
+    for step in range(steps):
+        batches, n = ready
+        total = train_step(batches, n)
+        ready = prepare(step + 1) if step + 1 < steps else None  # while the GPU runs the step, as train.py does
+        losses.append(float(total) / n)  # waits for the step
         times.append(time.perf_counter())
-        losses.append(total / n)
     dt = (times[-1] - times[warm - 1]) / (len(times) - warm)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
     profile = ""
     if opts.get("prof") and device == "cuda":  # one more step under the profiler, after the timing
         from torch.profiler import ProfilerActivity, profile as prof
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-            for b in batches:
-                loss_sum, _ = token_loss_sum(model, b)
-                (loss_sum / n).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=not fastpath.keeps_grads(model))
-            torch.cuda.synchronize()
+            float(train_step(batches, n))
         ka = p.key_averages()
         profile = (ka.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
                    + ka.table(sort_by="cpu_time_total", row_limit=8, max_name_column_width=60))

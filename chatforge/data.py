@@ -620,4 +620,8 @@ def batch_tokens(batch: dict) -> int:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch on `device`. To a GPU through pinned memory, asynchronously: a pageable copy would
+    wait for the GPU's queue, so preparing the next batch during a step would stall it."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -284,19 +284,18 @@ class Parallel:
         else:
             (loss * self.world).backward()
 
-    def step(self, optimizer, params, max_norm: float, keep_grads: bool = False) -> float | None:
-        """Clip and apply the accumulated gradients; returns the gradient norm before clipping.
+    def step(self, optimizer, params, max_norm: float, keep_grads: bool = False):
+        """Clip and apply the accumulated gradients; returns the gradient norm before clipping, as a
+        tensor where it is one (reading it waits for the GPU: the caller does so once the next step's
+        data is ready).
 
         keep_grads: zero the gradients in place instead of freeing them (CUDA-graphed layers)."""
         if self.engine is not None:  # DeepSpeed clipped and stepped in backward()
-            norm = self.engine.get_global_grad_norm()
-            return None if norm is None else float(norm)
+            return self.engine.get_global_grad_norm()
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=not keep_grads)
-        if norm is None:
-            return None
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # -- checkpoints (collective: every rank calls them; `model` is the unwrapped model)
 

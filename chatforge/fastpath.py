@@ -155,8 +155,9 @@ def decoder_layers(model):
     return list(layers) if layers is not None else []
 
 
-def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tensor, int]:
-    """Summed CE over trained tokens and their count, for plain and packed batches.
+def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE over trained tokens and their count (a 0-dim tensor, so no GPU sync), for plain and
+    packed batches.
 
     Packed batches (position_ids restarting per sample, cu_seqlens) never train a token to predict
     the next sample's first token.
@@ -190,7 +191,7 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
             weight = head.weight if not plan.autocast else head.weight.to(torch.bfloat16)
             loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
                                             backend=plan.loss, chunk_rows=plan.chunk_rows or None)
-    return loss, int((labels != IGNORE).sum())
+    return loss, (labels != IGNORE).sum()
 
 
 # ---------------------------------------------------------------- packing-aware attention

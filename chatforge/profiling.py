@@ -70,8 +70,8 @@ class StepProfiler:
         wall = (time.perf_counter() - self.t0) * 1e6
         self.prof.__exit__(None, None, None)
         events = self.prof.events()
-        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events  # GPU work, not the ranges
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]  # named around it
         stats = timeline(kernels, wall)
         lines = [f"rank {self.rank}: {self.count} steps profiled after {PROFILE_START}; per step, ms:"]
         lines += [f"  {k:<20} {v / self.count / 1000:9.2f}" for k, v in stats.items()]

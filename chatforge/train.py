@@ -127,6 +127,18 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return fastpath.loss_sum(model, batch)
 
 
+def accumulate(engine, batches: list, n_trained: int, par: distributed.Parallel) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches, gradients scaled by the step's trained-token
+    count; returns the summed loss as a tensor (no GPU sync)."""
+    total = torch.zeros(())
+    for i, b in enumerate(batches):
+        with par.no_sync(engine, last=i == len(batches) - 1):
+            loss_sum, _ = engine(b)
+            par.backward(loss_sum / max(1, n_trained))
+        total = total.to(loss_sum.device) + loss_sum.detach()
+    return total
+
+
 # ---------------------------------------------------------------- checkpoints
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -302,24 +314,28 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                dynamic_ncols=True)
     start, tokens_seen = time.perf_counter(), 0
     profiler = StepProfiler(run_dir, cfg.profile_steps, par.rank)  # recipe key profile_steps; 0: off
+    collate = data_mod.collate_packed if cfg.packing else data_mod.collate
+
+    def prepare(step: int) -> tuple[list, int, int]:
+        """This rank's share of a step (no overlap with the others) in micro-batches sized for the
+        memory budget, on the device; its trained and real token counts, counted on the CPU."""
+        idx = par.shard(sampler.indices(step))
+        mb = fastpath.micro_batch_of(model, cfg.batch_size)
+        cpu = [collate([samples[i] for i in idx[k:k + mb]], pad) for k in range(0, len(idx), mb)]
+        n_trained = sum(int((b["labels"][:, 1:] != data_mod.IGNORE).sum()) for b in cpu)
+        return [data_mod.to_device(b, device) for b in cpu], n_trained, sum(map(data_mod.batch_tokens, cpu))
+
+    ready = prepare(step) if step < steps else None
     while step < steps:
         profiler.before(step)
-        idx = par.shard(sampler.indices(step))  # this rank's share of the step, no overlap with the others
-        mb = fastpath.micro_batch_of(model, cfg.batch_size)  # chosen for the memory budget; same step
-        micro = [[samples[i] for i in idx[k:k + mb]] for k in range(0, len(idx), mb)]
-        collate = data_mod.collate_packed if cfg.packing else data_mod.collate
-        batches = [data_mod.to_device(collate(m, pad), device) for m in micro]
-        n_trained = sum(int((b["labels"][:, 1:] != data_mod.IGNORE).sum()) for b in batches)
-        n_trained, step_tokens = par.all_sum(n_trained, sum(data_mod.batch_tokens(b) for b in batches))  # global
-        total = 0.0
-        for i, b in enumerate(batches):
-            with par.no_sync(engine, last=i == len(batches) - 1):
-                loss_sum, _ = engine(b)
-                par.backward(loss_sum / max(1, n_trained))
-            total += loss_sum.item()
+        batches, n_trained, step_tokens = ready
+        n_trained, step_tokens = par.all_sum(n_trained, step_tokens)  # over all ranks: the step's global counts
+        total = accumulate(engine, batches, n_trained, par)  # queued on the GPU, not waited for
         grad_norm = par.step(optimizer, params, cfg.max_grad_norm, fastpath.keeps_grads(model))  # clip, step, zero
         scheduler.step()
-        total, = par.all_sum(total)
+        ready = prepare(step + 1) if step + 1 < steps else None  # on the CPU while the GPU runs this step
+        total, = par.all_sum(float(total))  # the first wait for the GPU in this step
+        grad_norm = None if grad_norm is None else float(grad_norm)
         step += 1
         profiler.after(step)
         tokens_seen += int(step_tokens)
