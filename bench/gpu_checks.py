@@ -77,7 +77,7 @@ def varlen_check():
     fastpath.apply(model, fastpath.Plan(attention="varlen"))
     out, n2 = fastpath.loss_sum(model, batch, fastpath.Plan(attention="varlen"))
     print(f"varlen vs sdpa block mask: loss {out.item():.5f} vs {ref.item():.5f} "
-          f"(rel {abs(out.item() - ref.item()) / ref.item():.1e}), tokens {n2} vs {n}; lens {lens}", flush=True)
+          f"(rel {abs(out.item() - ref.item()) / ref.item():.1e}), tokens {int(n2)} vs {int(n)}; lens {lens}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
-compile, loss, dropout, budget, nf4=torch|bitsandbytes, graphs=0|1 (CUDA-graphed layers), cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM autotuning), prof=1 for a profile of one extra step). Each GPU scenario runs in its own process, so peaks do not mix.
+compile, loss, dropout, budget, nf4=torch|bitsandbytes, cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM autotuning), prof=1 for a profile of one extra step). Each GPU scenario runs in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
@@ -79,7 +79,7 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
                               micro_batch=_opt(opts.get("micro"), int), checkpointing=_opt(opts.get("ckpt"), bool),
                               compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
                               memory_budget_gib=budget, lora_dropout=float(opts.get("dropout", 0.0)),
-                              nf4_matmul=opts.get("nf4", "auto"), cuda_graphs=_opt(opts.get("graphs"), bool))
+                              nf4_matmul=opts.get("nf4", "auto"))
     fastpath.apply(model, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = fastpath.make_optimizer(params, 2e-4, 0.0, device)
@@ -100,7 +100,7 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
 
     def train_step(batches: list, n: int) -> torch.Tensor:
         total = accumulate(lambda b: token_loss_sum(model, b), batches, n, par)
-        par.step(optimizer, params, 1.0, fastpath.keeps_grads(model))
+        par.step(optimizer, params, 1.0)
         return total
 
     times, losses = [], []

@@ -200,18 +200,13 @@ class Parallel:
     def plan_config(self, cfg, share: int):
         """The recipe as the speed plan (fastpath) sees it on this rank.
 
-        Micro-batches and checkpointing are sized for this rank's share of the step. CUDA graphs of the
-        layers are for DDP and one process only. Under ZeRO-3,
+        Micro-batches and checkpointing are sized for this rank's share of the step. Under ZeRO-3,
         `compile: auto` means off: DeepSpeed's parameter hooks made dynamo recompile per parameter
         shape (recompile limit 64 hit, no step done in 70 s on 4 x H200).
         """
         changes = {"batch_size": share, "grad_accum": 1} if self.world > 1 else {}
         if self.strategy == "deepspeed_zero3" and getattr(cfg, "compile", "auto") == "auto":
             changes["compile"] = False
-        if self.strategy not in ("none", "ddp"):  # sharding hooks swap the weights a graph would have captured
-            if getattr(cfg, "cuda_graphs", "auto") is True:
-                raise ChatforgeError(f"cuda_graphs true does not work with strategy {self.strategy}: use ddp")
-            changes["cuda_graphs"] = False
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     # -- wrapping
@@ -284,17 +279,15 @@ class Parallel:
         else:
             (loss * self.world).backward()
 
-    def step(self, optimizer, params, max_norm: float, keep_grads: bool = False):
+    def step(self, optimizer, params, max_norm: float):
         """Clip and apply the accumulated gradients; returns the gradient norm before clipping, as a
         tensor where it is one (reading it waits for the GPU: the caller does so once the next step's
-        data is ready).
-
-        keep_grads: zero the gradients in place instead of freeing them (CUDA-graphed layers)."""
+        data is ready)."""
         if self.engine is not None:  # DeepSpeed clipped and stepped in backward()
             return self.engine.get_global_grad_norm()
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
         optimizer.step()
-        optimizer.zero_grad(set_to_none=not keep_grads)
+        optimizer.zero_grad(set_to_none=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # -- checkpoints (collective: every rank calls them; `model` is the unwrapped model)

@@ -6,8 +6,7 @@
 - regional torch.compile (each decoder layer, compiled once and reused for all layers);
 - selective activation checkpointing (only as many layers as the memory budget needs);
 - a memory-budget micro-batch chooser (the optimizer step keeps its samples: accumulation is exact);
-- varlen attention for packed batches (cu_seqlens), so packed samples never attend to each other;
-- CUDA graphs of the decoder layers' forward and backward (layer_graphs.py) when none is checkpointed.
+- varlen attention for packed batches (cu_seqlens), so packed samples never attend to each other.
 """
 
 from __future__ import annotations
@@ -175,8 +174,8 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
     if cu is not None and plan.attention == "varlen":
         width = ids.size(1)  # an upper bound, constant per shape: no recompiles per batch
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
-    cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16, cache_enabled=False) if plan.autocast
-            else contextlib.nullcontext())  # no weight-cast cache: CUDA graph capture forbids it
+    cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast
+            else contextlib.nullcontext())
     parts = lm_parts(model) if plan.loss != "plain" else None
     with cast:
         if parts is None:
@@ -325,11 +324,8 @@ def static_bytes(model, loss: str = "chunked") -> int:
 
 
 def estimate_bytes(shape: Shape, static: int, tokens: int, ckpt_layers: int, compiled: bool,
-                   loss: str, lora_dropout: float = 0.0, chunk_rows: int = 0, graphs: bool = False) -> int:
-    """Peak GPU bytes of one training micro-batch of `tokens` tokens.
-
-    graphs (CUDA-graphed layers, used when none is checkpointed): each layer keeps a static input, a
-    static output-gradient and an input-gradient buffer of its own, 3 hidden-wide tensors per token."""
+                   loss: str, lora_dropout: float = 0.0, chunk_rows: int = 0) -> int:
+    """Peak GPU bytes of one training micro-batch of `tokens` tokens."""
     a = act_bytes_per_token(shape, compiled, lora_dropout)
     kept = (shape.layers - ckpt_layers) * a + ckpt_layers * 2 * shape.hidden
     recompute = act_bytes_per_token(shape, compiled, lora_dropout) if ckpt_layers else 0.0
@@ -338,8 +334,7 @@ def estimate_bytes(shape: Shape, static: int, tokens: int, ckpt_layers: int, com
     else:
         rows = chunk_rows or default_chunk_rows(shape.vocab)
         head = min(rows, tokens) * shape.vocab * 12.0 + tokens * shape.hidden * 6.0
-    graph = 3 * shape.layers * tokens * shape.hidden * 2 if graphs and not ckpt_layers else 0
-    return int(static + tokens * (kept + recompute) + head + 4 * tokens * shape.hidden * 2 + graph + RESERVE_BYTES)
+    return int(static + tokens * (kept + recompute) + head + 4 * tokens * shape.hidden * 2 + RESERVE_BYTES)
 
 
 def relative_cost(shape: Shape, tokens: int, ckpt_layers: int, overhead_tokens: int, recompute: float) -> float:
@@ -350,7 +345,7 @@ def relative_cost(shape: Shape, tokens: int, ckpt_layers: int, overhead_tokens: 
 def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, budget: int,
                        compiled: bool, loss: str, lora_dropout: float = 0.0,
                        checkpointing: str | bool = "auto", chunk_rows: int = 0,
-                       overhead_tokens: int = 1024, recompute: float = 0.5, graphs: bool = False) -> tuple[int, int]:
+                       overhead_tokens: int = 1024, recompute: float = 0.5) -> tuple[int, int]:
     """(micro-batch, checkpointed layers) for the memory budget, cheapest by `relative_cost`.
 
     For each micro-batch dividing the global batch (no odd-sized last micro-batch) it takes the fewest
@@ -369,7 +364,7 @@ def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, b
     best = None
     for m in divisors:
         k = next((k for k in options if estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout,
-                                                       chunk_rows, graphs) <= budget), None)
+                                                       chunk_rows) <= budget), None)
         if k is None:
             continue
         cost = relative_cost(shape, m * seq, k, overhead_tokens, recompute)
@@ -391,7 +386,6 @@ class Plan:
     chunk_rows: int = 0
     attention: str = "sdpa"  # sdpa | varlen
     nf4_matmul: str = ""  # QLoRA only: torch (nf4.py, compilable) | bitsandbytes
-    cuda_graphs: bool = False  # decoder layers replayed as CUDA graphs (only when none is checkpointed)
     autocast: bool = False
     budget_gib: float = 0.0
     estimate_gib: float = 0.0
@@ -417,7 +411,7 @@ def device_budget(device: str, value) -> int:
 def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, micro_batch="auto",
               checkpointing="auto", compile="auto", fused_loss="auto", attention="auto",
               memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0,
-              nf4_matmul="auto", cuda_graphs="auto") -> Plan:
+              nf4_matmul="auto") -> Plan:
     """Resolve the `auto` speed keys for this model, device and data shape.
 
     Raises:
@@ -448,10 +442,6 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
             raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use auto, torch or bitsandbytes")
         overhead = OVERHEAD_TOKENS["nf4_torch" if plan.nf4_matmul == "torch" else "nf4"]
     rc = 1 / 3 if method == "full" else 1 / 2
-    if cuda_graphs is True and not cuda:
-        raise ChatforgeError("cuda_graphs true needs a CUDA GPU")
-    # auto: adapters (their step is bound by CPU launches; full training is GPU-bound) on fixed shapes
-    graphs = bool(_auto(cuda_graphs, cuda and method != "full" and not packing and plan.nf4_matmul != "bitsandbytes"))
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
         plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)
         plan.checkpoint_layers = shape.layers if checkpointing is True else 0
@@ -459,16 +449,14 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     if micro_batch not in (None, "auto"):  # the micro-batch is fixed: only checkpointing can make it fit
         plan.micro_batch = int(micro_batch)
         fits = [k for k in range(shape.layers + 1) if estimate_bytes(
-            shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout, graphs=graphs) <= budget]
+            shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget]
         plan.checkpoint_layers = {True: shape.layers, False: 0}.get(checkpointing, fits[0] if fits else shape.layers)
     else:
         plan.micro_batch, plan.checkpoint_layers = choose_micro_batch(
             shape, static, seq, global_batch, budget, plan.compile, plan.loss, lora_dropout,
-            checkpointing if checkpointing in (True, False) else "auto", overhead_tokens=overhead, recompute=rc,
-            graphs=graphs)
-    plan.cuda_graphs = graphs and plan.checkpoint_layers == 0
+            checkpointing if checkpointing in (True, False) else "auto", overhead_tokens=overhead, recompute=rc)
     need = estimate_bytes(shape, static, plan.micro_batch * seq, plan.checkpoint_layers, plan.compile, plan.loss,
-                          lora_dropout, graphs=plan.cuda_graphs)
+                          lora_dropout)
     plan.estimate_gib = round(need / GIB, 2)
     if need > budget:
         import logging
@@ -522,10 +510,6 @@ def apply(model, plan: Plan):
         if plan.compile or i in ckpt:  # else the class's forward stays (no bound method stored on the module)
             forward = torch.compile(layer.forward, dynamic=False) if plan.compile else layer.forward
             layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
-    if plan.cuda_graphs and layers:
-        from . import layer_graphs
-
-        model._chatforge_graphs = layer_graphs.install(layers, [layer.forward for layer in layers])
     model._chatforge_plan = plan
     return model
 
@@ -557,14 +541,7 @@ def plan_for_recipe(model, cfg, device: str) -> Plan:
                      global_batch=cfg.batch_size * cfg.grad_accum, micro_batch=cfg.micro_batch,
                      checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, fused_loss=cfg.fused_loss,
                      attention=cfg.attention, memory_budget_gib=cfg.memory_budget_gib, packing=cfg.packing,
-                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0, nf4_matmul=cfg.nf4_matmul,
-                     cuda_graphs=cfg.cuda_graphs)
-
-
-def keeps_grads(model) -> bool:
-    """Whether gradients must stay allocated between steps (zeroed, not freed): CUDA-graphed layers."""
-    graphs = getattr(model, "_chatforge_graphs", None)
-    return graphs is not None and graphs.active
+                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0, nf4_matmul=cfg.nf4_matmul)
 
 
 def micro_batch_of(model, default: int) -> int:

@@ -284,7 +284,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         load_weights(ckpt, model, cfg.method)  # before wrapping: FSDP2 shards what is loaded
     engine = par.wrap(model, token_loss_sum)  # DDP / FSDP2 around model + loss; one process: the loss itself
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device == "cuda")
+    optimizer = fastpath.make_optimizer(params, cfg.lr, cfg.weight_decay, device)
     steps = total_steps(cfg, len(samples))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
     sampler = StepSampler(len(samples), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of the global step
@@ -331,7 +331,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         batches, n_trained, step_tokens = ready
         n_trained, step_tokens = par.all_sum(n_trained, step_tokens)  # over all ranks: the step's global counts
         total = accumulate(engine, batches, n_trained, par)  # queued on the GPU, not waited for
-        grad_norm = par.step(optimizer, params, cfg.max_grad_norm, fastpath.keeps_grads(model))  # clip, step, zero
+        grad_norm = par.step(optimizer, params, cfg.max_grad_norm)  # clip, step, zero (DeepSpeed: its own)
         scheduler.step()
         ready = prepare(step + 1) if step + 1 < steps else None  # on the CPU while the GPU runs this step
         total, = par.all_sum(float(total))  # the first wait for the GPU in this step
