@@ -8,20 +8,15 @@ bandwidth of all-reduce, all-gather and reduce-scatter on bf16 messages of DDP's
 one decoder layer of InternLM2-1.8B (bus bandwidth as nccl-tests defines it).
 """
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
+from gpu_checks import bench  # this folder: torchrun puts the script's folder on sys.path
 
-def timed(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+
+def timed(fn) -> float:
+    return bench(fn) / 1000  # seconds per call
 
 
 def main() -> None:
