@@ -55,7 +55,7 @@ def _opt(value, kind):
 def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:
     """chatforge's trainer on the baseline's model and data: plan, apply, the train.py step."""
     from chatforge import fastpath
-    from chatforge.data import to_device
+    from chatforge.data import to_device, trained_tokens
     from chatforge.distributed import Parallel
     from chatforge.train import accumulate, token_loss_sum
 
@@ -96,7 +96,7 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
         for k in range(0, batch, mb):
             ids = torch.stack([r["input_ids"] for r in rows[k:k + mb]])
             cpu.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
-        return [to_device(b, device) for b in cpu], sum(int((b["labels"][:, 1:] != -100).sum()) for b in cpu)
+        return [to_device(b, device) for b in cpu], sum(map(trained_tokens, cpu))
 
     def train_step(batches: list, n: int) -> torch.Tensor:
         total = accumulate(lambda b: token_loss_sum(model, b), batches, n, par)

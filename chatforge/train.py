@@ -119,7 +119,7 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 
 # ---------------------------------------------------------------- loss
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over trained tokens (labels != IGNORE), and their count.
 
     fastpath.loss_sum: the full logits are never materialised (chunked linear + CE), packed batches
@@ -130,13 +130,13 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 def accumulate(engine, batches: list, n_trained: int, par: distributed.Parallel) -> torch.Tensor:
     """Forward and backward of one step's micro-batches, gradients scaled by the step's trained-token
     count; returns the summed loss as a tensor (no GPU sync)."""
-    total = torch.zeros(())
+    losses = []
     for i, b in enumerate(batches):
         with par.no_sync(engine, last=i == len(batches) - 1):
             loss_sum, _ = engine(b)
             par.backward(loss_sum / max(1, n_trained))
-        total = total.to(loss_sum.device) + loss_sum.detach()
-    return total
+        losses.append(loss_sum.detach())
+    return torch.stack(losses).sum()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -322,8 +322,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         idx = par.shard(sampler.indices(step))
         mb = fastpath.micro_batch_of(model, cfg.batch_size)
         cpu = [collate([samples[i] for i in idx[k:k + mb]], pad) for k in range(0, len(idx), mb)]
-        n_trained = sum(int((b["labels"][:, 1:] != data_mod.IGNORE).sum()) for b in cpu)
-        return [data_mod.to_device(b, device) for b in cpu], n_trained, sum(map(data_mod.batch_tokens, cpu))
+        return ([data_mod.to_device(b, device) for b in cpu], sum(map(data_mod.trained_tokens, cpu)),
+                sum(map(data_mod.batch_tokens, cpu)))
 
     ready = prepare(step) if step < steps else None
     while step < steps:
@@ -335,7 +335,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         scheduler.step()
         ready = prepare(step + 1) if step + 1 < steps else None  # on the CPU while the GPU runs this step
         total, = par.all_sum(float(total))  # the first wait for the GPU in this step
-        grad_norm = None if grad_norm is None else float(grad_norm)
         step += 1
         profiler.after(step)
         tokens_seen += int(step_tokens)
