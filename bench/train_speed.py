@@ -7,8 +7,7 @@
 Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
 compile, loss, dropout, budget, nf4=torch|bitsandbytes, cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM
-autotuning), hint=0 (no CPU-side mask hint: transformers reads the mask on the GPU), prof=1 for a profile
-of one extra step). Each GPU scenario runs in its own process, so peaks do not mix.
+autotuning), prof=1 for a profile of one extra step, with matmul time by input shape). Each GPU scenario runs in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
@@ -98,11 +97,7 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
         for k in range(0, batch, mb):
             ids = torch.stack([r["input_ids"] for r in rows[k:k + mb]])
             cpu.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
-        on_device = [to_device(b, device) for b in cpu]
-        if opts.get("hint") == "0":  # transformers looks at the mask itself (a GPU read per forward)
-            for b in on_device:
-                b.pop("padded")
-        return on_device, sum(map(trained_tokens, cpu))
+        return [to_device(b, device) for b in cpu], sum(map(trained_tokens, cpu))
 
     def train_step(batches: list, n: int) -> torch.Tensor:
         total = accumulate(lambda b: token_loss_sum(model, b), batches, n, par)

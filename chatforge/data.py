@@ -629,9 +629,5 @@ def to_device(batch: dict, device) -> dict:
     """The batch on `device`. To a GPU through pinned memory, asynchronously: a pageable copy would
     wait for the GPU's queue, so preparing the next batch during a step would stall it."""
     pin = torch.device(device).type == "cuda"
-    out = {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device))
-           if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":  # known here, a GPU read later
-        out["padded"] = not bool(mask.all())
-    return out
+    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import inspect
 import math
@@ -27,7 +26,6 @@ from .files import ChatforgeError
 IGNORE = -100
 GIB = 2 ** 30
 ATTENTION_NAME = "chatforge_varlen"
-SDPA_NAME = "chatforge_sdpa"
 
 
 # ---------------------------------------------------------------- chunked linear + cross-entropy
@@ -176,13 +174,10 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
     if cu is not None and plan.attention == "varlen":
         width = ids.size(1)  # an upper bound, constant per shape: no recompiles per batch
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
-    known = mask_kind(batch, plan)
-    if known == "causal" and kwargs["attention_mask"] is None:  # else transformers checks position_ids for
-        kwargs["attention_mask"] = torch.ones_like(ids, dtype=torch.bool)  # packing: a read of GPU memory
     cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast
             else contextlib.nullcontext())
     parts = lm_parts(model) if plan.loss != "plain" else None
-    with cast, known_mask(known):
+    with cast:
         if parts is None:
             logits = model(**kwargs).logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -196,48 +191,6 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
             loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
                                             backend=plan.loss, chunk_rows=plan.chunk_rows or None)
     return loss, (labels != IGNORE).sum()
-
-
-# ---------------------------------------------------------------- masks known on the CPU
-
-# transformers decides whether a batch needs an attention mask by reading GPU memory
-# (`padding_mask.all()`, and a packed-sequence check on position_ids when there is no mask): a sync in
-# every forward, after which the GPU idles while the CPU queues the next kernels. The collator knows
-# the answer on the CPU (data.to_device sets batch["padded"]), so the trainer says it instead.
-_KNOWN_MASK: contextvars.ContextVar = contextvars.ContextVar("chatforge_known_mask", default="")
-
-
-def mask_kind(batch: dict, plan: "Plan") -> str:
-    """causal: no mask beyond causal (no padding, or packed samples the varlen kernel keeps apart);
-    padded: a padding mask is needed; "": unknown (transformers looks)."""
-    if batch.get("cu_seqlens") is not None:  # varlen_attention keeps the samples apart on CUDA only
-        return "causal" if plan.attention == "varlen" and batch["input_ids"].device.type == "cuda" else ""
-    padded = batch.get("padded")
-    if padded is None or batch.get("position_ids") is not None or batch.get("attention_mask") is None:
-        return ""
-    return "padded" if padded else "causal"
-
-
-@contextlib.contextmanager
-def known_mask(kind: str):
-    token = _KNOWN_MASK.set(kind)
-    try:
-        yield
-    finally:
-        _KNOWN_MASK.reset(token)
-
-
-def mask_unless_known(*args, **kwargs):
-    """transformers' sdpa mask builder, told what the CPU already knows: None (plain causal attention)
-    for a batch without padding, the padding mask without the check for a padded one."""
-    from transformers.masking_utils import sdpa_mask
-
-    kind = _KNOWN_MASK.get()
-    if kind and kwargs.get("local_size") is None and kwargs.get("allow_is_causal_skip", True):
-        if kind == "causal":
-            return None
-        kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
 
 
 # ---------------------------------------------------------------- packing-aware attention
@@ -289,17 +242,14 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def register_attention() -> str:
-    """Register the varlen attention under ATTENTION_NAME and sdpa under SDPA_NAME, both with masks
-    as sdpa builds them unless the batch's mask is known on the CPU (mask_unless_known)."""
+    """Register the varlen attention under ATTENTION_NAME (masks as sdpa builds them)."""
     from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     if torch.cuda.is_available():
         _varlen_call()
-    for name, fn in ((ATTENTION_NAME, varlen_attention), (SDPA_NAME, sdpa_attention_forward)):
-        AttentionInterface.register(name, fn)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_unless_known)
+    AttentionInterface.register(ATTENTION_NAME, varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
     return ATTENTION_NAME
 
 
@@ -537,10 +487,9 @@ def apply(model, plan: Plan):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = base_of(model)
-    current = getattr(base.config, "_attn_implementation", None)
-    if plan.attention == "varlen" or current == "sdpa":  # eager or flash attention chosen by the user stay
+    if plan.attention == "varlen":
         register_attention()
-        base.set_attn_implementation(ATTENTION_NAME if plan.attention == "varlen" else SDPA_NAME)
+        base.set_attn_implementation(ATTENTION_NAME)
     if plan.autocast:  # fp32 LoRA weights, bf16 matmuls: autocast casts, PEFT must not up-cast inputs
         for m in model.modules():
             if isinstance(m, BaseTunerLayer):

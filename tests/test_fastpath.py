@@ -97,42 +97,6 @@ def test_loss_sum_matches_model_loss_and_lora_gradients():
         assert torch.allclose(a, c, rtol=1e-3, atol=1e-6)
 
 
-def _value_reads(monkeypatch) -> list:
-    """Records every read of a tensor's value into Python: on a GPU each one waits for the GPU."""
-    reads = []
-    for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist"):
-        orig = getattr(torch.Tensor, name)
-
-        def read(self, *a, _orig=orig, _name=name, **k):
-            reads.append(_name)
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, read)
-    return reads
-
-
-def test_mask_known_on_the_cpu_gives_the_same_loss_without_reading_the_gpu(monkeypatch):
-    from peft import LoraConfig, get_peft_model
-
-    from chatforge.data import to_device
-
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    fp.apply(model, fp.Plan())
-    assert model.config._attn_implementation == fp.SDPA_NAME
-    padded = batch_with_padding()
-    full = {k: v[:, :9] for k, v in padded.items()}
-    for b in (padded, full):
-        told = to_device(b, "cpu")
-        assert told["padded"] == (b is padded)
-        reference = fp.loss_sum(model, b)[0]  # no hint: transformers looks at the mask itself
-        reads = _value_reads(monkeypatch)
-        loss = fp.loss_sum(model, told)[0]
-        loss.backward()
-        monkeypatch.undo()
-        assert reads == []
-        assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
-        assert fp.mask_kind(told, fp.Plan()) == ("padded" if b is padded else "causal")
-
-
 def test_packed_batch_loss_equals_samples_run_alone():
     model = tiny_llama()
     g = torch.Generator().manual_seed(5)
