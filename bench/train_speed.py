@@ -7,7 +7,9 @@
 Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
 compile, loss, dropout, budget, nf4=torch|bitsandbytes, cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM
-autotuning), prof=1 for a profile of one extra step, with matmul time by input shape). Each GPU scenario runs in its own process, so peaks do not mix.
+autotuning), lag=0 (read each step's loss before queuing the next, as before), prof=N for a profile of N
+more steps, queued back to back, with matmul time by input shape and the GPU's idle gaps). Each GPU
+scenario runs in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
@@ -105,27 +107,53 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
         return total
 
     times, losses = [], []
+    lag = int(opts.get("lag", 1))  # as train.py: a step's loss is read once the next step is queued
+    pending = []
     ready = prepare(0)
     for step in range(steps):
         batches, n = ready
-        total = train_step(batches, n)
+        pending.append((train_step(batches, n), n))
         ready = prepare(step + 1) if step + 1 < steps else None  # while the GPU runs the step, as train.py does
-        losses.append(float(total) / n)  # waits for the step
-        times.append(time.perf_counter())
+        while len(pending) > (lag if step + 1 < steps else 0):
+            total, count = pending.pop(0)
+            losses.append(float(total) / count)  # waits for that step
+            times.append(time.perf_counter())
     dt = (times[-1] - times[warm - 1]) / (len(times) - warm)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
     profile = ""
-    if opts.get("prof") and device == "cuda":  # one more step under the profiler, after the timing
+    if opts.get("prof") and device == "cuda":  # more steps under the profiler, after the timing
         from torch.profiler import ProfilerActivity, profile as prof
         with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
-            float(train_step(batches, n))
+            queued = [train_step(batches, n) for _ in range(int(opts["prof"]))]  # N steps, read at the end
+            [float(t) for t in queued]
         ka = p.key_averages()
         profile = (ka.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
                    + ka.table(sort_by="cpu_time_total", row_limit=8, max_name_column_width=60)
-                   + mm_by_shape(p))
+                   + mm_by_shape(p) + "\n" + idle_gaps(p, name))
     return {"profile": profile, "name": name, "method": method, "global_batch": batch, "micro_batch": mb, "tok_s": batch * seq / dt,
             "peak_gib": peak, "losses": losses, "step_ms": dt * 1000, "plan": fastpath.asdict(plan),
             "first_steps_s": round(times[warm - 1] - t0, 1)}
+
+
+def idle_gaps(p, name: str) -> str:
+    """The GPU's idle gaps by what the CPU was doing (bench/gpu_gaps.py); the Chrome trace is kept,
+    gzipped, in $BENCH_TRACE_DIR when that is set."""
+    import gzip
+    import shutil
+    import tempfile
+
+    import gpu_gaps
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        p.export_chrome_trace(path)
+        report = gpu_gaps.analyse(gpu_gaps.load(path))
+        keep = os.environ.get("BENCH_TRACE_DIR")
+        if keep:
+            safe = "".join(c if c.isalnum() else "_" for c in name)
+            with open(path, "rb") as src, gzip.open(os.path.join(keep, f"{safe}.trace.json.gz"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return report
 
 
 def mm_by_shape(p, rows: int = 30) -> str:
@@ -259,7 +287,7 @@ def main(argv=None) -> int:
             Path(a.json).write_text(json.dumps(results, indent=1))
     for r in results:
         if r.get("profile"):
-            print(f"\nprofile of one step of {r['name']}:\n{r['profile']}")
+            print(f"\nprofile of {r['name']} (prof=N: N steps):\n{r['profile']}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{gpu}, sequences of {seq} tokens, {steps} steps ({warm} warm-up), "
           f"budgets GiB {BUDGET_GIB}\n" + table(results, a.tiny, seq))

@@ -318,36 +318,49 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     def prepare(step: int) -> tuple[list, int, int]:
         """This rank's share of a step (no overlap with the others) in micro-batches sized for the
-        memory budget, on the device; its trained and real token counts, counted on the CPU."""
-        idx = par.shard(sampler.indices(step))
+        memory budget, on the device; the whole step's trained and real token counts. Every rank
+        counts all ranks' samples on the CPU (padding adds nothing), so no collective waits for the GPU."""
+        every = sampler.indices(step)
+        idx = par.shard(every)
         mb = fastpath.micro_batch_of(model, cfg.batch_size)
         cpu = [collate([samples[i] for i in idx[k:k + mb]], pad) for k in range(0, len(idx), mb)]
-        return ([data_mod.to_device(b, device) for b in cpu], sum(map(data_mod.trained_tokens, cpu)),
-                sum(map(data_mod.batch_tokens, cpu)))
+        whole = collate([samples[i] for i in every], pad) if par.world > 1 else None
+        counted = [whole] if whole is not None else cpu
+        return ([data_mod.to_device(b, device) for b in cpu], sum(map(data_mod.trained_tokens, counted)),
+                sum(map(data_mod.batch_tokens, counted)))
+
+    def report(done: int, total, grad_norm, n_trained: int, step_tokens: int, lr: float) -> None:
+        """Log a queued step: reading its loss waits for the GPU to finish that step."""
+        nonlocal tokens_seen
+        total, = par.all_sum(float(total))
+        tokens_seen += int(step_tokens)
+        elapsed = time.perf_counter() - start
+        row = {"step": done, "loss": round(total / max(1, n_trained), 6), "lr": lr,
+               "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
+               "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+               "elapsed_s": round(elapsed, 2)}
+        if par.is_main and (done % cfg.log_every == 0 or done == steps):
+            append_jsonl(log_path, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
 
     ready = prepare(step) if step < steps else None
+    queued = None  # the step before: logged once this one is queued, so the GPU never waits for the CPU
     while step < steps:
         profiler.before(step)
         batches, n_trained, step_tokens = ready
-        n_trained, step_tokens = par.all_sum(n_trained, step_tokens)  # over all ranks: the step's global counts
         total = accumulate(engine, batches, n_trained, par)  # queued on the GPU, not waited for
         grad_norm = par.step(optimizer, params, cfg.max_grad_norm)  # clip, step, zero (DeepSpeed: its own)
         scheduler.step()
         ready = prepare(step + 1) if step + 1 < steps else None  # on the CPU while the GPU runs this step
-        total, = par.all_sum(float(total))  # the first wait for the GPU in this step
+        if queued is not None:
+            report(*queued)  # the first wait for the GPU: for the step before, while this one runs
         step += 1
+        queued = (step, total, grad_norm, n_trained, step_tokens, scheduler.get_last_lr()[0])
         profiler.after(step)
-        tokens_seen += int(step_tokens)
-        elapsed = time.perf_counter() - start
-        row = {"step": step, "loss": round(total / max(1, n_trained), 6), "lr": scheduler.get_last_lr()[0],
-               "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
-               "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
-               "elapsed_s": round(elapsed, 2)}
-        if par.is_main and (step % cfg.log_every == 0 or step == steps):
-            append_jsonl(log_path, row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
         if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
+            report(*queued)
+            queued = None
             save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg.keep_checkpoints, par)
             if par.is_main:
                 if par.can_generate:

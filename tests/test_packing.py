@@ -107,3 +107,42 @@ def test_training_with_packing_runs_and_counts_sequences(tmp_path, tiny_llama):
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and all(r["loss"] > 0 for r in log)
     assert log[0]["tokens"] > 64  # two packed rows of real tokens in one step
+
+
+def test_training_reads_each_loss_after_the_next_step_is_queued(tmp_path, tiny_llama, monkeypatch):
+    """A step's loss is read (a GPU wait) only once the next step is queued, so the GPU never idles
+    while the CPU starts a step; every step is still logged, with its own loss, and a checkpoint waits
+    for all queued steps."""
+    import json
+
+    import chatforge.train as train_mod
+    from chatforge.config import load_recipe
+
+    events = []
+
+    class Loss(float):  # the summed loss of a queued step; float() is the read
+        def __float__(self):
+            events.append(("read", self.step))
+            return float.__float__(self)
+
+    real = train_mod.accumulate
+
+    def accumulate(*args, **kwargs):
+        events.append(("queue", sum(1 for e in events if e[0] == "queue") + 1))
+        out = Loss(real(*args, **kwargs).item())
+        out.step = events[-1][1]
+        return out
+
+    monkeypatch.setattr(train_mod, "accumulate", accumulate)
+    rows = [{"text": " ".join(["word"] * (6 + i))} for i in range(8)]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_recipe("smollm2_135m_pretrain_full", {
+        "model": str(tiny_llama), "data": [{"path": str(data)}], "output_dir": str(tmp_path / "run"),
+        "max_length": 32, "batch_size": 1, "grad_accum": 1, "packing": False, "max_steps": 5, "save_every": 2})
+    train_mod.train(cfg, progress=False)
+    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("read", 2),  # checkpoint at 2
+                      ("queue", 3), ("queue", 4), ("read", 3), ("read", 4),  # checkpoint at 4
+                      ("queue", 5), ("read", 5)]
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and len({r["loss"] for r in log}) == 5
