@@ -14,6 +14,10 @@ import gzip
 import json
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from chatforge.profiling import _union  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -60,9 +64,9 @@ def analyse(events: list[dict], min_gap_us: float = 2.0) -> str:
     if not gpu:
         return "no GPU events in the trace"
     launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ranges = cpu_ranges(events)
-    busy, end = 0.0, gpu[0]["ts"]
+    end = gpu[0]["ts"]
     waits_cpu, waits_other = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
     for e in gpu:
         s, t = e["ts"], e["ts"] + e["dur"]
@@ -77,9 +81,8 @@ def analyse(events: list[dict], min_gap_us: float = 2.0) -> str:
             else:
                 waits_other[e["name"][:70]][0] += gap
                 waits_other[e["name"][:70]][1] += 1
-        busy += max(0.0, t - max(s, end))
         end = max(end, t)
-    wall = end - gpu[0]["ts"]
+    wall, busy = end - gpu[0]["ts"], _union([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
     syncs = defaultdict(float)
     for e in events:
         if e.get("cat") == "cuda_runtime" and "ynchronize" in e["name"]:

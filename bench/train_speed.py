@@ -7,7 +7,8 @@
 Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
 compile, loss, dropout, budget, nf4=torch|bitsandbytes, cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM
-autotuning), lag=0 (read each step's loss before queuing the next, as before), prof=N for a profile of N
+autotuning), groups=0 (PEFT's own LoRA forward: no shared A matmul for projections with the same
+input), lag=0 (read each step's loss before queuing the next, as before), prof=N for a profile of N
 more steps, queued back to back, with matmul time by input shape and the GPU's idle gaps). Each GPU
 scenario runs in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
@@ -82,7 +83,7 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
                               micro_batch=_opt(opts.get("micro"), int), checkpointing=_opt(opts.get("ckpt"), bool),
                               compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
                               memory_budget_gib=budget, lora_dropout=float(opts.get("dropout", 0.0)),
-                              nf4_matmul=opts.get("nf4", "auto"))
+                              nf4_matmul=opts.get("nf4", "auto"), lora_groups=_opt(opts.get("groups"), bool))
     fastpath.apply(model, plan)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = fastpath.make_optimizer(params, 2e-4, 0.0, device)

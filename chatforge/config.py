@@ -69,6 +69,7 @@ class TrainConfig:
     attention: str = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
     packing: bool = False  # several samples per max_length sequence; batch_size then counts sequences
     nf4_matmul: str = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
+    lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: without dropout
     # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch
     strategy: str = "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
     collective_timeout: int = 1800  # seconds a rank waits in a collective before the job fails
@@ -125,7 +126,7 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
 
 
 AUTO_KEYS = {"gradient_checkpointing": bool, "micro_batch": int, "memory_budget_gib": float, "compile": bool,
-             "fsdp_reshard_after_forward": bool}
+             "fsdp_reshard_after_forward": bool, "lora_groups": bool}
 
 
 def _coerce_auto(kind, value: Any, where: str):

@@ -202,11 +202,18 @@ class Parallel:
 
         Micro-batches and checkpointing are sized for this rank's share of the step. Under ZeRO-3,
         `compile: auto` means off: DeepSpeed's parameter hooks made dynamo recompile per parameter
-        shape (recompile limit 64 hit, no step done in 70 s on 4 x H200).
+        shape (recompile limit 64 hit, no step done in 70 s on 4 x H200). `lora_groups: auto` is off
+        too: ZeRO-3 gathers a projection's weights only for its own call, not for its group's first.
+
+        Raises:
+            ChatforgeError: `lora_groups: true` under ZeRO-3.
         """
         changes = {"batch_size": share, "grad_accum": 1} if self.world > 1 else {}
-        if self.strategy == "deepspeed_zero3" and getattr(cfg, "compile", "auto") == "auto":
-            changes["compile"] = False
+        if self.strategy == "deepspeed_zero3":
+            if getattr(cfg, "lora_groups", "auto") is True:
+                raise ChatforgeError("recipe key 'lora_groups': true does not work under deepspeed_zero3 "
+                                     "(it gathers each projection's weights only for its own call): use auto")
+            changes.update({k: False for k in ("compile", "lora_groups") if getattr(cfg, k, "auto") == "auto"})
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     # -- wrapping

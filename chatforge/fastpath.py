@@ -6,7 +6,8 @@
 - regional torch.compile (each decoder layer, compiled once and reused for all layers);
 - selective activation checkpointing (only as many layers as the memory budget needs);
 - a memory-budget micro-batch chooser (the optimizer step keeps its samples: accumulation is exact);
-- varlen attention for packed batches (cu_seqlens), so packed samples never attend to each other.
+- varlen attention for packed batches (cu_seqlens), so packed samples never attend to each other;
+- LoRA projections fed the same input (q/k/v, gate/up) share one A matmul (lora_groups.py).
 """
 
 from __future__ import annotations
@@ -386,6 +387,7 @@ class Plan:
     chunk_rows: int = 0
     attention: str = "sdpa"  # sdpa | varlen
     nf4_matmul: str = ""  # QLoRA only: torch (nf4.py, compilable) | bitsandbytes
+    lora_groups: bool = False  # LoRA: one A matmul per group of projections with the same input
     autocast: bool = False
     budget_gib: float = 0.0
     estimate_gib: float = 0.0
@@ -411,7 +413,7 @@ def device_budget(device: str, value) -> int:
 def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, micro_batch="auto",
               checkpointing="auto", compile="auto", fused_loss="auto", attention="auto",
               memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0,
-              nf4_matmul="auto") -> Plan:
+              nf4_matmul="auto", lora_groups="auto") -> Plan:
     """Resolve the `auto` speed keys for this model, device and data shape.
 
     Raises:
@@ -421,6 +423,7 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     plan = Plan()
     plan.autocast = cuda and method in ("lora", "qlora")
     plan.compile = bool(_auto(compile, cuda))
+    plan.lora_groups = bool(_auto(lora_groups, method in ("lora", "qlora") and lora_dropout == 0))
     # chunked: the backend measured in full training runs (docs/speed.md); liger is selectable and may win.
     plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
     if plan.loss not in ("chunked", "liger", "plain"):
@@ -487,6 +490,10 @@ def apply(model, plan: Plan):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = base_of(model)
+    if plan.lora_groups:  # before the autocast setting below: its probe forward runs as PEFT does
+        from . import lora_groups
+
+        lora_groups.apply(model)
     if plan.attention == "varlen":
         register_attention()
         base.set_attn_implementation(ATTENTION_NAME)
@@ -541,7 +548,8 @@ def plan_for_recipe(model, cfg, device: str) -> Plan:
                      global_batch=cfg.batch_size * cfg.grad_accum, micro_batch=cfg.micro_batch,
                      checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, fused_loss=cfg.fused_loss,
                      attention=cfg.attention, memory_budget_gib=cfg.memory_budget_gib, packing=cfg.packing,
-                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0, nf4_matmul=cfg.nf4_matmul)
+                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0, nf4_matmul=cfg.nf4_matmul,
+                     lora_groups=cfg.lora_groups)
 
 
 def micro_batch_of(model, default: int) -> int:

@@ -211,3 +211,16 @@ def test_fsdp2_options():
     assert distributed.fsdp2_options(model, cpu, 0) == (None, torch.float32, False)
     assert distributed.fsdp2_options(model.float(), distributed.Parallel(world=2, device="cuda"),
                                      100 * 2**20)[1] == torch.float32  # fp32 weights: fp32 exchange
+
+
+def test_plan_config_sizes_for_the_rank_and_turns_off_what_zero3_breaks():
+    from chatforge.config import _build, TrainConfig
+
+    cfg = _build(TrainConfig, {"batch_size": 4, "grad_accum": 2}, "r")
+    ddp = distributed.Parallel(world=2, strategy="ddp").plan_config(cfg, 4)
+    assert (ddp.batch_size, ddp.grad_accum, ddp.compile, ddp.lora_groups) == (4, 1, "auto", "auto")
+    z3 = distributed.Parallel(world=2, strategy="deepspeed_zero3").plan_config(cfg, 4)
+    assert (z3.compile, z3.lora_groups) == (False, False)  # parameters gathered per module call
+    asked = _build(TrainConfig, {"lora_groups": True}, "r")
+    with pytest.raises(ChatforgeError, match="lora_groups"):
+        distributed.Parallel(world=2, strategy="deepspeed_zero3").plan_config(asked, 4)

@@ -136,6 +136,55 @@ def test_checkpoint_indices_spread():
     assert fp.checkpoint_indices(24, 24) == list(range(24))
 
 
+def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
+    from peft import LoraConfig, get_peft_model
+
+    from chatforge import lora_groups
+
+    b = batch_with_padding()
+    runs = []
+    for grouped, backend in ((False, None), (True, None), (True, "aot_eager")):
+        model = get_peft_model(tiny_llama(layers=2), LoraConfig(r=4, target_modules="all-linear",
+                                                                 init_lora_weights=False))
+        calls = []
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].register_forward_hook(
+            lambda *a: calls.append("q"))
+        fp.apply(model, fp.Plan(lora_groups=grouped))
+        calls.clear()  # the probe forward that found the groups
+        if backend:  # dynamo traces the group's shared state, AOTAutograd its backward
+            for layer in fp.decoder_layers(model):
+                layer.forward = torch.compile(layer.forward, backend=backend)
+        loss, _ = fp.loss_sum(model, b)
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        runs.append((loss.item(), grads, calls))
+        if grouped and not backend:
+            groups = {id(m._chatforge_group): [n.rsplit(".", 1)[-1] for n, x in model.named_modules()
+                                               if getattr(x, "_chatforge_group", None) is m._chatforge_group]
+                      for m in lora_groups.lora_linears(model) if hasattr(m, "_chatforge_group")}
+            assert sorted(map(tuple, groups.values())) == [("gate_proj", "up_proj")] * 2 + [
+                ("q_proj", "k_proj", "v_proj")] * 2
+            with model.disable_adapter(), torch.no_grad():  # PEFT's own forward: the base model
+                off, _ = fp.loss_sum(model, b)
+            ref = tiny_llama(layers=2)
+            with torch.no_grad():
+                assert off.item() == pytest.approx(fp.loss_sum(ref, b)[0].item(), rel=1e-6)
+    (loss0, grads0, calls0), *others = runs
+    assert calls0 == ["q"] and runs[1][2] == []  # grouped: q's own A matmul never runs
+    for loss, grads, _ in others:
+        assert loss == pytest.approx(loss0, rel=1e-6)
+        for k, g in grads0.items():
+            assert float((grads[k] - g).abs().max()) <= 1e-5 * float(g.abs().max()), k  # fp32 summation order
+
+
+def test_lora_groups_on_by_default_only_without_dropout():
+    model = tiny_llama()
+    plan = lambda **kw: fp.make_plan(model, device="cpu", seq=64, global_batch=4, **kw).lora_groups
+    assert plan(method="lora") and plan(method="qlora")
+    assert not plan(method="lora", lora_dropout=0.1) and not plan(method="full")
+    assert not plan(method="lora", lora_groups=False)
+
+
 # ---------------------------------------------------------------- memory model and chooser
 
 SHAPE = fp.Shape(hidden=2048, layers=24, heads=16, kv_heads=8, ffn=8192, vocab=92544)
