@@ -49,8 +49,8 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         group.u = None
         return type(self).forward(self, x, *args, **kwargs)
     a = self.lora_A[name]
-    xa = self._cast_input_dtype(x, a.weight.dtype) if hasattr(self, "_cast_input_dtype") else x
     if self is group.members[0]:
+        xa = self._cast_input_dtype(x, a.weight.dtype) if hasattr(self, "_cast_input_dtype") else x
         group.u = F.linear(xa, torch.cat([m.lora_A[name].weight for m in group.members]))
     start = 0
     for m in group.members:

@@ -324,8 +324,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         idx = par.shard(every)
         mb = fastpath.micro_batch_of(model, cfg.batch_size)
         cpu = [collate([samples[i] for i in idx[k:k + mb]], pad) for k in range(0, len(idx), mb)]
-        whole = collate([samples[i] for i in every], pad) if par.world > 1 else None
-        counted = [whole] if whole is not None else cpu
+        counted = [collate([samples[i] for i in every], pad)] if par.world > 1 else cpu
         return ([data_mod.to_device(b, device) for b in cpu], sum(map(data_mod.trained_tokens, counted)),
                 sum(map(data_mod.batch_tokens, counted)))
 
