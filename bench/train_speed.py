@@ -1,4 +1,6 @@
-"""Training speed, side by side: Hugging Face Trainer baselines and chatforge's trainer, one GPU.
+"""Training speed, side by side: Hugging Face Trainer baselines and chatforge's Trainer, one GPU, on
+fixed rows of random ids (a guide for the speed levers; the figures of record come from
+bench/recipe_speed.py, which runs `chatforge train` on real data).
 
     PYTHONPATH=. python3 bench/train_speed.py                 # the default set (GPU, InternLM2-1.8B shape)
     PYTHONPATH=. python3 bench/train_speed.py --tiny          # CPU smoke test, tiny shape, no timing meaning
@@ -8,9 +10,8 @@ Scenarios: hf_{lora|qlora|full}[_gc][_bN][_liger] (bench/hf_baseline.py) and
 cf_{lora|qlora|full}_bG[,key=value...] (chatforge, G samples per optimizer step; keys: micro, ckpt,
 compile, loss, dropout, budget, nf4=torch|bitsandbytes, cpp=1 (Inductor C++ wrapper), autotune=1 (GEMM
 autotuning), groups=0 (PEFT's own LoRA forward: no shared A matmul for projections with the same
-input), lag=0 (read each step's loss before queuing the next, as before), prof=N for a profile of N
-more steps, queued back to back, with matmul time by input shape and the GPU's idle gaps). Each GPU
-scenario runs in its own process, so peaks do not mix.
+input), prof=N for a profile of N steps after 3 (the recipe key profile_steps). Each GPU scenario runs
+in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,117 +59,57 @@ def _opt(value, kind):
 
 
 def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:
-    """chatforge's trainer on the baseline's model and data: plan, apply, the train.py step."""
-    from chatforge import fastpath
-    from chatforge.data import to_device, trained_tokens
-    from chatforge.distributed import Parallel
-    from chatforge.train import accumulate, token_loss_sum
+    """chatforge's Trainer (the object `chatforge train` runs) on the baseline's model and data, in the
+    baseline's order."""
+    import tempfile
+
+    from chatforge.config import LoraConfig, TrainConfig
+    from chatforge.data import Sample
+    from chatforge.train import StepSampler, Trainer
 
     method, batch, opts = parse_cf(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = hf_baseline.build(f"hf_{method}", tiny, device)
     if method == "full" and device == "cuda":
         model.to(torch.bfloat16)  # chatforge trains full models in bf16 (weights, grads, AdamW states)
+    dropout = float(opts.get("dropout", 0.0))
     if method != "full":
-        model = hf_baseline.add_lora(model, float(opts.get("dropout", 0.0)))
+        model = hf_baseline.add_lora(model, dropout)
     model.config.use_cache = False
     model.train()
-    budget = opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto")
     import torch._inductor.config as inductor_config
     # cpp: Inductor's C++ wrapper (fewer Python calls per compiled layer); autotune: GEMM benchmarking
     for key, setting in (("cpp", "cpp_wrapper"), ("autotune", "max_autotune_gemm")):
         if key in opts:
             setattr(inductor_config, setting, _opt(opts[key], bool))
+    vocab = (model.get_base_model() if hasattr(model, "get_base_model") else model).config.vocab_size
+    data = hf_baseline.Rand(batch * steps, seq, vocab)
+    # The Trainer draws each step's samples through a seeded permutation; placing sample p at perm[p]
+    # makes it read the baseline's order, so per-step losses compare.
+    perm = StepSampler(len(data), batch, seed=0)._perm(0)
+    units = [None] * len(data)
+    for p, i in enumerate(perm):
+        ids = data[p]["input_ids"].tolist()
+        units[i] = Sample(ids, ids, f"random:{p}")
+    cfg = TrainConfig(model="(bench)", method=method, output_dir=tempfile.mkdtemp(prefix="cf_bench_"),
+                      lora=LoraConfig(r=64, alpha=16, dropout=dropout), max_length=seq, batch_size=batch,
+                      max_steps=steps, lr=2e-4, lr_scheduler="constant", warmup_ratio=0.0, seed=0, packing=False,
+                      micro_batch=_opt(opts.get("micro"), int), gradient_checkpointing=_opt(opts.get("ckpt"), bool),
+                      compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
+                      memory_budget_gib=opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto"),
+                      nf4_matmul=opts.get("nf4", "auto"), lora_groups=_opt(opts.get("groups"), bool),
+                      profile_steps=int(opts.get("prof", 0)))
     t0 = time.perf_counter()
-    plan = fastpath.make_plan(model, device=device, method=method, seq=seq, global_batch=batch,
-                              micro_batch=_opt(opts.get("micro"), int), checkpointing=_opt(opts.get("ckpt"), bool),
-                              compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
-                              memory_budget_gib=budget, lora_dropout=float(opts.get("dropout", 0.0)),
-                              nf4_matmul=opts.get("nf4", "auto"), lora_groups=_opt(opts.get("groups"), bool))
-    fastpath.apply(model, plan)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = fastpath.make_optimizer(params, 2e-4, 0.0, device)
-    data = hf_baseline.Rand(batch * steps, seq, model.config.vocab_size if not hasattr(model, "get_base_model")
-                            else model.get_base_model().config.vocab_size)
-    mb = plan.micro_batch or batch
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    par = Parallel()  # one process: the train.py step's accumulation, clipping and optimizer step
-
-    def prepare(step: int) -> tuple[list, int]:
-        rows = [data[i] for i in range(step * batch, (step + 1) * batch)]
-        cpu = []
-        for k in range(0, batch, mb):
-            ids = torch.stack([r["input_ids"] for r in rows[k:k + mb]])
-            cpu.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
-        return [to_device(b, device) for b in cpu], sum(map(trained_tokens, cpu))
-
-    def train_step(batches: list, n: int) -> torch.Tensor:
-        total = accumulate(lambda b: token_loss_sum(model, b), batches, n, par)
-        par.step(optimizer, params, 1.0)
-        return total
-
-    times, losses = [], []
-    lag = int(opts.get("lag", 1))  # as train.py: a step's loss is read once the next step is queued
-    pending = []
-    ready = prepare(0)
-    for step in range(steps):
-        batches, n = ready
-        pending.append((train_step(batches, n), n))
-        ready = prepare(step + 1) if step + 1 < steps else None  # while the GPU runs the step, as train.py does
-        while len(pending) > (lag if step + 1 < steps else 0):
-            total, count = pending.pop(0)
-            losses.append(float(total) / count)  # waits for that step
-            times.append(time.perf_counter())
-    dt = (times[-1] - times[warm - 1]) / (len(times) - warm)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else 0.0
-    profile = ""
-    if opts.get("prof") and device == "cuda":  # more steps under the profiler, after the timing
-        from torch.profiler import ProfilerActivity, profile as prof
-        with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
-            queued = [train_step(batches, n) for _ in range(int(opts["prof"]))]  # N steps, read at the end
-            [float(t) for t in queued]
-        ka = p.key_averages()
-        profile = (ka.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
-                   + ka.table(sort_by="cpu_time_total", row_limit=8, max_name_column_width=60)
-                   + mm_by_shape(p) + "\n" + idle_gaps(p, name))
-    return {"profile": profile, "name": name, "method": method, "global_batch": batch, "micro_batch": mb, "tok_s": batch * seq / dt,
-            "peak_gib": peak, "losses": losses, "step_ms": dt * 1000, "plan": fastpath.asdict(plan),
-            "first_steps_s": round(times[warm - 1] - t0, 1)}
-
-
-def idle_gaps(p, name: str) -> str:
-    """The GPU's idle gaps by what the CPU was doing (bench/gpu_gaps.py); the Chrome trace is kept,
-    gzipped, in $BENCH_TRACE_DIR when that is set."""
-    import gzip
-    import shutil
-    import tempfile
-
-    import gpu_gaps
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        p.export_chrome_trace(path)
-        report = gpu_gaps.analyse(gpu_gaps.load(path))
-        keep = os.environ.get("BENCH_TRACE_DIR")
-        if keep:
-            safe = "".join(c if c.isalnum() else "_" for c in name)
-            with open(path, "rb") as src, gzip.open(os.path.join(keep, f"{safe}.trace.json.gz"), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    return report
-
-
-def mm_by_shape(p, rows: int = 30) -> str:
-    """GPU time of the matmuls per input shape (which are the base weights, which LoRA's thin ones)."""
-    mms = [e for e in p.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
-    mms.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in mms)
-    lines = [f"\nmatmuls by input shape: {total / 1000:.1f} ms GPU in all",
-             "| op | input shapes | calls | GPU ms | us per call |", "|---|---|---|---|---|"]
-    for e in mms[:rows]:
-        lines.append(f"| {e.key} | {e.input_shapes} | {e.count} | {e.device_time_total / 1000:.2f} | "
-                     f"{e.device_time_total / max(e.count, 1):.1f} |")
-    return "\n".join(lines) + "\n"
+    trainer = Trainer(cfg, progress=False, model=model, samples=units).setup()
+    trainer.fit(save=False)
+    rows = trainer.history
+    dt = (rows[-1]["elapsed_s"] - rows[warm - 1]["elapsed_s"]) / (len(rows) - warm)
+    prof = Path(cfg.output_dir) / "profile" / "rank0.txt"
+    return {"profile": prof.read_text() if prof.exists() else "", "name": name, "method": method,
+            "global_batch": batch, "micro_batch": trainer.micro_batch, "tok_s": batch * seq / dt,
+            "peak_gib": trainer.metrics.get("peak_gib", 0.0), "losses": [r["loss"] for r in rows],
+            "step_ms": dt * 1000, "plan": asdict(trainer.plan), "compilations": trainer.metrics["compilations"],
+            "first_steps_s": round(rows[warm - 1]["elapsed_s"] + trainer.meter.start - t0, 1)}
 
 
 def run_one(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:

@@ -67,7 +67,8 @@ class TrainConfig:
     compile: Any = "auto"  # torch.compile each decoder layer; auto: on CUDA
     fused_loss: str = "auto"  # auto | chunked | liger | plain (plain materialises the full logits)
     attention: str = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
-    packing: bool = False  # several samples per max_length sequence; batch_size then counts sequences
+    packing: bool = True  # several samples per max_length sequence (no attention across them); batch_size
+    # then counts sequences. On by default, as XTuner's pack_to_max_length; false: one sample per row
     nf4_matmul: str = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
     lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: without dropout
     # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch

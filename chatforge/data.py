@@ -564,9 +564,19 @@ def pack(samples: Iterable[Sample], max_length: int, open_bins: int = 64) -> Ite
 
 # ---------------------------------------------------------------- batching
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padded positions get no attention and no loss."""
-    width = max(len(s.input_ids) for s in samples)
+def bucket_width(longest: int, max_length: int, smallest: int = 64) -> int:
+    """The padded width of a batch whose longest sample has `longest` tokens: the next power of two
+    (at least `smallest`, at most max_length), so compiled code sees a handful of shapes."""
+    width = smallest
+    while width < longest:
+        width *= 2
+    return max(longest, min(width, max_length))
+
+
+def collate(samples: list[Sample], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a batch (to its longest sample, or to `width`); padded positions get no attention and
+    no loss."""
+    width = max(width or 0, max(len(s.input_ids) for s in samples))
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
@@ -578,7 +588,8 @@ def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate_packed(packs: list[list[Sample]], pad_id: int) -> dict:
+def collate_packed(packs: list[list[Sample]], pad_id: int, width: int | None = None,
+                   segments: int | None = None) -> dict:
     """A batch of packed sequences: several samples per row, no attention across them.
 
     Keys: input_ids, labels, position_ids (restarting at 0 for every sample, which makes
@@ -587,8 +598,12 @@ def collate_packed(packs: list[list[Sample]], pad_id: int) -> dict:
     attention kernels; the padding tail of a row is a segment of its own), max_seqlen (int) and
     num_tokens (real tokens). The first token of every sample carries no loss, so no sample is
     trained to predict across a boundary.
+
+    Args:
+        width: pad every row to this many tokens (default: the fullest row).
+        segments: pad cu_seqlens with empty segments to this many (a fixed shape for compiled code).
     """
-    width = max(sum(len(s.input_ids) for s in p) for p in packs)
+    width = max(width or 0, max(sum(len(s.input_ids) for s in p) for p in packs))
     ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(packs), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(packs), width), dtype=torch.long)
@@ -608,8 +623,25 @@ def collate_packed(packs: list[list[Sample]], pad_id: int) -> dict:
             pos[row, off:] = torch.arange(width - off)
             cu.append((row + 1) * width)
             longest = max(longest, width - off)
+    if segments is not None and len(cu) - 1 < segments:
+        cu += [cu[-1]] * (segments + 1 - len(cu))  # empty segments: no work in varlen kernels
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
             "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": longest, "num_tokens": real}
+
+
+def _members(unit) -> list[Sample]:
+    return unit if isinstance(unit, list) else [unit]
+
+
+def real_tokens(unit: Sample | list[Sample]) -> int:
+    """Tokens of a training unit (a sample, or a packed list of samples), padding excluded."""
+    return sum(len(s.input_ids) for s in _members(unit))
+
+
+def trained_count(unit: Sample | list[Sample]) -> int:
+    """Tokens a unit trains on, as collate and collate_packed label them (a sample's first token is
+    never a target)."""
+    return sum(sum(1 for t in s.labels[1:] if t != IGNORE) for s in _members(unit))
 
 
 def batch_tokens(batch: dict) -> int:

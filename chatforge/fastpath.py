@@ -48,13 +48,14 @@ def _ce_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
 _compiled_chunk = None
 
 
-def _chunk_fn(device_type: str):
-    """The chunk step, compiled on CUDA (fuses up-cast, softmax, one-hot and down-cast: one pass)."""
+def _chunk_fn(device_type: str, compiled: bool):
+    """The chunk step, compiled on CUDA when the run compiles (fuses up-cast, softmax, one-hot and
+    down-cast: one pass)."""
     global _compiled_chunk
-    if device_type != "cuda":
+    if device_type != "cuda" or not compiled:
         return _ce_chunk
     if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_ce_chunk, dynamic=False)
+        _compiled_chunk = torch.compile(_ce_chunk)  # a second shape makes it dynamic: two compilations at most
     return _compiled_chunk
 
 
@@ -68,9 +69,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int):
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, compiled: bool = True):
         need_h, need_w = hidden.requires_grad, weight.requires_grad
-        step = _chunk_fn(hidden.device.type)
+        step = _chunk_fn(hidden.device.type, compiled)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -92,7 +93,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2 ** 20) -> int:
@@ -102,7 +103,8 @@ def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2 ** 20) -> int:
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             backend: str = "chunked", chunk_rows: int | None = None) -> torch.Tensor:
+                             backend: str = "chunked", chunk_rows: int | None = None,
+                             compiled: bool = True) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `labels` (IGNORE = no loss), in fp32.
 
     Args:
@@ -111,6 +113,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         labels: (tokens,) target ids.
         backend: chunked (own), liger (Liger-Kernel's fused kernel) or plain (full logits).
         chunk_rows: tokens per chunk for `chunked`; default from the vocabulary size.
+        compiled: compile `chunked`'s chunk step on CUDA.
     Raises:
         ChatforgeError: an unknown backend, or liger without Liger-Kernel installed.
     """
@@ -118,7 +121,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         logits = (hidden @ weight.t()).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     if backend == "chunked":
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows or default_chunk_rows(weight.size(0)))
+        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows or default_chunk_rows(weight.size(0)),
+                                               compiled)
     if backend == "liger":
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -164,10 +168,12 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
     """
     plan = plan or getattr(model, "_chatforge_plan", None) or Plan()
     ids = batch["input_ids"]
-    labels = batch["labels"][:, 1:]
+    # Targets shifted left with IGNORE at each row's end: the hidden states keep the batch's full width,
+    # so the chunked loss sees the same shapes whatever the data (no slice, no odd last chunk).
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
     pos = batch.get("position_ids")
-    if pos is not None:
-        labels = torch.where(pos[:, 1:] == 0, IGNORE, labels)
+    if pos is not None:  # a packed sample's first token is no target of the sample before it
+        labels = torch.where(F.pad(pos[:, 1:], (0, 1), value=0) == 0, IGNORE, labels)
     kwargs = {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if pos is not None:
         kwargs["position_ids"] = pos
@@ -180,17 +186,18 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
     parts = lm_parts(model) if plan.loss != "plain" else None
     with cast:
         if parts is None:
-            logits = model(**kwargs).logits[:, :-1].float()
+            logits = model(**kwargs).logits.float()
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                    ignore_index=IGNORE, reduction="sum")
         else:
             decoder, head = parts
-            hidden = decoder(**kwargs).last_hidden_state[:, :-1]
+            hidden = decoder(**kwargs).last_hidden_state
             if plan.autocast:
                 hidden = hidden.to(torch.bfloat16)
             weight = head.weight if not plan.autocast else head.weight.to(torch.bfloat16)
             loss = linear_cross_entropy_sum(hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1),
-                                            backend=plan.loss, chunk_rows=plan.chunk_rows or None)
+                                            backend=plan.loss, chunk_rows=plan.chunk_rows or None,
+                                            compiled=plan.compile)
     return loss, (labels != IGNORE).sum()
 
 
@@ -410,19 +417,40 @@ def device_budget(device: str, value) -> int:
     return int(0.92 * (free + torch.cuda.memory_allocated()))
 
 
+# torch.compile pays for itself only on long runs: compiling the decoder layer takes some 15-30 s on an
+# H200 and saves about a third of the step time (docs/speed.md). `compile: auto` compiles when the
+# run's model FLOPs (4 x linear parameters per token for adapters, 6 for full training) reach this:
+# about 30 s of eager training at ~300 TFLOP/s, so short runs (tests, identity demos) start at once.
+COMPILE_MIN_FLOPS = 1e16
+COMPILE_BACKEND = "inductor"  # tests count recompilations with "aot_eager" (same guards, no code generation)
+
+
+def linear_params(shape: Shape) -> int:
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    return shape.layers * (2 * shape.hidden ** 2 + 2 * shape.hidden * kv + 3 * shape.hidden * shape.ffn) \
+        + shape.vocab * shape.hidden
+
+
+def worth_compiling(shape: Shape, method: str, run_tokens: float) -> bool:
+    return (6 if method == "full" else 4) * linear_params(shape) * run_tokens >= COMPILE_MIN_FLOPS
+
+
 def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, micro_batch="auto",
               checkpointing="auto", compile="auto", fused_loss="auto", attention="auto",
               memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0,
-              nf4_matmul="auto", lora_groups="auto") -> Plan:
+              nf4_matmul="auto", lora_groups="auto", run_tokens: float = float("inf")) -> Plan:
     """Resolve the `auto` speed keys for this model, device and data shape.
 
+    Args:
+        run_tokens: tokens the whole run trains on (`compile: auto` compiles long runs only).
     Raises:
         ChatforgeError: an explicit choice the environment cannot run (liger missing, varlen on CPU).
     """
     cuda = device == "cuda"
     plan = Plan()
     plan.autocast = cuda and method in ("lora", "qlora")
-    plan.compile = bool(_auto(compile, cuda))
+    shape = shape_of(model)
+    plan.compile = bool(_auto(compile, cuda and worth_compiling(shape, method, run_tokens)))
     plan.lora_groups = bool(_auto(lora_groups, method in ("lora", "qlora") and lora_dropout == 0))
     # chunked: the backend measured in full training runs (docs/speed.md); liger is selectable and may win.
     plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
@@ -434,7 +462,6 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     if want_varlen == "varlen" and not varlen_available():
         raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
     plan.attention = want_varlen
-    shape = shape_of(model)
     budget = device_budget(device, memory_budget_gib)
     plan.budget_gib = round(budget / GIB, 2) if budget < 1 << 60 else 0.0
     static = static_bytes(model, plan.loss)
@@ -511,24 +538,31 @@ def apply(model, plan: Plan):
     # saved-tensor counts on CPU showed the same). Outside, the compiled layer is simply run again.
     if plan.compile:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        embed = base.get_input_embeddings()
+        if embed is not None and not embed.weight.requires_grad:
+            # The first layer's input then requires grad like every other layer's, so the compiled
+            # layer has one graph, not a second one for layer 0 (costs layer 0's input gradient).
+            base.enable_input_require_grads()
     layers = decoder_layers(model)
     ckpt = set(checkpoint_indices(len(layers), plan.checkpoint_layers))
     for i, layer in enumerate(layers):
         if plan.compile or i in ckpt:  # else the class's forward stays (no bound method stored on the module)
-            forward = torch.compile(layer.forward, dynamic=False) if plan.compile else layer.forward
+            forward = torch.compile(layer.forward, dynamic=False, backend=COMPILE_BACKEND) if plan.compile \
+                else layer.forward
             layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
     model._chatforge_plan = plan
     return model
 
 
 @contextlib.contextmanager
-def eager():
-    """Run compiled layers eagerly (generation between training steps has other shapes)."""
+def inference(model):
+    """Generation between training steps: compiled layers run eagerly (other shapes), and in the
+    training's dtypes (bf16 autocast when fp32 LoRA weights meet bf16 base weights)."""
+    plan = getattr(model, "_chatforge_plan", None) or Plan()
+    device = next(model.parameters()).device.type
     stance = getattr(torch.compiler, "set_stance", None)
-    if stance is None:
-        yield
-        return
-    with stance("force_eager"):
+    with (stance("force_eager") if stance else contextlib.nullcontext()), \
+            (torch.autocast(device, dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()):
         yield
 
 
@@ -542,9 +576,9 @@ def setup_allocator() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
-def plan_for_recipe(model, cfg, device: str) -> Plan:
+def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf")) -> Plan:
     """make_plan from a TrainConfig (sequence length = max_length, step = batch_size x grad_accum)."""
-    return make_plan(model, device=device, method=cfg.method, seq=cfg.max_length,
+    return make_plan(model, device=device, method=cfg.method, seq=cfg.max_length, run_tokens=run_tokens,
                      global_batch=cfg.batch_size * cfg.grad_accum, micro_batch=cfg.micro_batch,
                      checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, fused_loss=cfg.fused_loss,
                      attention=cfg.attention, memory_budget_gib=cfg.memory_budget_gib, packing=cfg.packing,

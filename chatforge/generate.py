@@ -23,9 +23,13 @@ def _sampling(temperature: float, top_p: float) -> dict:
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16) -> list[str]:
-    """Answer many conversations at once (left-padded batches); returns the decoded replies."""
+                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int | None = None) -> list[str]:
+    """Answer many conversations at once (left-padded batches); returns the decoded replies.
+
+    batch_size: conversations per generate call (default 64 on a GPU, where a decoding step costs
+    about the same for 1 or 64 rows; 16 on a CPU)."""
     device = next(model.parameters()).device
+    batch_size = batch_size or (64 if device.type == "cuda" else 16)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
     replies = []

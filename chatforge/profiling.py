@@ -84,3 +84,68 @@ class StepProfiler:
     def _sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------- the run's speed, as a user sees it
+
+def compilations() -> int:
+    """Frames torch.compile has compiled so far in this process (each recompilation counts)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+class RunMeter:
+    """Real (non-padding) tokens per second over a whole run and after its warm-up, peak memory and
+    compilations: the figures `chatforge train` prints and writes to `metrics.json`.
+
+    Warm-up: the first `max(5, steps // 20)` steps (compilation happens there when shapes are stable).
+    Recompilations: compilations after the first step, i.e. caused by a new shape or guard.
+    """
+
+    def __init__(self, steps: int, start_step: int = 0):
+        self.warm = min(max(5, steps // 20), max(0, steps - start_step - 1))
+        self.start = time.perf_counter()
+        self.compiled_at_start = compilations()
+        self.after_first: int | None = None
+        self.marks: list[tuple[float, int]] = []  # (seconds since start, real tokens so far) per step read
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def step_done(self, tokens_so_far: int) -> float:
+        """Record a step whose loss was just read; returns the seconds since the run's start."""
+        elapsed = time.perf_counter() - self.start
+        self.marks.append((elapsed, tokens_so_far))
+        if self.after_first is None:
+            self.after_first = compilations()
+        return elapsed
+
+    def summary(self) -> dict:
+        if not self.marks:
+            return {}
+        seconds, tokens = self.marks[-1]
+        out = {"steps": len(self.marks), "real_tokens": tokens, "seconds": round(seconds, 2),
+               "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "warmup_steps": self.warm}
+        if self.warm and len(self.marks) > self.warm:
+            t0, n0 = self.marks[self.warm - 1]
+            out["tokens_per_s_after_warmup"] = round((tokens - n0) / max(seconds - t0, 1e-9), 1)
+        now = compilations()
+        out["compilations"] = now - self.compiled_at_start
+        out["recompilations"] = now - (self.after_first or now)
+        if torch.cuda.is_available():
+            out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+            out["device"] = torch.cuda.get_device_name()
+        return out
+
+    @staticmethod
+    def describe(m: dict) -> str:
+        if not m:
+            return "no steps run"
+        text = f"{m['steps']} steps, {m['real_tokens']:,} real tokens in {m['seconds']:.1f} s: " \
+               f"{m['tokens_per_s']:,.0f} tokens/s"
+        if "tokens_per_s_after_warmup" in m:
+            text += f" ({m['tokens_per_s_after_warmup']:,.0f} after {m['warmup_steps']} warm-up steps)"
+        if "peak_gib" in m:
+            text += f", peak {m['peak_gib']:.1f} GiB"
+        return text + f", {m['compilations']} compilations ({m['recompilations']} after step 1)"

@@ -4,16 +4,18 @@ Own loop rather than Hugging Face's Trainer: the loss is summed over trained tok
 by the trained-token count of the whole optimizer step, so micro-batching and accumulation
 never change the result; the data order is a pure function of (seed, step), so a run killed at
 any moment resumes from its last checkpoint to the same weights.
+
+`Trainer` is the one training code path: `chatforge train` runs `Trainer(cfg).setup().fit()`, and
+bench/train_speed.py runs the same object on its own model and samples.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -25,15 +27,21 @@ from . import fastpath
 from .config import TrainConfig, to_dict
 from .files import ChatforgeError, append_jsonl, atomic_path, read_jsonl, write_jsonl, write_text
 from .models import load_model, load_tokenizer, resolve
-from .profiling import StepProfiler
+from .profiling import RunMeter, StepProfiler
 
 STATE_FILE = "trainer_state.pt"
+log = logging.getLogger("chatforge")
 
 
 # ---------------------------------------------------------------- model
 
 def build_model(cfg: TrainConfig, device: str):
-    """The model to train: base weights frozen with LoRA adapters, or all weights trainable."""
+    """The model to train, before its speed plan: base weights frozen with LoRA adapters (NF4 under
+    QLoRA), or all weights trainable.
+
+    Raises:
+        ChatforgeError: qlora without bitsandbytes, or a model that cannot be loaded.
+    """
     quant = None
     if cfg.method == "qlora":
         try:
@@ -45,18 +53,16 @@ def build_model(cfg: TrainConfig, device: str):
                                    bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     model = load_model(cfg.model, dtype=cfg.dtype, device=device, quantization_config=quant)
     model.config.use_cache = False
-    if cfg.method == "full":
-        model.train()
-        return fastpath.apply(model, fastpath.plan_for_recipe(model, cfg, device))
-    from peft import LoraConfig, get_peft_model
+    if cfg.method != "full":
+        from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    model.peft_config["default"].base_model_name_or_path = model_reference(cfg.model)
+        torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        model.peft_config["default"].base_model_name_or_path = model_reference(cfg.model)
     model.train()
-    return fastpath.apply(model, fastpath.plan_for_recipe(model, cfg, device))
+    return model
 
 
 def model_reference(spec: str) -> str:
@@ -217,7 +223,7 @@ def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig) 
     model.config.use_cache = True
     convs = [([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
              for p in cfg.eval_prompts]
-    with fastpath.eager():  # compiled layers are for training shapes
+    with fastpath.inference(model):  # eager layers, and the training dtypes (bf16 autocast on a GPU)
         replies = generate_batch(model, tokenizer, convs, max_new_tokens=cfg.eval_max_new_tokens)
     model.config.use_cache = False
     model.train(was_training)
@@ -244,13 +250,13 @@ def plot_loss(run_dir: Path) -> None:
 # ---------------------------------------------------------------- the recipe
 
 def _prepare(cfg: TrainConfig, tokenizer, run_dir: Path, resume: bool) -> list:
-    """1. data: read, render, mask, check lengths (errors name file and line) before any output."""
+    """Data: read, render, mask, check lengths (errors name file and line) before any output; packed
+    into max_length sequences when the recipe packs."""
     if not resume and checkpoints(run_dir):
         raise ChatforgeError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
                              f"or choose another output_dir")
     samples, stats = data_mod.build_dataset(cfg, tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+    write_config(cfg, run_dir)
     stats["samples"] = len(samples)
     if cfg.packing:  # the training unit becomes a packed sequence of several samples
         samples = list(data_mod.pack(samples, cfg.max_length, open_bins=256))
@@ -259,121 +265,220 @@ def _prepare(cfg: TrainConfig, tokenizer, run_dir: Path, resume: bool) -> list:
     return samples
 
 
+def write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), allow_unicode=True, sort_keys=False))
+
+
+class Trainer:
+    """One run of a recipe, in the order it happens.
+
+    setup() reads the data, builds the model, its speed plan, the optimizer and the schedule, and
+    resumes from a checkpoint; step() queues one optimizer step on the device; fit() runs all steps
+    with logging, checkpoints and samples, then saves the final weights.
+
+    Args:
+        cfg: the recipe.
+        resume: continue from the run folder's last checkpoint.
+        progress: show a progress bar.
+        model: train this model instead of loading `cfg.model` (made as build_model makes it).
+        samples: train on these units (Samples, or packed lists of them) instead of reading `cfg.data`.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, model=None,
+                 samples: list | None = None):
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.model, self.samples = model, samples
+        self.step_no, self.history, self.metrics = 0, [], {}
+
+    def setup(self) -> "Trainer":
+        """Raises:
+            ChatforgeError: bad data, a missing model, or --resume without a checkpoint.
+        """
+        cfg = self.cfg
+        fastpath.setup_allocator()  # before CUDA starts
+        par = self.par = distributed.setup(cfg)  # this process's rank under torchrun / srun; one process: no-op
+        self.device, self.run_dir = par.device, Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model) if self.samples is None else None
+        if self.samples is None:  # tokenised once, sent to all ranks
+            self.samples = par.on_main(lambda: _prepare(cfg, self.tokenizer, self.run_dir, self.resume))
+        elif par.is_main:
+            write_config(cfg, self.run_dir)
+        units = self.samples
+        self.real = [data_mod.real_tokens(u) for u in units]  # counted once, on the CPU
+        self.trained = [data_mod.trained_count(u) for u in units]
+        self.max_segments = max(len(u) if isinstance(u, list) else 1 for u in units) + 1  # + a padding tail
+        self.steps = total_steps(cfg, len(units))
+
+        # the model and its speed plan, for this rank's share of a step
+        share = len(par.shard(list(range(cfg.batch_size * cfg.grad_accum))))
+        plan_cfg = par.plan_config(cfg, share)
+        if self.model is None:
+            self.model = build_model(plan_cfg, self.device)
+        run_tokens = self.steps * cfg.batch_size * cfg.grad_accum * sum(self.real) / len(units)
+        self.plan = fastpath.plan_for_recipe(self.model, plan_cfg, self.device, run_tokens=run_tokens)
+        fastpath.apply(self.model, self.plan)
+        if par.is_main:
+            write_text(self.run_dir / "speed_plan.json", json.dumps(fastpath.asdict(self.plan), indent=2))
+
+        # optimizer and schedule, after a checkpoint's weights (FSDP2 shards what is loaded)
+        ckpt = checkpoints(self.run_dir)[-1] if self.resume and checkpoints(self.run_dir) else None
+        if ckpt is not None:
+            load_weights(ckpt, self.model, cfg.method)
+        self.engine = par.wrap(self.model, token_loss_sum)  # DDP / FSDP2 around model + loss; one process: the loss
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = fastpath.make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
+        self.sampler = StepSampler(len(units), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of a global step
+        self.micro_batch = min(share, fastpath.micro_batch_of(self.model, cfg.batch_size))
+        self.engine, self.optimizer = par.wrap_optimizer(self.engine, optimizer, cfg, self.micro_batch,
+                                                         math.ceil(share / self.micro_batch))  # DeepSpeed
+
+        # resume or start
+        self.log_path = self.run_dir / "log.jsonl"
+        if ckpt is not None:
+            self.step_no = load_training_state(ckpt, self.model, self.optimizer, self.scheduler, par)
+            if par.is_main:
+                kept = [r for r in read_jsonl(self.log_path) if r.get("step", 0) <= self.step_no] \
+                    if self.log_path.exists() else []
+                write_jsonl(self.log_path, kept)  # drop lines logged after the checkpoint the run died past
+        elif self.resume:
+            raise ChatforgeError(f"--resume: no checkpoint in {self.run_dir}")
+        elif par.is_main:
+            self.log_path.unlink(missing_ok=True)
+        tok = self.tokenizer
+        self.pad = 0 if tok is None else tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return self
+
+    # -- one step
+
+    def collate(self, units: list) -> dict:
+        """A micro-batch on the CPU. Compiled layers get few shapes: packed rows of exactly max_length
+        (and a fixed count of attention segments), unpadded batches padded to a power-of-two width."""
+        cfg, fixed = self.cfg, self.plan.compile
+        if cfg.packing:
+            return data_mod.collate_packed(units, self.pad, width=cfg.max_length if fixed else None,
+                                           segments=len(units) * self.max_segments if fixed else None)
+        width = data_mod.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
+        return data_mod.collate(units, self.pad, width=width)
+
+    def prepare(self, step: int) -> tuple[list, int, int]:
+        """This rank's share of a step (no overlap with the others) in micro-batches sized for the
+        memory budget, on the device; the whole step's trained and real token counts. Every rank
+        counts all ranks' samples on the CPU, so no collective waits for the GPU."""
+        every = self.sampler.indices(step)
+        idx = self.par.shard(every)
+        if not self.cfg.packing:  # similar lengths in a micro-batch: less padding, the same step
+            idx = sorted(idx, key=self.real.__getitem__)
+        mb = self.micro_batch
+        cpu = [self.collate([self.samples[i] for i in idx[k:k + mb]]) for k in range(0, len(idx), mb)]
+        return ([data_mod.to_device(b, self.device) for b in cpu], sum(self.trained[i] for i in every),
+                sum(self.real[i] for i in every))
+
+    def step(self, ready: tuple[list, int, int]) -> tuple:
+        """Queue one optimizer step on the device (nothing waits for it); returns what report() logs."""
+        batches, n_trained, real = ready
+        total = accumulate(self.engine, batches, n_trained, self.par)
+        grad_norm = self.par.step(self.optimizer, self.params, self.cfg.max_grad_norm)  # clip, step, zero
+        self.scheduler.step()
+        self.step_no += 1
+        return self.step_no, total, grad_norm, n_trained, real, self.scheduler.get_last_lr()[0]
+
+    def report(self, queued: tuple) -> dict:
+        """Log a queued step: reading its loss waits for the device to finish that step."""
+        done, total, grad_norm, n_trained, real, lr = queued
+        total, = self.par.all_sum(float(total))
+        self.tokens_seen += int(real)
+        elapsed = self.meter.step_done(self.tokens_seen)
+        row = {"step": done, "loss": round(total / max(1, n_trained), 6), "lr": lr, "tokens": self.tokens_seen,
+               "tokens_per_s": round(self.tokens_seen / elapsed, 1),
+               "grad_norm": None if grad_norm is None else round(float(grad_norm), 4), "elapsed_s": round(elapsed, 2)}
+        self.history.append(row)
+        if self.par.is_main and (done % self.cfg.log_every == 0 or done == self.steps):
+            append_jsonl(self.log_path, row)
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        self.bar.update(1)
+        return row
+
+    # -- the run
+
+    def fit(self, save: bool = True) -> Path | None:
+        """Run every step; returns the folder of the final weights (PEFT adapter or a full model).
+
+        Args:
+            save: write checkpoints and the final weights (the speed bench times the steps alone).
+
+        Raises:
+            ChatforgeError: out of GPU memory (naming the keys that lower it).
+        """
+        from tqdm.auto import tqdm
+
+        cfg, par = self.cfg, self.par
+        if self.step_no == 0 and par.is_main and par.can_generate and self.tokenizer is not None:
+            write_samples(self.run_dir, 0, self.model, self.tokenizer, cfg)  # before training
+        self.bar = tqdm(total=self.steps, initial=self.step_no, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (self.progress and par.is_main))
+        self.tokens_seen, self.meter = 0, RunMeter(self.steps, self.step_no)
+        profiler = StepProfiler(self.run_dir, cfg.profile_steps, par.rank)  # recipe key profile_steps; 0: off
+        queued = None  # the step before: logged once this one is queued, so the device never waits for the CPU
+        try:
+            ready = self.prepare(self.step_no) if self.step_no < self.steps else None
+            while self.step_no < self.steps:
+                profiler.before(self.step_no)
+                done = self.step(ready)
+                ready = self.prepare(self.step_no) if self.step_no < self.steps else None  # while the device runs
+                if queued is not None:
+                    self.report(queued)  # the first wait: for the step before, while this one runs
+                queued = done
+                profiler.after(self.step_no)
+                if save and ((cfg.save_every and self.step_no % cfg.save_every == 0) or self.step_no == self.steps):
+                    self.report(queued)
+                    queued = None
+                    self.checkpoint()
+            if queued is not None:
+                self.report(queued)
+        except torch.cuda.OutOfMemoryError:
+            raise ChatforgeError(
+                f"out of GPU memory at step {self.step_no + 1} (micro-batch {self.micro_batch}, max_length "
+                f"{cfg.max_length}, memory budget {self.plan.budget_gib or 'auto'} GiB): lower the recipe key "
+                f"micro_batch, max_length or memory_budget_gib, or use method=qlora; the last checkpoint "
+                f"in {self.run_dir} is intact") from None
+        self.bar.close()
+        self.metrics = self.meter.summary()
+        if par.is_main and self.metrics:
+            write_text(self.run_dir / "metrics.json", json.dumps(self.metrics, indent=2))
+            log.info("train: %s", RunMeter.describe(self.metrics))
+        return self.save_final() if save else None
+
+    def checkpoint(self) -> None:
+        par = self.par
+        save_checkpoint(self.run_dir, self.step_no, self.model, self.optimizer, self.scheduler, self.tokenizer,
+                        self.cfg.keep_checkpoints, par)
+        if par.is_main:
+            if par.can_generate and self.tokenizer is not None:
+                write_samples(self.run_dir, self.step_no, self.model, self.tokenizer, self.cfg)
+            plot_loss(self.run_dir)
+
+    def save_final(self) -> Path:
+        """The final weights, directly loadable (PEFT adapter or a full model)."""
+        par = self.par
+        final = self.run_dir / ("model" if self.cfg.method == "full" else "adapter")
+        weights = par.full_state_dict(self.model)  # gathered on rank 0 when sharded
+        if par.is_main:
+            with atomic_path(final, is_dir=True) as tmp:
+                save_weights(self.model, tmp, self.tokenizer, state_dict=weights)
+            plot_loss(self.run_dir)
+        par.barrier()
+        par.close()
+        return final
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Fine-tune as the recipe says; returns the folder of the final weights (adapter or model).
 
     Raises:
-        ChatforgeError: bad data, a missing model, or --resume without a checkpoint.
+        ChatforgeError: bad data, a missing model, --resume without a checkpoint, out of GPU memory.
     """
-    fastpath.setup_allocator()  # before CUDA starts
-    par = distributed.setup(cfg)  # this process's rank under torchrun / srun; one process: no-op
-    device = par.device
-    run_dir = Path(cfg.output_dir)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    samples = par.on_main(lambda: _prepare(cfg, tokenizer, run_dir, resume))  # tokenised once, sent to all ranks
-
-    # 2. model, optimizer, schedule
-    share = len(par.shard(list(range(cfg.batch_size * cfg.grad_accum))))  # this rank's samples per step
-    model = build_model(par.plan_config(cfg, share), device)  # speed plan for this rank's share of the step
-    if par.is_main:
-        write_text(run_dir / "speed_plan.json", json.dumps(fastpath.asdict(model._chatforge_plan), indent=2))
-    ckpt = checkpoints(run_dir)[-1] if resume and checkpoints(run_dir) else None
-    if ckpt is not None:
-        load_weights(ckpt, model, cfg.method)  # before wrapping: FSDP2 shards what is loaded
-    engine = par.wrap(model, token_loss_sum)  # DDP / FSDP2 around model + loss; one process: the loss itself
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = fastpath.make_optimizer(params, cfg.lr, cfg.weight_decay, device)
-    steps = total_steps(cfg, len(samples))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps))
-    sampler = StepSampler(len(samples), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of the global step
-    mb = min(share, fastpath.micro_batch_of(model, cfg.batch_size))
-    engine, optimizer = par.wrap_optimizer(engine, optimizer, cfg, mb, math.ceil(share / mb))  # DeepSpeed
-
-    # 3. resume or start
-    step = 0
-    log_path = run_dir / "log.jsonl"
-    if ckpt is not None:
-        step = load_training_state(ckpt, model, optimizer, scheduler, par)
-        if par.is_main:
-            kept = [r for r in read_jsonl(log_path) if r.get("step", 0) <= step] if log_path.exists() else []
-            write_jsonl(log_path, kept)  # drop lines logged after the checkpoint the run died past
-    elif resume:
-        raise ChatforgeError(f"--resume: no checkpoint in {run_dir}")
-    elif par.is_main:
-        log_path.unlink(missing_ok=True)
-        if par.can_generate:
-            write_samples(run_dir, 0, model, tokenizer, cfg)
-
-    # 4. the loop
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=steps, initial=step, desc="train", unit="step", disable=not (progress and par.is_main),
-               dynamic_ncols=True)
-    start, tokens_seen = time.perf_counter(), 0
-    profiler = StepProfiler(run_dir, cfg.profile_steps, par.rank)  # recipe key profile_steps; 0: off
-    collate = data_mod.collate_packed if cfg.packing else data_mod.collate
-
-    def prepare(step: int) -> tuple[list, int, int]:
-        """This rank's share of a step (no overlap with the others) in micro-batches sized for the
-        memory budget, on the device; the whole step's trained and real token counts. Every rank
-        counts all ranks' samples on the CPU (padding adds nothing), so no collective waits for the GPU."""
-        every = sampler.indices(step)
-        idx = par.shard(every)
-        mb = fastpath.micro_batch_of(model, cfg.batch_size)
-        cpu = [collate([samples[i] for i in idx[k:k + mb]], pad) for k in range(0, len(idx), mb)]
-        counted = [collate([samples[i] for i in every], pad)] if par.world > 1 else cpu
-        return ([data_mod.to_device(b, device) for b in cpu], sum(map(data_mod.trained_tokens, counted)),
-                sum(map(data_mod.batch_tokens, counted)))
-
-    def report(done: int, total, grad_norm, n_trained: int, step_tokens: int, lr: float) -> None:
-        """Log a queued step: reading its loss waits for the GPU to finish that step."""
-        nonlocal tokens_seen
-        total, = par.all_sum(float(total))
-        tokens_seen += int(step_tokens)
-        elapsed = time.perf_counter() - start
-        row = {"step": done, "loss": round(total / max(1, n_trained), 6), "lr": lr,
-               "tokens": tokens_seen, "tokens_per_s": round(tokens_seen / elapsed, 1),
-               "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
-               "elapsed_s": round(elapsed, 2)}
-        if par.is_main and (done % cfg.log_every == 0 or done == steps):
-            append_jsonl(log_path, row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-
-    ready = prepare(step) if step < steps else None
-    queued = None  # the step before: logged once this one is queued, so the GPU never waits for the CPU
-    while step < steps:
-        profiler.before(step)
-        batches, n_trained, step_tokens = ready
-        total = accumulate(engine, batches, n_trained, par)  # queued on the GPU, not waited for
-        grad_norm = par.step(optimizer, params, cfg.max_grad_norm)  # clip, step, zero (DeepSpeed: its own)
-        scheduler.step()
-        ready = prepare(step + 1) if step + 1 < steps else None  # on the CPU while the GPU runs this step
-        if queued is not None:
-            report(*queued)  # the first wait for the GPU: for the step before, while this one runs
-        step += 1
-        queued = (step, total, grad_norm, n_trained, step_tokens, scheduler.get_last_lr()[0])
-        profiler.after(step)
-        if (cfg.save_every and step % cfg.save_every == 0) or step == steps:
-            report(*queued)
-            queued = None
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, tokenizer, cfg.keep_checkpoints, par)
-            if par.is_main:
-                if par.can_generate:
-                    write_samples(run_dir, step, model, tokenizer, cfg)
-                plot_loss(run_dir)
-    bar.close()
-
-    # 5. final weights, directly loadable (PEFT adapter or a full model)
-    final = run_dir / ("model" if cfg.method == "full" else "adapter")
-    weights = par.full_state_dict(model)  # gathered on rank 0 when sharded
-    if par.is_main:
-        with atomic_path(final, is_dir=True) as tmp:
-            save_weights(model, tmp, tokenizer, state_dict=weights)
-        plot_loss(run_dir)
-    par.barrier()
-    par.close()
-    return final
+    return Trainer(cfg, resume=resume, progress=progress).setup().fit()

@@ -44,9 +44,16 @@ def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
     return folder
 
 
+def cli_env(**extra) -> dict:
+    """The environment of a `python -m chatforge` child: this checkout first on the path (then any
+    PYTHONPATH already set, e.g. carried wheels on the GPU machine), no hub."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", **extra)
+
+
 def run_cli(*args, cwd=None, timeout=600, input=None) -> subprocess.CompletedProcess:
     """Run `python -m chatforge ARGS` and capture its output."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    env = cli_env()
     return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], cwd=cwd, env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)
 

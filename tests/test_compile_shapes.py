@@ -1,0 +1,72 @@
+"""Compiled training sees few shapes: packed rows of a fixed width, unpacked batches padded to
+power-of-two widths, so torch.compile compiles a handful of times over a run of varied real lengths."""
+import json
+
+import torch
+
+from chatforge import data as D
+from chatforge import fastpath as fp
+
+
+def identity_file(tmp_path):
+    """Identity conversations, single and joined into multi-turn ones: 60 to 400 tokens."""
+    from chatforge.identity import IdentitySpec, identity_conversations
+
+    rows = identity_conversations(IdentitySpec(owner="Ines Okafor"))
+    out, k = [], 0
+    for i, row in enumerate(rows[:120]):
+        turns = [m for r in rows[k:k + i % 5] for m in r["messages"] if m["role"] != "system"]
+        out.append({"messages": row["messages"] + turns})
+        k += i % 5
+    path = tmp_path / "identity.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return path
+
+
+def compiled_run(tmp_path, tiny_llama, monkeypatch, **keys):
+    from chatforge.config import load_recipe
+    from chatforge.train import Trainer
+
+    monkeypatch.setattr(fp, "COMPILE_BACKEND", "eager")  # dynamo with its guards, no code generation
+    torch._dynamo.reset()
+    widths = []
+    real = D.collate
+
+    def collate(samples, pad_id, width=None):
+        batch = real(samples, pad_id, width)
+        widths.append((max(len(s.input_ids) for s in samples), batch["input_ids"].shape[1]))
+        return batch
+
+    monkeypatch.setattr(D, "collate", collate)
+    cfg = load_recipe("smollm2_135m_identity_lora", {
+        "model": str(tiny_llama), "data": str(identity_file(tmp_path)), "output_dir": str(tmp_path / "run"),
+        "compile": True, "max_steps": 8, "save_every": 0, "eval_prompts": [], "batch_size": 4,
+        "max_length": 512, **keys})
+    trainer = Trainer(cfg, progress=False).setup()
+    trainer.fit()
+    torch._dynamo.reset()
+    return trainer, widths
+
+
+def test_unpacked_batches_pad_to_buckets_and_compile_a_few_times(tmp_path, tiny_llama, monkeypatch):
+    trainer, widths = compiled_run(tmp_path, tiny_llama, monkeypatch)
+    natural = {n for n, _ in widths}
+    padded = {w for _, w in widths}
+    assert len(natural) >= 6  # real identity conversations of many lengths
+    assert padded <= {64, 128, 256, 512} and len(padded) < len(natural)
+    assert trainer.metrics["compilations"] <= 3, trainer.metrics
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 8 and metrics["real_tokens"] > 0 and "tokens_per_s_after_warmup" in metrics
+
+
+def test_packed_rows_have_one_width_and_compile_once(tmp_path, tiny_llama, monkeypatch):
+    trainer, _ = compiled_run(tmp_path, tiny_llama, monkeypatch, packing=True, max_steps=4)
+    batch = trainer.collate(trainer.samples[:2])
+    assert batch["input_ids"].shape == (2, 512)
+    assert len(batch["cu_seqlens"]) == 2 * trainer.max_segments + 1  # padded with empty segments
+    assert trainer.metrics["compilations"] == 1 and trainer.metrics["recompilations"] == 0, trainer.metrics
+
+
+def test_bucket_width():
+    assert [D.bucket_width(n, 512) for n in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
+    assert D.bucket_width(700, 1000) == 1000 and D.bucket_width(1000, 1000) == 1000

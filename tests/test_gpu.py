@@ -1,0 +1,184 @@
+"""The GPU paths as users run them, through the CLI: `pytest -m gpu` on a CUDA machine (skipped without).
+
+An InternLM2-Chat-1.8B checkpoint in the official file format (random weights), the real Huatuo data
+(`data/huatuo/llama_data.jsonl` in the repository, or `../shared/data/huatuo/`), the embedded default
+model. Random weights cannot learn much, so on InternLM2 these tests check that each path runs and
+writes what it should; the default model checks that the identity is learned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, cli_env, run_cli
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+OWNER = "Ada Park"
+RECIPES = sorted(p.stem for p in (ROOT / "chatforge" / "recipes").glob("*.yaml"))
+
+
+def timed_cli(*args, timeout=900):
+    t = time.perf_counter()
+    r = run_cli(*args, timeout=timeout)
+    seconds = time.perf_counter() - t
+    print(f"\n[gpu] chatforge {' '.join(map(str, args[:2]))}: rc {r.returncode}, {seconds:.1f} s")
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r, seconds
+
+
+@pytest.fixture(scope="module")
+def il2(tmp_path_factory) -> Path:
+    """The 1.8B-shaped checkpoint: $CHATFORGE_TEST_IL2 if set (written once per machine), else written here."""
+    if os.environ.get("CHATFORGE_TEST_IL2"):
+        return Path(os.environ["CHATFORGE_TEST_IL2"])
+    sys.path.insert(0, str(ROOT / "bench"))
+    from internlm2_gpu_check import SHAPE_1_8B, write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("il2") / "internlm2-chat-1_8b", SHAPE_1_8B, device="cuda")
+
+
+@pytest.fixture(scope="module")
+def huatuo() -> Path:
+    for path in (ROOT / "data" / "huatuo" / "llama_data.jsonl", ROOT.parent / "shared" / "data" / "huatuo" /
+                 "llama_data.jsonl"):
+        if path.is_file():
+            return path
+    pytest.skip("the Huatuo data is not in data/huatuo/ or ../shared/data/huatuo/")
+
+
+@pytest.fixture(scope="module")
+def identity_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("identity") / "identity.jsonl"
+    timed_cli("data", "identity", "--name", OWNER, "--out", out, "--no-replay", "--base-name", "InternLM2-Chat-1.8B")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrain_data(tmp_path_factory, huatuo) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "text.jsonl"
+    rows = [json.loads(line) for line in huatuo.read_text(encoding="utf-8").splitlines()[:600]]
+    out.write_text("".join(json.dumps({"text": r["output"]}, ensure_ascii=False) + "\n" for r in rows),
+                   encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def il2_lora_run(tmp_path_factory, il2) -> Path:
+    """`chatforge assistant` on the InternLM2 checkpoint with the LoRA identity recipe (short)."""
+    run = tmp_path_factory.mktemp("il2-lora") / "run"
+    timed_cli("assistant", "--name", OWNER, "--model", il2, "--recipe", "internlm2_chat_1_8b_identity_lora",
+              "--out", run, "--no-progress", "max_steps=8")
+    return run
+
+
+def test_assistant_on_the_default_model_learns_the_identity(tmp_path):
+    run = tmp_path / "run"
+    r, seconds = timed_cli("assistant", "--name", OWNER, "--out", run, "--no-progress")
+    tuned = json.loads((run / "eval.json").read_text())["scores"]["fine-tuned"]
+    print(f"[gpu] default model assistant: {seconds:.1f} s, stages {(run / 'timings.json').read_text()}, "
+          f"identity {tuned['identity']:.3f}")
+    assert tuned["identity"] >= 0.8, tuned
+    assert tuned["general answers naming the owner"] <= 0.2, tuned
+
+
+def test_assistant_on_internlm2_lora(il2_lora_run):
+    for name in ("train/adapter/adapter_model.safetensors", "train/samples.md", "train/loss.png", "eval.json",
+                 "merged/config.json", "timings.json"):
+        assert (il2_lora_run / name).is_file(), name
+    samples = (il2_lora_run / "train" / "samples.md").read_text()
+    assert "## step 0" in samples and "## step 8" in samples  # generation on the GPU, before and after
+
+
+def test_assistant_on_internlm2_qlora(tmp_path, il2):
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "run"
+    timed_cli("assistant", "--name", OWNER, "--model", il2, "--out", run, "--no-progress", "max_steps=8")
+    config = (run / "train" / "config.yaml").read_text()
+    assert "method: qlora" in config and (run / "eval.json").is_file()
+    assert "## step 8" in (run / "train" / "samples.md").read_text()
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_shipped_recipe_trains_a_few_steps(recipe, tmp_path, il2, huatuo, identity_data, pretrain_data):
+    if "qlora" in recipe:
+        pytest.importorskip("bitsandbytes")
+    data = pretrain_data if "pretrain" in recipe else huatuo if "medical" in recipe else identity_data
+    model = [f"model={il2}"] if recipe.startswith("internlm2") else []
+    out = tmp_path / "run"
+    timed_cli("train", recipe, *model, f"data={data}", f"output_dir={out}", "max_steps=3", "save_every=0",
+              "--no-progress")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["real_tokens"] > 0 and metrics["peak_gib"] > 0
+    if "eval_prompts" in (ROOT / "chatforge" / "recipes" / f"{recipe}.yaml").read_text():
+        assert "## step 3" in (out / "samples.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_compiled_medical_run_on_huatuo(method, tmp_path, il2, huatuo):
+    """The packed, compiled path (varlen attention, fixed shapes) on real data: few compilations."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    timed_cli("train", "internlm2_chat_1_8b_medical_sft", f"model={il2}", f"data={huatuo}", f"method={method}",
+              f"output_dir={out}", "max_steps=6", "save_every=0", "compile=true", "eval_prompts=[]", "--no-progress")
+    plan = json.loads((out / "speed_plan.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"[gpu] compiled {method}: {metrics}")
+    assert plan["compile"] and plan["attention"] == "varlen"
+    assert metrics["recompilations"] <= 4 and metrics["steps"] == 6
+
+
+def test_merge_both_formats_then_eval_chat_and_serve(tmp_path, il2, il2_lora_run):
+    adapter = il2_lora_run / "train" / "adapter"
+    merged = {}
+    for fmt in ("hf", "internlm2"):
+        merged[fmt] = tmp_path / f"merged-{fmt}"
+        r, _ = timed_cli("merge", adapter, merged[fmt], "--format", fmt)
+        report = json.loads(r.stdout)
+        assert report["reload_diff"] <= report["tolerance"] and report["dtype"] == "bfloat16"
+    timed_cli("eval", merged["internlm2"], "--base", il2, "--eval-set",
+              il2_lora_run / "data" / "identity.eval.json", "--out", tmp_path / "eval")
+    assert (tmp_path / "eval" / "eval.json").is_file()
+    r = run_cli("chat", merged["hf"], "--temperature", "0", "--max-new-tokens", "12", input="你好\n/exit\n",
+                timeout=300)
+    assert r.returncode == 0 and r.stdout.count("assistant> ") == 1, r.stderr[-3000:]
+    serve_one_request(merged["internlm2"])
+
+
+def serve_one_request(model: Path) -> None:
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", str(model), "--port", str(port)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, url = time.time() + 300, f"http://127.0.0.1:{port}"
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        model_id = httpx.get(f"{url}/health", timeout=10).json()["model"]
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": model_id, "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
