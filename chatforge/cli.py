@@ -62,7 +62,8 @@ def cmd_train(a):
     if (a.gpus or a.nnodes) and not distributed.in_launched_rank():
         world = (a.gpus or 1) * (a.nnodes or distributed.slurm_nodes().get("nnodes") or 1)
         distributed.Parallel(world=world).shard(list(range(cfg.batch_size * cfg.grad_accum)))  # splits evenly?
-        args = ["train", a.recipe, *overrides] + ["--resume"] * a.resume + ["--no-progress"] * a.no_progress
+        args = ["train", a.recipe, *overrides] + ["--resume"] * a.resume + ["--no-progress"] * a.no_progress \
+            + ["--allow-changes"] * a.allow_changes
         rc = distributed.launch(args, a.gpus or 1, nnodes=a.nnodes, node_rank=a.node_rank,
                                 master_addr=a.master_addr, master_port=a.master_port)
         if rc:
@@ -73,7 +74,8 @@ def cmd_train(a):
 
     from .train import train
 
-    final = record(train)(cfg, resume=a.resume, progress=not a.no_progress)  # record: torchrun shows the traceback
+    final = record(train)(cfg, resume=a.resume, progress=not a.no_progress,  # record: torchrun shows the traceback
+                          allow_changes=a.allow_changes)
     if distributed.rank_env()[0] == 0:
         print(final)
 
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("recipe", help="a recipe file or the name of a shipped recipe")
     s.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
     s.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    s.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although the recipe's training keys differ from the checkpoint's")
     s.add_argument("--no-progress", action="store_true")
     g = s.add_argument_group("several GPUs or machines (docs/distributed.md)")
     g.add_argument("--gpus", type=int, help="processes (GPUs) on this machine, launched through torchrun")

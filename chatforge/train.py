@@ -11,10 +11,13 @@ bench/train_speed.py runs the same object on its own model and samples.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +28,8 @@ from . import data as data_mod
 from . import distributed
 from . import fastpath
 from .config import TrainConfig, to_dict
-from .files import ChatforgeError, append_jsonl, atomic_path, read_jsonl, write_jsonl, write_text
+from .files import (ChatforgeError, append_jsonl, atomic_path, free_gib, read_jsonl, remove_stale_temps, write_jsonl,
+                    write_text)
 from .models import load_model, load_tokenizer, resolve
 from .profiling import RunMeter, StepProfiler
 
@@ -147,16 +151,48 @@ def accumulate(engine, batches: list, n_trained: int, par: distributed.Parallel)
 
 # ---------------------------------------------------------------- checkpoints
 
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# Recipe keys that change what training computes: a resumed run must have the checkpoint's values.
+RESUME_KEYS = ("model", "method", "task", "data", "lora", "max_length", "overflow", "batch_size", "grad_accum",
+               "epochs", "max_steps", "lr", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
+               "dtype", "packing", "system")
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    """The run's complete checkpoints (`checkpoint-<step>` folders with a state file), oldest first;
+    other folders (`checkpoint-12.bak`, `checkpoint-9-old`) are not checkpoints."""
+    found = [p for p in run_dir.glob("checkpoint-*") if CHECKPOINT.fullmatch(p.name) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def resume_settings(cfg: TrainConfig) -> dict:
+    full = to_dict(cfg)
+    return {k: full[k] for k in RESUME_KEYS}
+
+
+@contextlib.contextmanager
+def write_weights_folder(final: Path, keep: int = 0):
+    """atomic_path for a checkpoint or the final weights; a failed write (a full disk) names the folder,
+    the free space and the last good checkpoint, which stays."""
+    try:
+        with atomic_path(final, is_dir=True) as tmp:
+            yield tmp
+    except (OSError, RuntimeError) as e:
+        last = checkpoints(final.parent)
+        two = " (keep_checkpoints=1 needs room for two checkpoints while the next one is written)" if keep == 1 else ""
+        raise ChatforgeError(f"could not write {final}: {str(e).splitlines()[0]}; {free_gib(final.parent):.1f} GiB free "
+                             f"there{two}; the last good checkpoint is {last[-1] if last else 'none'}") from None
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer, keep: int,
-                    par: distributed.Parallel | None = None) -> Path:
+                    par: distributed.Parallel | None = None, settings: dict | None = None) -> Path:
     """Every rank calls it (sharded weights and optimizer state are gathered); rank 0 writes.
 
-    The optimizer state is keyed by parameter name, so a checkpoint of N ranks resumes on M.
+    The optimizer state is keyed by parameter name, so a checkpoint of N ranks resumes on M. The state
+    file holds tensors, numbers and strings only (it is read back with weights_only=True).
+
+    Raises:
+        ChatforgeError: the folder could not be written (full disk); older checkpoints stay.
     """
     par = par or distributed.Parallel()
     final = run_dir / f"checkpoint-{step}"
@@ -164,10 +200,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     optim = par.optimizer_state(model, optimizer)
     par.save_engine_state(run_dir / "deepspeed", f"step{step}")
     if par.is_main:
-        with atomic_path(final, is_dir=True) as tmp:
+        with write_weights_folder(final, keep) as tmp:
             save_weights(model, tmp, tokenizer, state_dict=weights)
             torch.save({"step": step, "optimizer": optim, "optimizer_format": "fqn", "world_size": par.world,
-                        "scheduler": scheduler.state_dict(),
+                        "scheduler": scheduler.state_dict(), "settings": settings,
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_FILE)
         for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -176,16 +212,43 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     return final
 
 
-def load_training_state(ckpt: Path, model, optimizer, scheduler, par: distributed.Parallel | None = None) -> int:
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer state, loaded without running code from the file.
+
+    Raises:
+        ChatforgeError: the file holds other objects than tensors, numbers and strings, or is unreadable.
+    """
+    path = ckpt / STATE_FILE
+    try:
+        return torch.load(path, weights_only=True, mmap=True)  # mmap: ranks > 0 never read the moments
+    except pickle.UnpicklingError as e:
+        raise ChatforgeError(f"{path}: refusing to load it: it holds objects other than tensors, numbers and "
+                             f"strings ({str(e).splitlines()[-1][:200]})") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ChatforgeError(f"{path}: unreadable trainer state ({str(e).splitlines()[0][:200]})") from None
+
+
+def check_settings(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    """Raises ChatforgeError when the recipe's RESUME_KEYS differ from the checkpoint's."""
+    saved = state.get("settings")
+    if not saved:  # a checkpoint written before settings were stored
+        return
+    now = resume_settings(cfg)
+    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    if changed:
+        diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ChatforgeError(f"--resume: the recipe differs from {ckpt.name}'s ({diff}); resume with the same "
+                             f"recipe, or pass --allow-changes to continue with the new values")
+
+
+def load_training_state(state: dict, ckpt: Path, model, optimizer, scheduler,
+                        par: distributed.Parallel | None = None) -> int:
     """Optimizer, schedule and random state of a checkpoint (after load_weights and wrapping); its step."""
     par = par or distributed.Parallel()
-    state = torch.load(ckpt / STATE_FILE, weights_only=False, mmap=True)  # mmap: ranks > 0 never read moments
     if par.engine is not None:
         if not par.load_engine_state(ckpt.parent / "deepspeed", f"step{state['step']}", state.get("world_size", 1)):
-            import logging
-            logging.getLogger(__name__).warning(
-                "DeepSpeed state of %s was written by %s ranks (or is missing): weights resume, "
-                "optimizer moments restart", ckpt, state.get("world_size"))
+            log.warning("DeepSpeed state of %s was written by %s ranks (or is missing): weights resume, "
+                        "optimizer moments restart", ckpt, state.get("world_size"))
     elif state.get("optimizer_format") == "fqn":
         par.load_optimizer_state(model, optimizer, state["optimizer"])
     else:
@@ -283,11 +346,12 @@ class Trainer:
         progress: show a progress bar.
         model: train this model instead of loading `cfg.model` (made as build_model makes it).
         samples: train on these units (Samples, or packed lists of them) instead of reading `cfg.data`.
+        allow_changes: resume although recipe keys that change training differ from the checkpoint's.
     """
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, model=None,
-                 samples: list | None = None):
-        self.cfg, self.resume, self.progress = cfg, resume, progress
+                 samples: list | None = None, allow_changes: bool = False):
+        self.cfg, self.resume, self.progress, self.allow_changes = cfg, resume, progress, allow_changes
         self.model, self.samples = model, samples
         self.step_no, self.history, self.metrics = 0, [], {}
 
@@ -299,6 +363,12 @@ class Trainer:
         fastpath.setup_allocator()  # before CUDA starts
         par = self.par = distributed.setup(cfg)  # this process's rank under torchrun / srun; one process: no-op
         self.device, self.run_dir = par.device, Path(cfg.output_dir)
+        if par.is_main and remove_stale_temps(self.run_dir):
+            log.info("removed unfinished writes of an earlier run in %s", self.run_dir)
+        self.ckpt = checkpoints(self.run_dir)[-1] if self.resume and checkpoints(self.run_dir) else None
+        self.state = read_state(self.ckpt) if self.ckpt is not None else None
+        if self.state is not None and not self.allow_changes:
+            check_settings(self.state, cfg, self.ckpt)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model) if self.samples is None else None
@@ -324,7 +394,7 @@ class Trainer:
             write_text(self.run_dir / "speed_plan.json", json.dumps(fastpath.asdict(self.plan), indent=2))
 
         # optimizer and schedule, after a checkpoint's weights (FSDP2 shards what is loaded)
-        ckpt = checkpoints(self.run_dir)[-1] if self.resume and checkpoints(self.run_dir) else None
+        ckpt = self.ckpt
         if ckpt is not None:
             load_weights(ckpt, self.model, cfg.method)
         self.engine = par.wrap(self.model, token_loss_sum)  # DDP / FSDP2 around model + loss; one process: the loss
@@ -339,9 +409,9 @@ class Trainer:
         # resume or start
         self.log_path = self.run_dir / "log.jsonl"
         if ckpt is not None:
-            self.step_no = load_training_state(ckpt, self.model, self.optimizer, self.scheduler, par)
-            if par.is_main:
-                kept = [r for r in read_jsonl(self.log_path) if r.get("step", 0) <= self.step_no] \
+            self.step_no = load_training_state(self.state, ckpt, self.model, self.optimizer, self.scheduler, par)
+            if par.is_main:  # a kill can tear the log's last line
+                kept = [r for r in read_jsonl(self.log_path, torn_tail=True) if r.get("step", 0) <= self.step_no] \
                     if self.log_path.exists() else []
                 write_jsonl(self.log_path, kept)  # drop lines logged after the checkpoint the run died past
         elif self.resume:
@@ -443,8 +513,8 @@ class Trainer:
             raise ChatforgeError(
                 f"out of GPU memory at step {self.step_no + 1} (micro-batch {self.micro_batch}, max_length "
                 f"{cfg.max_length}, memory budget {self.plan.budget_gib or 'auto'} GiB): lower the recipe key "
-                f"micro_batch, max_length or memory_budget_gib, or use method=qlora; the last checkpoint "
-                f"in {self.run_dir} is intact") from None
+                f"micro_batch, max_length or memory_budget_gib, or use method=qlora; the last checkpoint is "
+                f"{(checkpoints(self.run_dir) or ['none'])[-1]}") from None
         self.bar.close()
         self.metrics = self.meter.summary()
         if par.is_main and self.metrics:
@@ -455,7 +525,7 @@ class Trainer:
     def checkpoint(self) -> None:
         par = self.par
         save_checkpoint(self.run_dir, self.step_no, self.model, self.optimizer, self.scheduler, self.tokenizer,
-                        self.cfg.keep_checkpoints, par)
+                        self.cfg.keep_checkpoints, par, settings=resume_settings(self.cfg))
         if par.is_main:
             if par.can_generate and self.tokenizer is not None:
                 write_samples(self.run_dir, self.step_no, self.model, self.tokenizer, self.cfg)
@@ -467,7 +537,7 @@ class Trainer:
         final = self.run_dir / ("model" if self.cfg.method == "full" else "adapter")
         weights = par.full_state_dict(self.model)  # gathered on rank 0 when sharded
         if par.is_main:
-            with atomic_path(final, is_dir=True) as tmp:
+            with write_weights_folder(final) as tmp:
                 save_weights(self.model, tmp, self.tokenizer, state_dict=weights)
             plot_loss(self.run_dir)
         par.barrier()
@@ -475,10 +545,11 @@ class Trainer:
         return final
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, allow_changes: bool = False) -> Path:
     """Fine-tune as the recipe says; returns the folder of the final weights (adapter or model).
 
     Raises:
-        ChatforgeError: bad data, a missing model, --resume without a checkpoint, out of GPU memory.
+        ChatforgeError: bad data, a missing model, --resume without a checkpoint or with a changed recipe,
+            out of GPU memory, a full disk.
     """
-    return Trainer(cfg, resume=resume, progress=progress).setup().fit()
+    return Trainer(cfg, resume=resume, progress=progress, allow_changes=allow_changes).setup().fit()

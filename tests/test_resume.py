@@ -1,0 +1,131 @@
+"""Resume as it meets real run folders: no code from the folder runs, ordinary leftovers do not break it,
+a changed recipe is refused, and a full disk keeps the last good checkpoint."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from chatforge.files import ChatforgeError
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from chatforge.identity import IdentitySpec, write_identity_data
+
+    out = tmp_path_factory.mktemp("data") / "identity.jsonl"
+    write_identity_data(IdentitySpec(owner="Noor Haddad"), out)
+    return out
+
+
+def recipe(tiny_llama, data, out, **keys):
+    from chatforge.config import load_recipe
+
+    return load_recipe("smollm2_135m_identity_lora", {
+        "model": str(tiny_llama), "data": str(data), "output_dir": str(out), "max_steps": 3, "save_every": 1,
+        "keep_checkpoints": 5, "batch_size": 2, "max_length": 128, "eval_prompts": [], **keys})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_llama, data):
+    """A finished 3-step run with checkpoints 1, 2, 3 (copied per test)."""
+    from chatforge.train import train
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    train(recipe(tiny_llama, data, out), progress=False)
+    return out
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_crafted_state_file_runs_no_code(run, tmp_path, tiny_llama, data):
+    from chatforge.train import STATE_FILE, train
+
+    folder = copy_of(run, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    torch.save({"step": 3, "x": Payload()}, folder / "checkpoint-3" / STATE_FILE)
+    with pytest.raises(ChatforgeError, match="refusing to load"):
+        train(recipe(tiny_llama, data, folder, max_steps=4), resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_leftovers_torn_log_odd_folders_and_stale_temps(run, tmp_path, tiny_llama, data):
+    from chatforge.train import checkpoints, train
+
+    folder = copy_of(run, tmp_path)
+    shutil.rmtree(folder / "checkpoint-3")
+    shutil.copytree(folder / "checkpoint-2", folder / "checkpoint-12.bak")
+    shutil.copytree(folder / "checkpoint-1", folder / "checkpoint-99-old")
+    stale = folder / ".checkpoint-7.abc123.tmp"
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"\0" * 1000)
+    with open(folder / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # torn by a kill
+    assert [p.name for p in checkpoints(folder)] == ["checkpoint-1", "checkpoint-2"]
+    train(recipe(tiny_llama, data, folder, max_steps=4), resume=True, progress=False, allow_changes=True)
+    steps = [json.loads(line)["step"] for line in (folder / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and not stale.exists()
+    assert (folder / "checkpoint-12.bak").is_dir() and (folder / "checkpoint-99-old").is_dir()  # not rotated
+
+
+def test_a_changed_recipe_is_refused_unless_allowed(run, tmp_path, tiny_llama, data):
+    from chatforge.train import train
+
+    folder = copy_of(run, tmp_path)
+    with pytest.raises(ChatforgeError, match=r"lr: 0\.001 -> 0\.002.*--allow-changes"):
+        train(recipe(tiny_llama, data, folder, lr=0.002), resume=True, progress=False)
+    with pytest.raises(ChatforgeError, match="lora"):
+        train(recipe(tiny_llama, data, folder, **{"lora": {"r": 8}}), resume=True, progress=False)
+    train(recipe(tiny_llama, data, folder, max_steps=4, save_every=0), resume=True, progress=False,
+          allow_changes=True)  # max_steps changed: allowed when asked
+    assert (folder / "checkpoint-4").is_dir()
+
+
+def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(run, tmp_path, tiny_llama, data, monkeypatch):
+    from chatforge import train as train_mod
+
+    folder = copy_of(run, tmp_path)
+
+    def no_space(obj, path, *a, **k):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(train_mod.torch, "save", no_space)
+    with pytest.raises(ChatforgeError, match=r"could not write .*checkpoint-4.*GiB free.*keep_checkpoints=1.*"
+                                             r"last good checkpoint is .*checkpoint-3"):
+        train_mod.train(recipe(tiny_llama, data, folder, max_steps=4, keep_checkpoints=1), resume=True,
+                        progress=False, allow_changes=True)
+    assert (folder / "checkpoint-3" / train_mod.STATE_FILE).is_file()
+    assert not list(folder.glob(".checkpoint-4*")) and not (folder / "checkpoint-4").exists()
+
+
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    from chatforge import files
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    with files.atomic_path(tmp_path / "out", is_dir=True) as tmp:
+        (tmp / "a.bin").write_bytes(b"x")
+    assert any(p.endswith("a.bin") for p in synced) and str(tmp_path) in synced
+
+
+def test_out_of_memory_names_the_keys_and_keeps_the_checkpoints(run, tmp_path, tiny_llama, data, monkeypatch):
+    from chatforge import train as train_mod
+
+    folder = copy_of(run, tmp_path)
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train_mod, "accumulate", oom)
+    with pytest.raises(ChatforgeError, match=r"out of GPU memory at step 4 .*micro_batch, max_length or "
+                                             r"memory_budget_gib.*checkpoint-3"):
+        train_mod.train(recipe(tiny_llama, data, folder, max_steps=5), resume=True, progress=False,
+                        allow_changes=True)
+    assert (folder / "checkpoint-3" / train_mod.STATE_FILE).is_file()
