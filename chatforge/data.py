@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .chat_tokens import encode_rendered, template_specials
 from .files import ChatforgeError
 
 IGNORE = -100  # label of tokens that carry no loss
@@ -371,24 +372,17 @@ def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int,
 
 
 def encode_sft(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels: labels equal ids on assistant replies and IGNORE elsewhere."""
+    """Token ids and labels: labels equal ids on assistant replies and IGNORE elsewhere. Special-token
+    text inside a message stays text (chat_tokens); other conversations tokenise as one rendering.
+
+    Raises:
+        ChatforgeError: the template cannot be followed reply by reply, or rewrites special-token text.
+    """
     text, spans = trained_spans(tokenizer, messages)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        labels = [tok if any(a <= start < b for a, b in spans) else IGNORE
-                  for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
-        return ids, labels
-    # Slow tokenizers have no offsets: encode the pieces between span edges one by one.
-    ids, labels, pos = [], [], 0
-    for a, b in spans + [(len(text), len(text))]:
-        for piece, trained in ((text[pos:a], False), (text[a:b], True)):
-            if piece:
-                part = tokenizer.encode(piece, add_special_tokens=False)
-                ids += part
-                labels += part if trained else [IGNORE] * len(part)
-        pos = b
-    return ids, labels
+    # Slow tokenizers have no offsets: pieces between span edges are encoded one by one.
+    cuts = () if getattr(tokenizer, "is_fast", False) else tuple(e for span in spans for e in span)
+    ids, starts = encode_rendered(tokenizer, text, template_specials(tokenizer, messages, text), cuts)
+    return ids, [tok if any(a <= s < b for a, b in spans) else IGNORE for tok, s in zip(ids, starts)]
 
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
