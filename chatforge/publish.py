@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
+from .config import load_yaml
 from .files import ChatforgeError, write_text
 
 TOKEN_ENV = "CHATFORGE_HUB_TOKEN"
@@ -42,7 +43,7 @@ def _read(path: Path | None):
     if path.suffix == ".json":
         return json.loads(text)
     if path.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text)
+        return load_yaml(text, str(path))
     return text
 
 
