@@ -76,7 +76,7 @@ def read_secret(file: str | os.PathLike | None, env: str) -> str | None:
     return lines[0].strip()
 
 
-def check_bind(host: str, secured: bool, command: str, secret: str) -> None:
+def check_bind(host: str, secured: bool, command: str, secret: str, source: str) -> None:
     """Refuse to serve a non-loopback address without a secret.
 
     Raises:
@@ -84,4 +84,4 @@ def check_bind(host: str, secured: bool, command: str, secret: str) -> None:
     """
     if not secured and not is_loopback(host):
         raise ChatforgeError(f"{command} on {host} without {secret} would let anyone who reaches that address "
-                             f"use it: set {secret}, or bind 127.0.0.1")
+                             f"use it: set one ({source}), or bind 127.0.0.1")

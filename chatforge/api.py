@@ -389,7 +389,7 @@ def serve_api(model_spec: str | None = None, host: str = "127.0.0.1", port: int 
     require("fastapi", "serve", "chatforge serve")
     require("uvicorn", "serve", "chatforge serve")
     key = api_key or read_secret(api_key_file, API_KEY_ENV)
-    check_bind(host, bool(key), "chatforge serve", f"an API key (${API_KEY_ENV} or --api-key-file)")
+    check_bind(host, bool(key), "chatforge serve", "an API key", f"${API_KEY_ENV} or --api-key-file")
     tokenizer, model = load_tokenizer(model_spec), load_model(model_spec, dtype=dtype)
     model_id = model_name or display_name(model_spec)
     app = create_app(model, tokenizer, model_id, api_key=key, limits=limits, host=host)

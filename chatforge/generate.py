@@ -18,7 +18,10 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
         ChatforgeError: a message holds special-token text the template would rewrite (chat_tokens).
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return encode_rendered(tokenizer, text, template_specials(tokenizer, messages, text, True))[0]
+    specials = template_specials(tokenizer, messages, text, True)
+    if specials is None:  # no special-token text in any message: the whole rendering at once
+        return tokenizer.encode(text, add_special_tokens=False)
+    return encode_rendered(tokenizer, text, specials)[0]
 
 
 def _sampling(temperature: float, top_p: float) -> dict:

@@ -170,7 +170,7 @@ def serve_web(model_spec: str | None = None, compare: str | None = None, host: s
         ChatforgeError: no login on a non-loopback host, a malformed login, a model cannot be loaded.
     """
     auth = auth or read_secret(auth_file, WEB_AUTH_ENV)
-    check_bind(host, bool(auth), "chatforge web", f"a login (${WEB_AUTH_ENV} or --auth-file)")
+    check_bind(host, bool(auth), "chatforge web", "a login", f"${WEB_AUTH_ENV} or --auth-file")
     check = login_check(auth) if auth else None
     require("gradio", "web", "chatforge web")  # before minutes of model loading
     columns = load_columns(model_spec, compare, dtype)
