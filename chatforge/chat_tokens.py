@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import re
 import secrets
+import weakref
 
 from .files import ChatforgeError
 
 
+_PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (added tokens, pattern)
+
+
 def special_pattern(tokenizer) -> re.Pattern | None:
     """A regex matching any of the tokenizer's special tokens (longest first), or None if it has none."""
-    names = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, names))) if names else None
+    added = tokenizer.added_tokens_decoder
+    cached = _PATTERNS.get(tokenizer)
+    if cached is None or cached[0] != len(added):  # built once per tokenizer (again if tokens are added)
+        names = sorted({t.content for t in added.values() if t.special}, key=len, reverse=True)
+        cached = _PATTERNS[tokenizer] = (len(added), re.compile("|".join(map(re.escape, names))) if names else None)
+    return cached[1]
 
 
 def template_specials(tokenizer, messages: list[dict], text: str,
