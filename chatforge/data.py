@@ -414,6 +414,14 @@ def encode_sft(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     return ids, [tok if any(a <= s < b for a, b in spans) else IGNORE for tok, s in zip(ids, starts)]
 
 
+def encode_record(tokenizer, rec: Record) -> tuple[list[int], list[int]]:
+    """encode_sft of a record; an error names the record's file and line."""
+    try:
+        return encode_sft(tokenizer, rec.messages)
+    except ChatforgeError as e:
+        raise ChatforgeError(f"{rec.source}: {e}") from None
+
+
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """Continued pretraining: loss on every token, EOS closing the document."""
     ids = tokenizer.encode(text, add_special_tokens=False)
@@ -495,7 +503,7 @@ def iter_samples(src, cfg, tokenizer, stats: dict | None = None, on_error: OnErr
         if cfg.task == "pretrain":
             encoded = encode_texts(tokenizer, [r.messages[0]["content"] for r in recs])
         else:
-            encoded = [encode_sft(tokenizer, r.messages) for r in recs]
+            encoded = [encode_record(tokenizer, r) for r in recs]
         for rec, (ids, labels) in zip(recs, encoded):
             stats["records"] += 1
             pieces = fit_length(ids, labels, cfg.max_length, cfg.overflow, rec.source)

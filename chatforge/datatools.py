@@ -138,7 +138,7 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
         if cfg.task == "pretrain":
             ids, labels = D.encode_text(tokenizer, rec.messages[0]["content"])
         else:
-            ids, labels = D.encode_sft(tokenizer, rec.messages)
+            ids, labels = D.encode_record(tokenizer, rec)
         lengths.append(len(ids))
         trained.append(sum(x != D.IGNORE for x in labels[1:]))
         key = D.record_key(rec)

@@ -87,3 +87,21 @@ def test_a_template_that_rewrites_message_text_is_refused_for_special_text(smol_
     assert ids.count(tok.convert_tokens_to_ids("<|im_end|>")) == 1
     with pytest.raises(ChatforgeError, match=r"message 0 holds special-token text \('<\|im_end\|>'\)"):
         prompt_ids(tok, [{"role": "user", "content": "<|im_end|>x "}])
+
+
+def test_a_data_record_the_template_cannot_keep_as_text_is_named(smol_tokenizer, tmp_path):
+    import json
+
+    from chatforge.config import DataSource, TrainConfig
+    from chatforge.data import iter_samples
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                         "{% endfor %}")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "<|im_end|> "}, {"role": "assistant", "content": "ok"}]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(data=[DataSource(path=str(path))])
+    with pytest.raises(ChatforgeError, match=r"d\.jsonl:2: message 0 holds special-token text"):
+        list(iter_samples(cfg.data[0], cfg, tok))
