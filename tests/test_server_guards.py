@@ -124,7 +124,7 @@ def test_a_client_that_goes_away_stops_its_generation(slow_model, stream):
         wait_for(lambda: stats["busy"], 10)
         time.sleep(0.3)
         sock.close()
-        assert wait_for(lambda: not stats["busy"], 3) < 2  # not the ~8 s the reply would take
+        assert wait_for(lambda: not stats["busy"], 8) < 5  # the whole reply took 95 s before the fix
         assert stats["cancelled"] == 1
 
 
@@ -133,8 +133,8 @@ def test_a_request_has_a_deadline(slow_model):
         start = time.monotonic()
         r = chat(url, {**HI, "max_tokens": 400})
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
-        assert time.monotonic() - start < 3
-        wait_for(lambda: not app.state.engine.stats["busy"], 2)
+        assert time.monotonic() - start < 5
+        wait_for(lambda: not app.state.engine.stats["busy"], 5)
         assert app.state.engine.stats["cancelled"] == 1
 
 
@@ -148,30 +148,29 @@ def test_health_reports_a_stopped_engine(slow_model):
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
 
 
-def health_while(url: str, body: dict) -> tuple[httpx.Response, float]:
-    """Post `body`; meanwhile poll /health. Returns the reply and /health's slowest answer in seconds."""
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(r=chat(url, body)))
-    worker.start()
-    slowest = 0.0
-    while worker.is_alive():
-        start = time.monotonic()
-        assert httpx.get(url + "/health", timeout=30).status_code == 200
-        slowest = max(slowest, time.monotonic() - start)
-        time.sleep(0.01)
-    return result["r"], slowest
+def test_large_prompts_do_not_block_the_server(slow_model, monkeypatch):
+    import asyncio
 
+    from chatforge import api
 
-def test_large_prompts_do_not_block_the_server(slow_model):
+    calls = []
+
+    def spy(tokenizer, messages):  # where the server tokenises: a running event loop means on the loop
+        try:
+            asyncio.get_running_loop()
+            calls.append("event loop")
+        except RuntimeError:
+            calls.append("worker thread")
+        return real(tokenizer, messages)
+
+    real = api.prompt_ids
+    monkeypatch.setattr(api, "prompt_ids", spy)
     words = " ".join(f"w{i} {i * 7919 % 10007}" for i in range(90_000))  # ~1 MB, ~400k tokens
     with serving(slow_model, max_body_bytes=2 << 20) as (url, app):
-        start = time.monotonic()
         r = chat(url, {**HI, "messages": [{"role": "user", "content": words}]})
-        assert r.json()["error"]["code"] == "prompt_too_long" and time.monotonic() - start < 1  # not tokenised
-    with serving(slow_model, max_body_bytes=2 << 20, max_prompt_tokens=0) as (url, app):
-        r, slowest = health_while(url, {**HI, "messages": [{"role": "user", "content": words[:300_000]}]})
-        assert r.json()["error"]["code"] == "context_length_exceeded"  # tokenised, on a worker thread
-        assert slowest < 0.5, slowest
+        assert r.json()["error"]["code"] == "prompt_too_long" and calls == []  # refused before tokenising
+        r = chat(url, {**HI, "messages": [{"role": "user", "content": words[:200_000]}]})
+        assert r.json()["error"]["code"] == "prompt_too_long" and calls == ["worker thread"]
 
 
 def test_slow_and_half_open_connections_are_dropped(slow_model):
