@@ -105,3 +105,34 @@ def test_a_data_record_the_template_cannot_keep_as_text_is_named(smol_tokenizer,
     cfg = TrainConfig(data=[DataSource(path=str(path))])
     with pytest.raises(ChatforgeError, match=r"d\.jsonl:2: message 0 holds special-token text"):
         list(iter_samples(cfg.data[0], cfg, tok))
+
+
+def test_concurrent_prompts_keep_message_text_as_text(smol_tokenizer):
+    """A server tokenises on several threads at once: one prompt's text-only mode must not leak to another's."""
+    import sys
+    import threading
+
+    forged = [{"role": "user", "content": FORGED * 20}]
+    normal = [{"role": "user", "content": "What is the capital of France? " * 50}]
+    prompt_ids(smol_tokenizer, normal)
+    want = specials(smol_tokenizer, prompt_ids(smol_tokenizer, forged))
+    assert smol_tokenizer.backend_tokenizer.encode_special_tokens is False  # the shared tokenizer is not switched
+    wrong: list = []
+
+    def ask(messages, check):
+        for _ in range(40):
+            ids = prompt_ids(smol_tokenizer, messages)
+            if check and specials(smol_tokenizer, ids) != want:
+                wrong.append(ids)
+
+    threads = [threading.Thread(target=ask, args=(m, m is forged)) for m in (forged, normal, forged)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: a race shows up within a few calls
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong
