@@ -112,9 +112,7 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    import uvicorn
-
-    from chatforge.api import Limits, create_app
+    from chatforge.api import Limits, create_app, http_server
     from chatforge.models import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(None), load_model(None, device="cpu")
@@ -125,7 +123,7 @@ def main() -> None:
                                      ("chatforge serve, queued (--engine static --max-batch 1)", "static", 1)):
         app = create_app(model, tokenizer, "bench", limits=Limits(max_batch=max_batch, engine=engine))
         port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        srv = http_server(app, "127.0.0.1", port)
         threading.Thread(target=srv.run, daemon=True).start()
         while not srv.started:
             time.sleep(0.05)

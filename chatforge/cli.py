@@ -123,16 +123,20 @@ def cmd_assistant(a):
 def cmd_web(a):
     from .web import serve_web
 
-    serve_web(a.model, compare=a.compare, host=a.host, port=a.port, dtype=a.dtype)
+    serve_web(a.model, compare=a.compare, host=a.host, port=a.port, dtype=a.dtype, auth_file=a.auth_file)
 
 
 def cmd_serve(a):
-    from .api import Limits, serve_api
+    from .api import API_KEY_ENV, Limits, serve_api
 
+    if a.api_key is not None:
+        raise ChatforgeError(f"--api-key would show the key to every user of this machine (ps); put it in "
+                             f"${API_KEY_ENV} or in a file given with --api-key-file")
     limits = Limits(max_tokens=a.max_tokens_limit, max_body_bytes=a.max_body_bytes, max_context=a.max_context,
-                    max_batch=a.max_batch, engine=a.engine)
-    serve_api(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name, limits=limits,
-              dtype=a.dtype)
+                    max_batch=a.max_batch, engine=a.engine, max_prompt_tokens=a.max_prompt_tokens,
+                    request_timeout_s=a.request_timeout, max_connections=a.max_connections)
+    serve_api(a.model, host=a.host, port=a.port, api_key_file=a.api_key_file, model_name=a.model_name,
+              limits=limits, dtype=a.dtype)
 
 
 def cmd_publish(a):
@@ -258,17 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--dtype", default="auto")
+    s.add_argument("--auth-file", help="file whose first line is USER:PASSWORD for the page's login (default: "
+                                       "$CHATFORGE_WEB_AUTH; neither: no login, allowed on a loopback host only)")
     s.set_defaults(func=cmd_web)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /health")
     s.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="required Bearer key (default: $CHATFORGE_API_KEY; none: open)")
+    s.add_argument("--api-key-file", help="file whose first line is the required Bearer key (default: "
+                                          "$CHATFORGE_API_KEY; neither: open, allowed on a loopback host only)")
+    s.add_argument("--api-key", help=argparse.SUPPRESS)  # refused: `ps` would show it
     s.add_argument("--model-name", help="the model id clients use (default: the model's name)")
     s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20)
     s.add_argument("--max-context", type=int, default=0, help="prompt+completion tokens (0: the model's)")
+    s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in tokens (0: the context)")
+    s.add_argument("--request-timeout", type=float, default=300, help="seconds a request may take in all")
+    s.add_argument("--max-connections", type=int, default=64, help="open connections (more get 503)")
     s.add_argument("--max-batch", type=int, default=8, help="requests per batch (static engine)")
     s.add_argument("--engine", choices=["continuous", "static"], default="continuous",
                    help="continuous batching (new requests join the running batch) or static batches")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
@@ -105,6 +106,10 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
                 for i, v in enumerate(items)]
     if f.name in AUTO_KEYS:
         return _coerce_auto(AUTO_KEYS[f.name], value, where)
+    if f.name in TEXT_LISTS:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value) or value in TEXT_LISTS[f.name]:
+            return value
+        raise ChatforgeError(f"{where}: expected a list of texts, got {value!r}")
     if value is None or default is None:
         return value
     kind = type(default)
@@ -113,17 +118,33 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
             return value
         raise ChatforgeError(f"{where}: expected true or false, got {value!r}")
     if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            try:
-                value = float(value) if kind is float else int(value)
-            except (TypeError, ValueError):
-                raise ChatforgeError(f"{where}: expected a number, got {value!r}") from None
-        return kind(value)
+        return _number(kind, value, where)
     if kind is str and not isinstance(value, str):
         raise ChatforgeError(f"{where}: expected text, got {value!r}")
     if kind is list and not isinstance(value, list):
         raise ChatforgeError(f"{where}: expected a list, got {value!r}")
     return value
+
+
+TEXT_LISTS = {"eval_prompts": (), "target_modules": ("all-linear",)}  # key: the plain texts it also takes
+
+
+def _number(kind, value: Any, where: str):
+    """A finite number of `kind`; an int key takes only whole numbers.
+
+    Raises:
+        ChatforgeError: not a number, not finite, or not whole for an int key.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ChatforgeError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ChatforgeError(f"{where}: expected a finite number, got {value!r}")
+    if kind is int and value != int(value):
+        raise ChatforgeError(f"{where}: expected a whole number, got {value!r}")
+    return kind(value)
 
 
 AUTO_KEYS = {"gradient_checkpointing": bool, "micro_batch": int, "memory_budget_gib": float, "compile": bool,
@@ -138,9 +159,39 @@ def _coerce_auto(kind, value: Any, where: str):
         if isinstance(value, bool):
             return value
         raise ChatforgeError(f"{where}: expected auto, true or false, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and value != int(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value) \
+            or (kind is int and value != int(value)):
         raise ChatforgeError(f"{where}: expected auto or a positive {'whole ' if kind is int else ''}number, got {value!r}")
     return kind(value)
+
+
+MAX_YAML_NODES = 50_000  # after aliases are expanded; a recipe has a few hundred
+
+
+def load_yaml(text: str, where: str):
+    """YAML text as Python values, refused when its aliases expand it past MAX_YAML_NODES values.
+
+    Raises:
+        ChatforgeError: invalid YAML (with its line) or an expansion past the cap.
+    """
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ChatforgeError(f"{where}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    count, stack = 0, [tree]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ChatforgeError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values "
+                                 f"(aliases repeating aliases?)")
+        if isinstance(node, dict):
+            stack += [*node.keys(), *node.values()]
+        elif isinstance(node, list):
+            stack += node
+    return tree
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -160,10 +211,7 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise ChatforgeError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else ""
-        except yaml.YAMLError as e:
-            raise ChatforgeError(f"override {item!r}: bad value: {e}") from None
+        value = load_yaml(raw, f"override {item!r}") if raw else ""
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -218,12 +266,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) ->
         ChatforgeError: missing file, bad YAML (with its line), unknown key, wrong type.
     """
     path = find_recipe(name_or_path)
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ChatforgeError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    tree = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(tree, dict):
         raise ChatforgeError(f"{path}: a recipe must be a mapping of keys")
     cfg = _build(TrainConfig, tree, str(path))
@@ -244,9 +287,20 @@ def validate(cfg: TrainConfig) -> None:
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
             raise ChatforgeError(f"recipe key {key!r}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("batch_size", "grad_accum", "max_length", "collective_timeout"):
-        if getattr(cfg, key) < 1:
+    for key in ("batch_size", "grad_accum", "max_length", "collective_timeout", "log_every", "eval_max_new_tokens",
+                "lora.r"):
+        if _get(cfg, key) < 1:
             raise ChatforgeError(f"recipe key {key!r}: must be at least 1")
+    for key in ("max_steps", "save_every", "keep_checkpoints", "weight_decay", "max_grad_norm", "profile_steps"):
+        if _get(cfg, key) < 0:
+            raise ChatforgeError(f"recipe key {key!r}: must be at least 0")
+    for key in ("lr", "epochs", "lora.alpha"):
+        if not _get(cfg, key) > 0:
+            raise ChatforgeError(f"recipe key {key!r}: must be above 0")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ChatforgeError("recipe key 'warmup_ratio': must be between 0 and 1")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ChatforgeError("recipe key 'lora.dropout': must be at least 0 and below 1")
     if not cfg.data:
         raise ChatforgeError("recipe key 'data': no training data given (data=PATH)")
     if cfg.overflow == "split" and cfg.task != "pretrain":
@@ -255,6 +309,12 @@ def validate(cfg: TrainConfig) -> None:
     for i, src in enumerate(cfg.data):
         if src.weight <= 0 or src.holdout_last < 0:
             raise ChatforgeError(f"recipe key 'data[{i}]': weight must be above 0 and holdout_last at least 0")
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -23,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from .chat_tokens import encode_rendered, template_specials
 from .files import ChatforgeError
 
 IGNORE = -100  # label of tokens that carry no loss
@@ -37,7 +39,8 @@ class Record:
 # ---------------------------------------------------------------- reading files
 
 OnError = Callable[[str], None]  # receives "file:line: reason" for a record that is skipped
-_MAX_RECORD_CHARS = 64 << 20  # a JSON array element larger than this is taken as a broken file
+MAX_RECORD_BYTES = 8 << 20  # one JSON record, or one blank-line block of a .txt file
+TOO_LARGE = f"record is larger than {MAX_RECORD_BYTES >> 20} MiB, the most chatforge reads as one record"
 
 
 def _fail(on_error: OnError | None, message: str) -> None:
@@ -55,10 +58,24 @@ def _open_data(path: Path):
     return open(path, "rb")
 
 
+def _lines(f, limit: int | None = MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) of a binary file; None for a line longer than `limit` bytes, which is skipped
+    without being held in memory."""
+    for lineno in itertools.count(1):
+        raw = f.readline(-1 if limit is None else limit + 2)
+        if not raw:
+            return
+        if limit is not None and len(raw.rstrip(b"\r\n")) > limit:
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(1 << 20)
+            raw = None
+        yield lineno, raw
+
+
 def iter_json_records(path: str | os.PathLike, on_error: OnError | None = None) -> Iterator[tuple[int, object]]:
     """Yield (line, parsed JSON value) for each record of a JSON array or JSONL file, streaming.
 
-    Memory stays bounded by the largest record, whatever the file size.
+    Memory stays bounded by MAX_RECORD_BYTES, whatever the file size; a larger record is an error.
 
     Args:
         on_error: None to raise on the first bad record; else called with "file:line: reason" and
@@ -73,7 +90,10 @@ def iter_json_records(path: str | os.PathLike, on_error: OnError | None = None) 
         if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             yield from _iter_json_array(path, f, on_error)
             return
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _lines(f):
+            if raw is None:
+                _fail(on_error, f"{path}:{lineno}: {TOO_LARGE}")
+                continue
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
             if not raw.strip():
@@ -130,11 +150,15 @@ class _ArrayReader:
         while True:
             try:
                 value, end = decoder.raw_decode(self.buf, self.pos)
+                if end - self.pos > MAX_RECORD_BYTES:
+                    raise ChatforgeError(f"{self.path}:{self.line}: {TOO_LARGE}")
                 if end < len(self.buf) or self.eof:
                     self.advance(end)
                     return value
             except json.JSONDecodeError as e:
-                if self.eof or len(self.buf) - self.pos > _MAX_RECORD_CHARS:
+                if len(self.buf) - self.pos > MAX_RECORD_BYTES:
+                    raise ChatforgeError(f"{self.path}:{self.line}: {TOO_LARGE}") from None
+                if self.eof:
                     line = self.line + self.buf.count("\n", self.pos, e.pos)
                     cut = "; the file looks truncated" if self.eof and e.pos >= len(self.buf) - 1 else ""
                     raise ChatforgeError(f"{self.path}:{line}: invalid JSON: {e.msg}{cut}") from None
@@ -285,15 +309,20 @@ def iter_text_documents(path: str | os.PathLike, on_error: OnError | None = None
 
 
 def _txt_documents(path: Path, on_error: OnError | None, whole_file: bool) -> Iterator[Record]:
+    """Blank-line blocks of a .txt file (each at most MAX_RECORD_BYTES), or the whole file as one document."""
     block: list[str] = []
-    start = 1
+    start, size = 1, 0
 
     def flush():
         text = "".join(block).strip()
         return Record([{"role": "text", "content": text}], f"{path}:{start}") if text else None
 
     with _open_data(path) as f:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in _lines(f, None if whole_file else MAX_RECORD_BYTES):
+            if raw is None or (not whole_file and size + len(raw) > MAX_RECORD_BYTES):
+                _fail(on_error, f"{path}:{start}: {TOO_LARGE}")
+                block, start, size = [], lineno + 1, 0
+                continue
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
@@ -303,9 +332,10 @@ def _txt_documents(path: Path, on_error: OnError | None, whole_file: bool) -> It
                 doc = flush()
                 if doc:
                     yield doc
-                block, start = [], lineno + 1
+                block, start, size = [], lineno + 1, 0
                 continue
             block.append(line)
+            size += len(raw)
     doc = flush()
     if doc:
         yield doc
@@ -371,24 +401,25 @@ def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int,
 
 
 def encode_sft(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and labels: labels equal ids on assistant replies and IGNORE elsewhere."""
+    """Token ids and labels: labels equal ids on assistant replies and IGNORE elsewhere. Special-token
+    text inside a message stays text (chat_tokens); other conversations tokenise as one rendering.
+
+    Raises:
+        ChatforgeError: the template cannot be followed reply by reply, or rewrites special-token text.
+    """
     text, spans = trained_spans(tokenizer, messages)
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"]
-        labels = [tok if any(a <= start < b for a, b in spans) else IGNORE
-                  for tok, (start, _end) in zip(ids, enc["offset_mapping"])]
-        return ids, labels
-    # Slow tokenizers have no offsets: encode the pieces between span edges one by one.
-    ids, labels, pos = [], [], 0
-    for a, b in spans + [(len(text), len(text))]:
-        for piece, trained in ((text[pos:a], False), (text[a:b], True)):
-            if piece:
-                part = tokenizer.encode(piece, add_special_tokens=False)
-                ids += part
-                labels += part if trained else [IGNORE] * len(part)
-        pos = b
-    return ids, labels
+    # Slow tokenizers have no offsets: pieces between span edges are encoded one by one.
+    cuts = () if getattr(tokenizer, "is_fast", False) else tuple(e for span in spans for e in span)
+    ids, starts = encode_rendered(tokenizer, text, template_specials(tokenizer, messages, text), cuts)
+    return ids, [tok if any(a <= s < b for a, b in spans) else IGNORE for tok, s in zip(ids, starts)]
+
+
+def encode_record(tokenizer, rec: Record) -> tuple[list[int], list[int]]:
+    """encode_sft of a record; an error names the record's file and line."""
+    try:
+        return encode_sft(tokenizer, rec.messages)
+    except ChatforgeError as e:
+        raise ChatforgeError(f"{rec.source}: {e}") from None
 
 
 def encode_text(tokenizer, text: str) -> tuple[list[int], list[int]]:
@@ -472,7 +503,7 @@ def iter_samples(src, cfg, tokenizer, stats: dict | None = None, on_error: OnErr
         if cfg.task == "pretrain":
             encoded = encode_texts(tokenizer, [r.messages[0]["content"] for r in recs])
         else:
-            encoded = [encode_sft(tokenizer, r.messages) for r in recs]
+            encoded = [encode_record(tokenizer, r) for r in recs]
         for rec, (ids, labels) in zip(recs, encoded):
             stats["records"] += 1
             pieces = fit_length(ids, labels, cfg.max_length, cfg.overflow, rec.source)

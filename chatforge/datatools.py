@@ -94,6 +94,14 @@ def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool = Fa
     return "".join(parts)
 
 
+SHOWN_TOKENS, SHOWN_CHARS = 1000, 500  # of the rendered sample, of each problem listed in a report
+
+
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """`text`, cut to `limit` characters with a note of how many more there were."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
+
+
 def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
@@ -130,7 +138,7 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
         if cfg.task == "pretrain":
             ids, labels = D.encode_text(tokenizer, rec.messages[0]["content"])
         else:
-            ids, labels = D.encode_sft(tokenizer, rec.messages)
+            ids, labels = D.encode_record(tokenizer, rec)
         lengths.append(len(ids))
         trained.append(sum(x != D.IGNORE for x in labels[1:]))
         key = D.record_key(rec)
@@ -146,7 +154,7 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
     dups = {first[k]: c for k, c in keys.items() if c > 1}
     report = {
         "file": str(path), "recipe": recipe, "model": cfg.model, "task": cfg.task, "records": len(lengths),
-        "broken_records": len(broken), "broken": broken[:20],
+        "broken_records": len(broken), "broken": [clip(b) for b in broken[:20]],
         "held_out_by_recipe": held,
         "tokens": {"total": sum(lengths), "trained": sum(trained), "min": srt[0], "mean": round(sum(srt) / len(srt), 1),
                    "median": statistics.median(srt), "p90": percentile(srt, 0.9), "p99": percentile(srt, 0.99),
@@ -162,8 +170,11 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
                                         limit=cfg.max_length))
     write_json(out / "check.json", report)
     src, ids, labels = sample
+    shown = render_marked(tokenizer, ids[:SHOWN_TOKENS], labels[:SHOWN_TOKENS], color=color)
+    if len(ids) > SHOWN_TOKENS:
+        shown += f"… (cut: the first {SHOWN_TOKENS} of {len(ids)} tokens shown)"
     report["sample"] = {"source": src, "tokens": len(ids), "trained_tokens": sum(x != D.IGNORE for x in labels[1:]),
-                        "rendered": render_marked(tokenizer, ids, labels, color=color)}
+                        "rendered": shown}
     return report
 
 

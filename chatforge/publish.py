@@ -9,17 +9,20 @@ from the environment: it is never on a command line, in a URL, in .git/config or
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 
-from .files import ChatforgeError
+from .config import load_yaml
+from .files import ChatforgeError, write_text
 
 TOKEN_ENV = "CHATFORGE_HUB_TOKEN"
 USER_ENV = "CHATFORGE_HUB_USER"
@@ -40,7 +43,7 @@ def _read(path: Path | None):
     if path.suffix == ".json":
         return json.loads(text)
     if path.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text)
+        return load_yaml(text, str(path))
     return text
 
 
@@ -135,7 +138,7 @@ class Git:
 
     def __init__(self, folder: Path, token_env: str = TOKEN_ENV, user_env: str = USER_ENV):
         self.folder = folder
-        self.token = os.environ.get(token_env) or None
+        self.secrets = secret_forms(os.environ.get(token_env), os.environ.get(user_env) or "chatforge")
         self.env = git_env(token_env, user_env)
 
     def __call__(self, *args: str, check: bool = True, extra_env: dict | None = None) -> str:
@@ -150,13 +153,28 @@ class Git:
         return subprocess.run(["git", *args], cwd=self.folder, env=self.env, capture_output=True).returncode == 0
 
     def redact(self, text: str) -> str:
-        return text.replace(self.token, "***") if self.token else text
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def secret_forms(token: str | None, user: str) -> list[str]:
+    """The token as it can appear in git's output: itself, URL-quoted, and in base64 (HTTP Basic auth)."""
+    if not token:
+        return []
+    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
+    return sorted({token, quote(token, safe=""), b64(f"{user}:{token}"), b64(token)}, key=len, reverse=True)
+
+
+TRACE_VARIABLES = re.compile(r"GIT_TRACE.*|GIT_CURL_VERBOSE|GIT_TRANSFER_TRACE|GIT_REDACT_COOKIES")
 
 
 def git_env(token_env: str = TOKEN_ENV, user_env: str = USER_ENV) -> dict:
-    """The environment for git: no prompts and, when the token variable is set, a credential helper
-    that reads it. The helper's text names the variable, never its value; git-lfs inherits it."""
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GCM_INTERACTIVE="never")
+    """The environment for git: no prompts, no tracing (a trace can write credentials where they cannot
+    be redacted) and, when the token variable is set, a credential helper that reads it. The helper's
+    text names the variable, never its value; git-lfs inherits it."""
+    env = {k: v for k, v in os.environ.items() if not TRACE_VARIABLES.fullmatch(k)}
+    env.update(GIT_TERMINAL_PROMPT="0", GCM_INTERACTIVE="never")
     if os.environ.get(token_env):
         helper = (f'!f() {{ test "$1" = get || exit 0; echo "username=${{{user_env}:-chatforge}}"; '
                   f'echo "password=${{{token_env}}}"; }}; f')
@@ -168,10 +186,22 @@ def git_env(token_env: str = TOKEN_ENV, user_env: str = USER_ENV) -> dict:
 
 
 def check_repo_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme in ("http", "https") and (parts.username or parts.password):
+    """Refuse a repo URL with credentials in it, in any of git's forms (`transport::address` too).
+
+    Raises:
+        ChatforgeError: credentials in the URL, or neither a URL nor an existing path.
+    """
+    address = url
+    while re.match(r"[A-Za-z][A-Za-z0-9+.-]*::", address):  # git's <transport>::<address> (remote helpers)
+        address = address.split("::", 1)[1]
+    try:
+        parts = urlsplit(address)
+        host = parts.hostname
+    except ValueError:
+        raise ChatforgeError("the repo URL is not a valid URL") from None
+    if parts.password or (parts.username and parts.scheme not in ("ssh", "git+ssh", "ssh+git")):
         raise ChatforgeError(f"the repo URL must not carry credentials; put the token in ${TOKEN_ENV} "
-                             f"or a git credential helper (URL host: {parts.hostname})")
+                             f"or a git credential helper (URL host: {host})")
     if not parts.scheme and ":" not in url and not Path(url).exists():
         raise ChatforgeError(f"not a git URL or path: {url}")
 
@@ -227,8 +257,13 @@ def publish(model_dir: str | Path, repo: str, message: str | None = None, branch
         raise ChatforgeError(f"nothing to publish: {model_dir} is not a folder with files")
     check_repo_url(repo)
     for tool in (["git", "--version"], ["git", "lfs", "version"]):
-        if subprocess.run(tool, capture_output=True).returncode != 0:
-            raise ChatforgeError(f"`{' '.join(tool[:-1])}` is needed: apt-get install git git-lfs")
+        try:
+            found = subprocess.run(tool, capture_output=True).returncode == 0
+        except FileNotFoundError:
+            found = False
+        if not found:
+            raise ChatforgeError(f"`{' '.join(tool[:-1])}` is needed: apt-get install git git-lfs "
+                                 f"(https://git-lfs.com on other systems)")
     work = Path(work_dir or cache_dir() / "publish" / hashlib.sha1(repo.encode()).hexdigest()[:16])
     work.mkdir(parents=True, exist_ok=True)
     git = Git(work, token_env)
@@ -243,9 +278,10 @@ def publish(model_dir: str | Path, repo: str, message: str | None = None, branch
     if git.ok("rev-parse", "--verify", "-q", f"origin/{branch}"):
         git("reset", "-q", "--mixed", f"origin/{branch}", extra_env=no_smudge)  # build on the remote's history
     sync_tree(model_dir, work, keep={CARD_FILE, ATTRIBUTES})
+    # replaced, never written in place: staging files are hard links to the user's own
     if not (model_dir / CARD_FILE).is_file():
-        (work / CARD_FILE).write_text(model_card(model_dir, title, repo), encoding="utf-8")
-    (work / ATTRIBUTES).write_text(lfs_attributes(work), encoding="utf-8")
+        write_text(work / CARD_FILE, model_card(model_dir, title, repo))
+    write_text(work / ATTRIBUTES, lfs_attributes(work))
     git("add", "-A")
     changes = [line.split("\t", 1) for line in git("diff", "--cached", "--name-status").splitlines()]
     if changes:

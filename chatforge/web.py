@@ -3,8 +3,11 @@
 The seed compares the model before and after fine-tuning in a web page; `--compare BASE` puts
 both in one screen: every message goes to both models and both replies stream at once.
 Chats are queued (one generation at a time per page event), which suits a CPU or one GPU.
+On a loopback address the page answers only local Host/Origin names; on any other address it needs
+a login (USER:PASSWORD from $CHATFORGE_WEB_AUTH or --auth-file).
 """
 
+import hmac
 import os
 import queue
 import threading
@@ -12,9 +15,12 @@ from typing import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls home
 
-import gradio as gr  # noqa: E402
-
+from .access import LoopbackOnly, check_bind, is_loopback, read_secret  # noqa: E402
+from .extras import require  # noqa: E402
+from .files import ChatforgeError  # noqa: E402
 from .generate import stream_reply  # noqa: E402
+
+WEB_AUTH_ENV = "CHATFORGE_WEB_AUTH"
 
 CSS = "#chats .message { font-size: 15px; } footer { display: none !important; }"
 
@@ -55,7 +61,11 @@ def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge
 
     Args:
         models: (label, model, tokenizer) per column; the first is the model under test.
+
+    Raises:
+        ChatforgeError: gradio is not installed.
     """
+    gr = require("gradio", "web", "chatforge web")
     stop_events: dict[str, threading.Event] = {}
 
     def respond(message, system, temperature, top_p, max_tokens, history, request: gr.Request):
@@ -130,17 +140,46 @@ def load_columns(model_spec: str | None, compare: str | None = None, dtype: str 
     return [first, second]
 
 
-def serve_web(model_spec: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
-              port: int = 7860, dtype: str = "auto", block: bool = True):
-    """Load the model(s) and serve the chat page; returns the Gradio app when `block` is False.
+def login_check(auth: str):
+    """Gradio's login test for `auth` ("USER:PASSWORD"), in constant time.
 
     Raises:
-        ChatforgeError: a model cannot be loaded.
+        ChatforgeError: `auth` is not USER:PASSWORD.
     """
+    user, _, password = auth.partition(":")
+    if not user or not password:
+        raise ChatforgeError(f"a web login must be USER:PASSWORD (from ${WEB_AUTH_ENV} or --auth-file)")
+
+    def check(given_user: str, given_password: str) -> bool:
+        ok_user = hmac.compare_digest(given_user.encode(), user.encode())
+        return hmac.compare_digest(given_password.encode(), password.encode()) and ok_user
+
+    return check
+
+
+def serve_web(model_spec: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
+              port: int = 7860, dtype: str = "auto", block: bool = True, auth: str | None = None,
+              auth_file: str | None = None):
+    """Load the model(s) and serve the chat page; returns the Gradio app when `block` is False.
+
+    Args:
+        auth: USER:PASSWORD for the page's login; if empty: the first line of `auth_file`, else
+            $CHATFORGE_WEB_AUTH (none: no login, which only a loopback host allows).
+
+    Raises:
+        ChatforgeError: no login on a non-loopback host, a malformed login, a model cannot be loaded.
+    """
+    auth = auth or read_secret(auth_file, WEB_AUTH_ENV)
+    check_bind(host, bool(auth), "chatforge web", "a login", f"${WEB_AUTH_ENV} or --auth-file")
+    check = login_check(auth) if auth else None
+    require("gradio", "web", "chatforge web")  # before minutes of model loading
     columns = load_columns(model_spec, compare, dtype)
     title = f"chatforge — {columns[0][0]}" + (f" vs {columns[1][0]}" if compare else "")
     demo = build_demo(columns, title)
     demo.queue(default_concurrency_limit=1)
+    from starlette.middleware import Middleware
+
     demo.launch(server_name=host, server_port=port, ssr_mode=False, prevent_thread_lock=not block,
-                quiet=not block, footer_links=[], css=CSS)
+                quiet=not block, footer_links=[], css=CSS, auth=check,
+                app_kwargs={"middleware": [Middleware(LoopbackOnly)]} if is_loopback(host) else None)
     return demo

@@ -61,3 +61,52 @@ def test_recipes_list_and_copy(tmp_path):
     assert r.returncode == 0 and "smollm2_135m_identity_lora" in r.stdout.split()
     r = run_cli("recipes", "copy", "smollm2_135m_identity_lora", tmp_path / "cfg")
     assert r.returncode == 0 and (tmp_path / "cfg" / "smollm2_135m_identity_lora.yaml").is_file()
+
+
+def test_install_gives_every_command_of_the_readme(tmp_path):
+    """install.sh run with a stand-in python that records what pip is asked to install."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), PATH="/usr/bin:/bin")
+    subprocess.run(["bash", str(ROOT / "install.sh")], env=env, check=True, capture_output=True)
+    editable = next(line for line in log.read_text().splitlines() if " -e " in line)
+    extras = editable.split(".[", 1)[1].rstrip("]").split(",")
+    assert {"serve", "web"} <= set(extras)  # chatforge serve and chatforge web work after ./install.sh
+
+
+@pytest.mark.parametrize("command, module, extra", [(["serve"], "uvicorn", "serve"), (["serve"], "fastapi", "serve"),
+                                                    (["web"], "gradio", "web")])
+def test_a_missing_optional_package_is_one_line_naming_the_extra(command, module, extra, monkeypatch, capsys):
+    import sys
+
+    from chatforge.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    monkeypatch.setenv("CHATFORGE_API_KEY", "")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"needs {module}" in err and f"pip install 'chatforge[{extra}]'" in err, err
+
+
+def test_publish_without_git_or_git_lfs_is_one_line(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from chatforge.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    assert main(["publish", str(tmp_path / "model"), "--repo", "file:///nowhere.git"]) == 2
+    assert "`git` is needed: apt-get install git git-lfs" in capsys.readouterr().err
+    if shutil.which("git", path="/usr/bin:/bin"):
+        (tmp_path / "bin" / "git").symlink_to(shutil.which("git", path="/usr/bin:/bin"))
+        assert main(["publish", str(tmp_path / "model"), "--repo", "file:///nowhere.git"]) == 2
+        assert "`git lfs` is needed: apt-get install git git-lfs" in capsys.readouterr().err

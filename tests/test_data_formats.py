@@ -232,3 +232,30 @@ def test_eval_on_a_data_set_reports_rouge_and_reference_loss(tmp_path, tiny_llam
     assert math.log(len(smol_tokenizer)) == pytest.approx(s["reference loss per token"], rel=0.1)  # random model
     answers = [json.loads(x) for x in (tmp_path / "ev" / "eval_answers.jsonl").read_text().splitlines()]
     assert [a["source"].rsplit(":", 1)[1] for a in answers] == ["3", "4"]
+
+
+def test_a_huge_record_is_refused_without_being_read_whole(tmp_path):
+    huge = {"messages": [{"role": "user", "content": "x" * ((8 << 20) + 10)},
+                         {"role": "assistant", "content": "ok"}]}
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSGS}, huge, {"messages": MSGS}])
+    with pytest.raises(ChatforgeError, match=r"d\.jsonl:2: record is larger than 8 MiB"):
+        D.read_conversations(path)
+    skipped: list[str] = []
+    assert len(list(D.iter_records(path, skipped.append))) == 2 and len(skipped) == 1  # the next line still reads
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps([{"messages": MSGS}, huge], indent=1))
+    with pytest.raises(ChatforgeError, match=r"d\.json:\d+: record is larger than 8 MiB"):
+        D.read_conversations(array)
+    text = tmp_path / "d.txt"
+    text.write_text("a short document\n\n" + ("many words " * 100_000 + "\n") * 9)
+    with pytest.raises(ChatforgeError, match=r"d\.txt:3: record is larger than 8 MiB"):
+        list(D.iter_text_documents(text))
+
+
+def test_check_prints_a_long_sample_cut_short(tmp_path):
+    from chatforge.datatools import format_check
+
+    long = {"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "word " * 5000}]}
+    r = check(write_jsonl(tmp_path / "d.jsonl", [long]), out_dir=tmp_path / "out", overrides=None)
+    assert r["sample"]["tokens"] > 5000 and "the first 1000 of" in r["sample"]["rendered"]
+    assert len(format_check(r)) < 10_000

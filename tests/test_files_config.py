@@ -56,6 +56,20 @@ def test_overrides_are_typed_and_dotted():
     ("method=dpo", "'method': 'dpo' is not one of"),
     ("batch_size=0", "'batch_size': must be at least 1"),
     ("nokeyvalue", "expected key=value"),
+    # values that would pass and then fail later (issue 19)
+    ("lr=.nan", "key 'lr': expected a finite number"),
+    ("lr=0", "'lr': must be above 0"),
+    ("max_steps=.nan", "key 'max_steps': expected a finite number"),
+    ("max_steps=.inf", "key 'max_steps': expected a finite number"),
+    ("max_steps=2.5", "key 'max_steps': expected a whole number"),
+    ("log_every=0", "'log_every': must be at least 1"),
+    ("warmup_ratio=2", "'warmup_ratio': must be between 0 and 1"),
+    ("lora.dropout=1", "'lora.dropout': must be at least 0 and below 1"),
+    ("micro_batch=.inf", "expected auto or a positive whole number"),
+    ("data=[{path: a.jsonl, weight: .nan}]", "key 'weight': expected a finite number"),
+    ("data=[{path: a.jsonl, weight: .inf}]", "key 'weight': expected a finite number"),
+    ("eval_prompts=[1, 2]", "key 'eval_prompts': expected a list of texts"),
+    ("eval_prompts=hello", "key 'eval_prompts': expected a list of texts"),
 ])
 def test_override_errors_name_the_key(override, message):
     with pytest.raises(ChatforgeError, match=message):
@@ -72,3 +86,18 @@ def test_recipe_file_errors_name_file_and_line(tmp_path):
         load_recipe(str(bad))
     with pytest.raises(ChatforgeError, match="recipe not found"):
         load_recipe(str(tmp_path / "missing.yaml"))
+
+
+def test_lists_of_texts_are_kept():
+    cfg = load_recipe("smollm2_135m_identity_lora", ["eval_prompts=[Who are you, hi]", "lora.target_modules=[q_proj]"])
+    assert cfg.eval_prompts == ["Who are you", "hi"] and cfg.lora.target_modules == ["q_proj"]
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path):
+    lines = ["model: smollm2-135m-instruct", "data: a.jsonl", "eval_prompts:", "- &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"- &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 6)]  # 10^6 strings
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 500
+    with pytest.raises(ChatforgeError, match=r"bomb\.yaml: the YAML expands to more than 50000 values"):
+        load_recipe(str(bomb))

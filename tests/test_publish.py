@@ -214,3 +214,91 @@ def test_generated_app_serves_the_published_model(published):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_credentials_in_any_url_form_are_refused(tmp_path, monkeypatch, capsys):
+    from chatforge.cli import main
+    from chatforge.files import ChatforgeError
+    from chatforge.publish import check_repo_url
+
+    for url in (f"http::http://user:{TOKEN}@hub.example/org/model.git", f"https://{TOKEN}@hub.example/m.git",
+                f"http::https::https://u:{TOKEN}@hub.example/m", f"ssh://git:{TOKEN}@hub.example/m.git"):
+        with pytest.raises(ChatforgeError, match="must not carry credentials") as e:
+            check_repo_url(url)
+        assert TOKEN not in str(e.value)
+    for url in ("https://hub.example/org/model.git", "ssh://git@hub.example/m.git", "git@hub.example:org/m.git",
+                "http::https://hub.example/m"):
+        check_repo_url(url)
+    merged = tmp_path / "model"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
+    assert main(["publish", str(merged), "--repo", f"http::http://user:{TOKEN}@127.0.0.1:9/m.git"]) == 2
+    err = capsys.readouterr().err
+    assert "must not carry credentials" in err and TOKEN not in err
+    assert not (tmp_path / "cache").exists()  # no staging clone, no .git/config, no model card
+
+
+def test_the_users_own_files_are_never_written(tmp_path):
+    from chatforge.publish import publish
+
+    merged = tmp_path / "model"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"\0" * 64)
+    ours = "*.custom binary\n"
+    (merged / ".gitattributes").write_text(ours)
+    remote = tmp_path / "remote.git"
+    git("init", "-q", "--bare", "-b", "main", str(remote))
+    report = publish(merged, remote.as_uri(), work_dir=tmp_path / "staging")
+    assert (merged / ".gitattributes").read_text() == ours  # the staging copy is a hard link: replaced, not written
+    assert "*.safetensors filter=lfs" in (Path(report["staging"]) / ".gitattributes").read_text()
+    assert sorted(p.name for p in merged.iterdir()) == [".gitattributes", "config.json", "model.safetensors"]
+
+
+def test_git_tracing_cannot_leak_the_token(tmp_path, monkeypatch):
+    """An HTTP remote that asks for Basic auth, with every git trace switched on by the user."""
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from chatforge.files import ChatforgeError
+    from chatforge.publish import Git, publish
+
+    seen = []
+
+    class AskForAuth(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="hub"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), AskForAuth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    trace = tmp_path / "trace.log"
+    for name in ("GIT_TRACE", "GIT_TRANSFER_TRACE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("GIT_TRACE_REDACT", "0")
+    monkeypatch.setenv("GIT_TRACE_CURL", str(trace))  # straight to a file: nothing could redact it
+    monkeypatch.setenv("CHATFORGE_HUB_TOKEN", TOKEN)
+    merged = tmp_path / "model"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    try:
+        with pytest.raises(ChatforgeError) as e:
+            publish(merged, f"http://127.0.0.1:{server.server_port}/org/model.git", work_dir=tmp_path / "staging")
+    finally:
+        server.shutdown()
+    basic = base64.b64encode(f"chatforge:{TOKEN}".encode()).decode()
+    assert f"Basic {basic}" in seen  # git did send the token
+    assert TOKEN not in str(e.value) and basic not in str(e.value)
+    assert basic not in Git(tmp_path).redact(f"Authorization: Basic {basic}")  # should a trace come through
+    for path, data in all_bytes(tmp_path):
+        assert TOKEN.encode() not in data and basic.encode() not in data, path
