@@ -272,3 +272,23 @@ def test_full_disk_leaves_no_partial_file(tiny_llama, tmp_path):
     error = r.stderr.strip().splitlines()[-1]
     assert error.startswith(f"chatforge: error: cannot write {out}: ") and error.endswith("; nothing was left there")
     assert list(out.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------- publish
+
+@pytest.mark.skipif(shutil.which("git") is None or subprocess.run(["git", "lfs", "version"], capture_output=True)
+                    .returncode != 0, reason="needs git and git-lfs")
+def test_publish_uploads_the_gguf_in_lfs(tiny_llama, tmp_path, monkeypatch):
+    from chatforge.publish import publish
+
+    folder = tmp_path / "merged"
+    shutil.copytree(tiny_llama, folder)
+    export_gguf(str(folder), folder / "tiny-q8_0.gguf", dtype="q8_0", ollama=True, progress=False)
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    monkeypatch.delenv("CHATFORGE_HUB_TOKEN", raising=False)
+    report = publish(folder, remote.as_uri(), work_dir=tmp_path / "staging")
+    assert report["pushed"] and "tiny-q8_0.gguf" in report["lfs_files"] and "Modelfile" not in report["lfs_files"]
+    card = (tmp_path / "staging" / "README.md").read_text()
+    assert "- gguf" in card and "## Run it locally" in card
+    assert "ollama create my-assistant -f Modelfile" in card and "llama-cli -m tiny-q8_0.gguf -cnv" in card
