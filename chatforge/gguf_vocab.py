@@ -27,8 +27,10 @@ def pre_tokenizer_name(spec: dict) -> str:
     Raises:
         ChatforgeError: a split that neither llama.cpp nor transformers' GGUF reader would reproduce.
     """
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
+    try:  # the split patterns transformers' GGUF reader knows, by llama.cpp's names
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    except ImportError:  # older transformers: only the splits named below
+        GGUF_PRE_TOKENIZER_SPLITS = {}
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]

@@ -9,12 +9,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
 import resource
 import shutil
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,21 +24,17 @@ from chatforge.gguf_read import read_header
 from chatforge.models import DEFAULT_MODEL, load_model, load_tokenizer
 from conftest import ROOT, run_cli
 
-PROMPTS = ["What is the capital of France?", "Name three colors.", "Who are you?", "What is 2 + 2?",
-           "Write one sentence about the sea.", "Translate 'good morning' into French.", "你好，你是谁？",
-           "Give me one tip for staying healthy."]
+_spec = importlib.util.spec_from_file_location("gguf_bench", ROOT / "bench" / "gguf_export.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+PROMPTS, greedy = bench.PROMPTS, bench.greedy  # the 8 fixed prompts, answered greedily
+
 MIXED_CHAT = [{"role": "system", "content": "你是伍鲜同志的小助手 (an assistant)."},
               {"role": "user", "content": "Hello 你好! Who are you?  Two  spaces,\n新的一行 and 42 apples."},
               {"role": "assistant", "content": "我是 Clement Wu's assistant."}, {"role": "user", "content": "再见 bye"}]
-NO_LLAMA_CPP = ("no llama.cpp reader on this machine: llama-cpp-python is only an sdist on PyPI (compiling llama.cpp "
-                "takes many minutes on 2 cores, not a test's time), Debian 12 has no llama.cpp package, and the "
+NO_LLAMA_CPP = ("no llama.cpp reader installed: llama-cpp-python is source only on PyPI (its build compiles about 250 "
+                "C/C++ files of llama.cpp, not a test's time on 2 cores), Debian 12 has no llama.cpp package, and the "
                 "prebuilt llama-cpp-py-sync wheel needs glibc 2.38 (Debian 12 has 2.36)")
-
-
-def greedy(model, tokenizer, n=16):
-    from chatforge.generate import generate_batch
-
-    return generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=n)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +79,9 @@ def test_default_model_f16_greedy_answers_identical(smol, smol_f16):
         "model": "gpt2", "bos": 1, "eos": 2, "pad": 2}
     assert next(back.parameters()).dtype == torch.float32
     assert greedy(back, back_tokenizer) == greedy(source, tokenizer)
+    batch = probe_batch(tokenizer)  # no error beyond f16's rounding of the weights
+    assert float((masked_logits(back, batch) - masked_logits(bench.rounded(source, torch.float16), batch)).abs().max()) \
+        <= 1e-4
 
 
 def test_default_model_tokenizer_round_trip(smol, smol_f16):
@@ -240,13 +237,16 @@ def test_internlm2_gguf_in_chat(internlm2_gguf, monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
-def test_unsupported_architecture_and_dtype(tiny_llama, tmp_path):
+def test_unsupported_architecture_and_dtype(tiny_llama, tmp_path, capsys):
+    from chatforge.cli import main
+
     gpt2 = tmp_path / "gpt2"
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    r = run_cli("convert", gpt2, tmp_path / "x.gguf", "--format", "gguf")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "GPT2LMHeadModel" in r.stderr and "LlamaForCausalLM, Qwen2ForCausalLM, InternLM2ForCausalLM" in r.stderr
+    assert main(["convert", str(gpt2), str(tmp_path / "x.gguf"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("chatforge: error: ")
+    assert "GPT2LMHeadModel" in err and "LlamaForCausalLM, Qwen2ForCausalLM, InternLM2ForCausalLM" in err
     with pytest.raises(ChatforgeError, match="unknown GGUF dtype 'q4_0': use f16, bf16, f32 or q8_0"):
         export_gguf(str(tiny_llama), tmp_path / "x.gguf", dtype="q4_0")
     adapter = tmp_path / "adapter"
@@ -259,19 +259,20 @@ def test_unsupported_architecture_and_dtype(tiny_llama, tmp_path):
 
 def test_full_disk_leaves_no_partial_file(tiny_llama, tmp_path):
     """A file-size limit makes the write fail part-way, as a full disk does (EFBIG instead of ENOSPC)."""
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
     out = tmp_path / "out" / "tiny.gguf"
-    code = f"from chatforge.cli import main; raise SystemExit(main(['convert', {str(tiny_llama)!r}, {str(out)!r}, " \
-           f"'--format', 'gguf', '--dtype', 'f32']))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limit, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 2, r.stderr[-2000:]
-    error = r.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"chatforge: error: cannot write {out}: ") and error.endswith("; nothing was left there")
-    assert list(out.parent.iterdir()) == []
+    out.parent.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, hard))
+    try:
+        with pytest.raises(ChatforgeError) as failed:
+            export_gguf(str(tiny_llama), out, dtype="f32", progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(failed.value)
+    assert message.startswith(f"cannot write {out}: ") and message.endswith("; nothing was left there")
+    assert "\n" not in message and list(out.parent.iterdir()) == []
 
 
 # ---------------------------------------------------------------- publish
