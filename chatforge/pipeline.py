@@ -93,7 +93,7 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     print(f"\n{result['table']}\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"\nchat with it:  chatforge chat {merged}")
     if gguf:
-        tag = re.sub(r"[^a-z0-9_.-]", "", slug(name)) or "assistant"  # Ollama's model names are ASCII
+        tag = re.sub(r"[^a-z0-9_.-]", "", slug(name)).strip("-._") or "assistant"  # Ollama's model names are ASCII
         print(f"run it locally:  cd {merged} && ollama create {tag} -f Modelfile && ollama run {tag}")
     return {"run": str(run), "merged": str(merged), "times": times, "eval": result,
             "data": counts, "merge": report}
