@@ -245,6 +245,7 @@ def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bo
         with atomic_path(out) as tmp:
             writer = gguf.GGUFWriter(tmp, arch)
             try:
+                writer.add_type("model")
                 writer.add_name(display_name(model_spec))
                 writer.add_file_type(_file_type(name))
                 writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -86,8 +86,10 @@ def _sentencepiece(pieces: Pieces, n_vocab: int) -> dict:
     if n > n_vocab:
         raise ChatforgeError(f"the tokenizer has {n} pieces, more than the model's {n_vocab} embeddings")
     pad = range(n, n_vocab)
+    # control tokens score -1000 as in llama.cpp's converter: its merging by score never builds one from text
+    scores = [-1000.0 if kind == CONTROL else score for kind, score in zip(pieces.kinds, pieces.scores)]
     return {"model": SENTENCEPIECE, "pre": "default", "tokens": list(pieces.names) + [f"[PAD{i}]" for i in pad],
-            "scores": list(pieces.scores) + [-1000.0] * len(pad), "types": list(pieces.kinds) + [UNUSED] * len(pad),
+            "scores": scores + [-1000.0] * len(pad), "types": list(pieces.kinds) + [UNUSED] * len(pad),
             "space_prefix": pieces.dummy_prefix, "squeeze": pieces.squeeze}
 
 
