@@ -204,6 +204,41 @@ def _check_space(out: Path, need: int) -> None:
         raise ChatforgeError(f"{out.parent}: {out.name} needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
 
 
+def write_file(path: Path, arch: str, title: str, dtype: str, model, tokenizer, pieces, entries: list[Entry],
+               progress: bool = True) -> tuple[list[str], dict]:
+    """Write the GGUF file at `path`: metadata and tokenizer first, then the tensors one at a time.
+
+    Returns the notes on what GGUF cannot say and what was written of the tokenizer.
+    """
+    import gguf
+    from tqdm.auto import tqdm
+
+    from .gguf_vocab import write_vocab
+
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        writer.add_type("model")
+        writer.add_name(title)
+        writer.add_file_type(_file_type(dtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        notes = write_hparams(writer, model.config, arch)
+        vocab = write_vocab(writer, tokenizer, model.config.vocab_size, pieces)
+        for e in entries:
+            writer.add_tensor_info(e.gguf_name, e.shape, np.float32, e.nbytes, raw_dtype=e.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        state = model.state_dict()
+        with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc=f"write {path.name}",
+                  disable=not progress) as bar:
+            for e in entries:
+                writer.write_tensor_data(tensor_data(state[e.hf_name], e))
+                bar.update(e.nbytes)
+    finally:
+        writer.close()
+    return notes, vocab
+
+
 def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bool = False,
                 progress: bool = True) -> dict:
     """Write `model_spec` (a merged model, alias or .gguf) as one GGUF file at `out`.
@@ -216,10 +251,6 @@ def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bo
         ChatforgeError: an adapter folder (merge it first), an architecture, dtype or tokenizer GGUF
             cannot hold, too little disk space, or a failed write (nothing is left at `out`).
     """
-    import gguf
-    from tqdm.auto import tqdm
-
-    from . import gguf_vocab
     from .internlm2 import tokenizer_pieces
     from .models import display_name, load_model, load_tokenizer, local_folder, parse_dtype, read_config
 
@@ -239,31 +270,11 @@ def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bo
     model = load_model(folder, dtype=parse_dtype(config.get("torch_dtype") or config.get("dtype") or "float32"),
                        device="cpu")
     entries = plan(model, arch, _qtype(name))
-    total = sum(e.nbytes for e in entries)
-    _check_space(out, total)
+    _check_space(out, sum(e.nbytes for e in entries))
     try:
         with atomic_path(out) as tmp:
-            writer = gguf.GGUFWriter(tmp, arch)
-            try:
-                writer.add_type("model")
-                writer.add_name(display_name(model_spec))
-                writer.add_file_type(_file_type(name))
-                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-                notes = write_hparams(writer, model.config, arch)
-                vocab = gguf_vocab.write_vocab(writer, tokenizer, model.config.vocab_size,
-                                               tokenizer_pieces(originals) if originals else None)
-                for e in entries:
-                    writer.add_tensor_info(e.gguf_name, e.shape, np.float32, e.nbytes, raw_dtype=e.qtype)
-                writer.write_header_to_file()
-                writer.write_kv_data_to_file()
-                writer.write_ti_data_to_file()
-                state = model.state_dict()
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"write {out.name}", disable=not progress) as bar:
-                    for e in entries:
-                        writer.write_tensor_data(tensor_data(state[e.hf_name], e))
-                        bar.update(e.nbytes)
-            finally:
-                writer.close()
+            notes, vocab = write_file(tmp, arch, display_name(model_spec), name, model, tokenizer,
+                                      tokenizer_pieces(originals) if originals else None, entries, progress)
     except OSError as e:
         reason = e.strerror or f"{e} (is the disk full?)"  # numpy's short-write error carries no errno
         raise ChatforgeError(f"cannot write {out}: {reason}; nothing was left there") from e

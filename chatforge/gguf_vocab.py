@@ -37,6 +37,8 @@ def pre_tokenizer_name(spec: dict) -> str:
     normalizer = (spec.get("normalizer") or {}).get("type")
     if normalizer not in (None, "NFC"):  # Qwen2's NFC changes nothing in composed text
         raise ChatforgeError(f"the tokenizer's {normalizer} normalizer has no GGUF form")
+    if steps and steps[-1].get("add_prefix_space"):
+        raise ChatforgeError("the tokenizer adds a space in front of the text, which llama.cpp's BPE does not")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
