@@ -89,9 +89,15 @@ def cmd_merge(a):
 
 
 def cmd_convert(a):
+    if (a.format or ("gguf" if str(a.out).endswith(".gguf") else "hf")) == "gguf":
+        from .gguf_export import export_gguf
+
+        print(json.dumps(export_gguf(a.model, a.out, dtype=a.dtype, ollama=a.ollama), indent=2, ensure_ascii=False))
+        return
     from .internlm2 import convert
 
-    print(json.dumps(convert(a.model, a.out, fmt=a.format, dtype=a.dtype, max_shard_size=a.max_shard_size), indent=2))
+    print(json.dumps(convert(a.model, a.out, fmt=a.format or "hf", dtype=a.dtype, max_shard_size=a.max_shard_size),
+                     indent=2))
 
 
 def cmd_chat(a):
@@ -117,7 +123,7 @@ def cmd_assistant(a):
     from .pipeline import assistant
 
     assistant(a.name, model=a.model, assistant_name=a.assistant_name, out=a.out, recipe=a.recipe,
-              overrides=a.overrides, progress=not a.no_progress)
+              overrides=a.overrides, progress=not a.no_progress, gguf=a.gguf)
 
 
 def cmd_web(a):
@@ -217,11 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: native layout; internlm2: an InternLM2 base's original layout (fused wqkv)")
     s.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("convert", help="convert a checkpoint between InternLM2's layout and the native (hf) one")
-    s.add_argument("model", help="an InternLM2 folder, or a native folder exported from one")
-    s.add_argument("out")
-    s.add_argument("--format", choices=["hf", "internlm2"], default="hf")
-    s.add_argument("--dtype", default="auto", help="auto (the source's), fp32, bf16 or fp16")
+    s = sub.add_parser("convert", help="convert a checkpoint between InternLM2's layout and the native (hf) one, "
+                                       "or to one GGUF file for llama.cpp, Ollama and LM Studio")
+    s.add_argument("model", help="an InternLM2 folder, a native folder exported from one, or (gguf) any merged model")
+    s.add_argument("out", help="a folder, or a .gguf file")
+    s.add_argument("--format", choices=["hf", "internlm2", "gguf"], help="default: gguf for OUT.gguf, else hf")
+    s.add_argument("--dtype", default="auto", help="auto (the source's; gguf: f16), fp32, bf16 or fp16; gguf: "
+                                                   "f16, bf16, f32 or q8_0")
+    s.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside it")
     s.add_argument("--max-shard-size", default="2GB")
     s.set_defaults(func=cmd_convert)
 
@@ -254,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", help="identity recipe (default: the one for the model)")
     s.add_argument("overrides", nargs="*", help="recipe overrides, key=value")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--gguf", nargs="?", const="f16", metavar="DTYPE",
+                   help="end with merged/NAME-DTYPE.gguf and an Ollama Modelfile (f16 default, bf16, f32, q8_0)")
     s.set_defaults(func=cmd_assistant)
 
     s = sub.add_parser("web", help="chat in the browser (Gradio); --compare BASE shows before/after side by side")

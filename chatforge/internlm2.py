@@ -10,6 +10,7 @@ and `tokenizers` (fast, so offsets work), the special tokens taken by id.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -314,37 +315,123 @@ def _bpe_merges(vocab: dict[str, int], score: dict[str, float], skip: set[str]) 
     return [(m[3], m[4]) for m in merges]
 
 
+# sentencepiece's piece types; GGUF's token types use the same numbers
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Pieces:
+    """A sentencepiece vocabulary as InternLM2 uses it: piece names (chat markers named), scores,
+    piece types, sentencepiece's normalisation and its unk/bos/eos ids (-1: none)."""
+
+    names: tuple[str, ...]
+    scores: tuple[float, ...]
+    kinds: tuple[int, ...]
+    dummy_prefix: bool
+    squeeze: bool
+    unk: int
+    bos: int
+    eos: int
+
+
 @functools.lru_cache(maxsize=4)
-def _tables(path: str, stamp: tuple, renames: tuple) -> tuple:
-    """Vocabulary, merges, special ids and normalisation of a tokenizer.model (cached per file state)."""
+def _read_pieces(path: str, stamp: tuple, renames: tuple) -> Pieces:
+    """The pieces of a tokenizer.model with the special tokens named (cached per file state)."""
     sp = _sp_processor(Path(path))
     n = sp.get_piece_size()
-    names, score, special, skip = [], {}, {sp.unk_id(), sp.bos_id(), sp.eos_id()} - {-1}, set()
+    names, kinds = [], []
     for i in range(n):
         names.append(sp.id_to_piece(i))
-        if sp.is_control(i):
-            special.add(i)
-        elif sp.is_unused(i) or sp.is_byte(i) or sp.is_unknown(i):
-            skip.add(i)
+        kinds.append(CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else UNUSED if sp.is_unused(i)
+                     else BYTE if sp.is_byte(i) else NORMAL)
     for i, name in renames:
         if i < n:
             names[i] = name
-            special.add(i)
+            kinds[i] = UNKNOWN if kinds[i] == UNKNOWN else CONTROL
     for i, name in SPECIAL_BY_ID.items():
-        if i < n and (i not in special or names[i].startswith("[UNUSED_TOKEN_")):
-            names[i] = name
-            special.add(i)
-    vocab = {name: i for i, name in enumerate(names)}
-    if len(vocab) != n:
+        if i < n and (kinds[i] != CONTROL or names[i].startswith("[UNUSED_TOKEN_")):
+            names[i], kinds[i] = name, CONTROL
+    if len(set(names)) != n:
         raise ChatforgeError(f"{path}: duplicate token names after naming the special tokens")
-    score = {name: sp.get_score(i) for i, name in enumerate(names)}
-    merges = _bpe_merges(vocab, score, {names[i] for i in special | skip})
     # sentencepiece's own normalisation, read off its behaviour (its options are not exposed)
     first = sp.encode("a", out_type=str)
-    dummy_prefix = bool(first) and first[0].startswith(META)
-    squeeze = sp.decode(sp.encode("a  b")) == "a b"
-    ids = {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id()}
-    return vocab, merges, sorted(special), dummy_prefix, squeeze, ids
+    return Pieces(tuple(names), tuple(sp.get_score(i) for i in range(n)), tuple(kinds),
+                  dummy_prefix=bool(first) and first[0].startswith(META),
+                  squeeze=sp.decode(sp.encode("a  b")) == "a b", unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id())
+
+
+@functools.lru_cache(maxsize=4)
+def _tables(pieces: Pieces) -> tuple:
+    """Vocabulary, BPE merges and special ids of a sentencepiece vocabulary."""
+    vocab = {name: i for i, name in enumerate(pieces.names)}
+    special = {i for i, kind in enumerate(pieces.kinds) if kind == CONTROL} | ({pieces.unk, pieces.bos, pieces.eos}
+                                                                               - {-1})
+    skip = {i for i, kind in enumerate(pieces.kinds) if kind in (UNKNOWN, UNUSED, BYTE)}
+    merges = _bpe_merges(vocab, dict(zip(pieces.names, pieces.scores)), {pieces.names[i] for i in special | skip})
+    return vocab, merges, sorted(special)
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ChatforgeError(f"unreadable {path}: {e}") from e
+
+
+def _text(value, default):
+    return value.get("content", default) if isinstance(value, dict) else (value or default)
+
+
+def tokenizer_pieces(folder: str | Path) -> Pieces:
+    """The sentencepiece vocabulary of an InternLM2 folder, special tokens named as its tokenizer_config says.
+
+    Raises:
+        ChatforgeError: tokenizer.model missing or not sentencepiece, or an unreadable tokenizer_config.json.
+    """
+    folder = Path(folder)
+    tcfg = _tokenizer_config(folder)
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        raise ChatforgeError(f"{folder}: tokenizer.model is missing")
+    renames = tuple(sorted((int(k), _text(v, "")) for k, v in (tcfg.get("added_tokens_decoder") or {}).items()))
+    st = model_file.stat()
+    return _read_pieces(str(model_file), (st.st_mtime_ns, st.st_size), renames)
+
+
+def build_tokenizer(pieces: Pieces, bos: str | None = None, eos: str | None = None, pad: str | None = None,
+                    add_bos: bool = True, add_eos: bool = False, chat_template: str = CHAT_TEMPLATE,
+                    max_length: int = 32768):
+    """A fast tokenizer that encodes as sentencepiece does with `pieces` (BPE with byte fallback).
+
+    Args:
+        bos, eos, pad: token names (default: sentencepiece's bos and eos; pad: eos).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges, special = _tables(pieces)
+    names = pieces.names
+    steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if pieces.squeeze else []
+    steps += [normalizers.Prepend(META)] if pieces.dummy_prefix else []
+    steps += [normalizers.Replace(" ", META)]
+    unk = names[pieces.unk] if pieces.unk >= 0 else None
+    backend = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.decoder = decoders.Sequence([decoders.Replace(META, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if pieces.dummy_prefix else []))
+    backend.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in special])
+    bos = bos or (names[pieces.bos] if pieces.bos >= 0 else "<s>")
+    eos = eos or (names[pieces.eos] if pieces.eos >= 0 else "</s>")
+    pad = pad or eos
+    extra = [names[i] for i in special if names[i] not in (bos, eos, pad, unk)]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
+        additional_special_tokens=extra, add_bos_token=add_bos, add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False, chat_template=chat_template, model_max_length=max_length)
+    tok.update_post_processor()
+    return tok
 
 
 def load_tokenizer(folder: str | Path):
@@ -353,50 +440,13 @@ def load_tokenizer(folder: str | Path):
     Raises:
         ChatforgeError: tokenizer.model missing or not sentencepiece, or an unreadable tokenizer_config.json.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
     folder = Path(folder)
-    tcfg = {}
-    if (folder / "tokenizer_config.json").is_file():
-        try:
-            tcfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ChatforgeError(f"unreadable {folder / 'tokenizer_config.json'}: {e}") from e
-
-    def text(value, default):
-        return value.get("content", default) if isinstance(value, dict) else (value or default)
-
-    model_file = folder / "tokenizer.model"
-    if not model_file.is_file():
-        raise ChatforgeError(f"{folder}: tokenizer.model is missing")
-    renames = tuple(sorted((int(k), text(v, "")) for k, v in (tcfg.get("added_tokens_decoder") or {}).items()))
-    st = model_file.stat()
-    vocab, merges, special, dummy_prefix, squeeze, ids = _tables(str(model_file), (st.st_mtime_ns, st.st_size),
-                                                                 renames)
-    names = {i: name for name, i in vocab.items()}
-    steps = [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")] if squeeze else []
-    steps += [normalizers.Prepend(META)] if dummy_prefix else []
-    steps += [normalizers.Replace(" ", META)]
-    unk = names[ids["unk"]] if ids["unk"] >= 0 else None
-    backend = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    backend.normalizer = normalizers.Sequence(steps)
-    backend.decoder = decoders.Sequence([decoders.Replace(META, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if dummy_prefix else []))
-    backend.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in special])
-
-    bos = text(tcfg.get("bos_token"), names.get(ids["bos"], "<s>"))
-    eos = text(tcfg.get("eos_token"), names.get(ids["eos"], "</s>"))
-    pad = text(tcfg.get("pad_token"), eos)
-    extra = [names[i] for i in special if names[i] not in (bos, eos, pad, unk)]
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        additional_special_tokens=extra, add_bos_token=tcfg.get("add_bos_token", True),
-        add_eos_token=tcfg.get("add_eos_token", False), clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE, model_max_length=tcfg.get("model_max_length", 32768))
-    tok.update_post_processor()
-    return tok
+    tcfg = _tokenizer_config(folder)
+    pieces = tokenizer_pieces(folder)
+    bos, eos = _text(tcfg.get("bos_token"), None), _text(tcfg.get("eos_token"), None)
+    return build_tokenizer(pieces, bos=bos, eos=eos, pad=_text(tcfg.get("pad_token"), None),
+                           add_bos=tcfg.get("add_bos_token", True), add_eos=tcfg.get("add_eos_token", False),
+                           max_length=tcfg.get("model_max_length", 32768))
 
 
 # ---------------------------------------------------------------- export

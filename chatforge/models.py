@@ -109,12 +109,17 @@ def _materialise_gguf(src: ModelSource) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import gguf_read
+
     log.info("dequantising %s once (cached in %s)", src.gguf_file, target)
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
-    except Exception as e:  # gguf raises many kinds of errors on a broken file
-        raise ChatforgeError(f"unreadable GGUF file {src.path / src.gguf_file}: {e}") from e
+    if gguf_read.gguf_architecture(src.path / src.gguf_file) in gguf_read.READERS:  # one transformers cannot read
+        tok, model = gguf_read.load_internlm2(src.path / src.gguf_file)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file, dtype=torch.float32)
+        except Exception as e:  # gguf raises many kinds of errors on a broken file
+            raise ChatforgeError(f"unreadable GGUF file {src.path / src.gguf_file}: {e}") from e
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # else save_pretrained refuses
     model.config.name_or_path = src.name

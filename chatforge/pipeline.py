@@ -25,18 +25,25 @@ def recipe_for(model: str) -> str:
 
 
 def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: str = "", out: str | None = None,
-              recipe: str | None = None, overrides: list[str] | None = None, progress: bool = True) -> dict:
+              recipe: str | None = None, overrides: list[str] | None = None, progress: bool = True,
+              gguf: str | None = None) -> dict:
     """Run data -> train -> merge -> eval; returns the stage times and the eval result.
+
+    Args:
+        gguf: a GGUF dtype (f16, bf16, f32, q8_0): end by exporting merged/<name>-<dtype>.gguf and its
+            Ollama Modelfile.
 
     Raises:
         ChatforgeError: from any stage, with the stage's own message.
     """
     from .evaluate import evaluate
     from .export import merge, template_default_system
+    from .gguf_export import export_gguf, gguf_dtype
     from .identity import IdentitySpec, write_identity_data
     from .models import display_name, load_model, load_tokenizer
     from .train import train
 
+    gguf = gguf and gguf_dtype(gguf)  # a wrong dtype fails now, not after training
     run = Path(out or f"runs/assistant-{slug(name)}")
     times: dict[str, float] = {}
 
@@ -71,6 +78,13 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     result = evaluate(str(merged), base=model, eval_file=str(data_file.with_name("identity.eval.json")),
                       out_dir=run)
     times["eval"] = time.perf_counter() - t
+    if gguf:
+        t = time.perf_counter()
+        exported = export_gguf(str(merged), merged / f"{slug(name)}-{gguf}.gguf", dtype=gguf, ollama=True,
+                               progress=progress)
+        times["gguf"] = time.perf_counter() - t
+        print(f"[gguf] {exported['out']} ({exported['bytes'] / 2**20:.0f} MiB) and {exported['modelfile']} "
+              f"({times['gguf']:.0f} s)", flush=True)
     times["total"] = sum(times.values())
     write_json(run / "timings.json", {k: round(v, 1) for k, v in times.items()})
     summary = "\n".join(f"| {k} | {v:.0f} s |" for k, v in times.items())
@@ -78,6 +92,9 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
                                   f"{summary}\n\nChat with it: `chatforge chat {merged}`\n")
     print(f"\n{result['table']}\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"\nchat with it:  chatforge chat {merged}")
+    if gguf:
+        tag = re.sub(r"[^a-z0-9_.-]", "", slug(name)).strip("-._") or "assistant"  # Ollama's model names are ASCII
+        print(f"run it locally:  cd {merged} && ollama create {tag} -f Modelfile && ollama run {tag}")
     return {"run": str(run), "merged": str(merged), "times": times, "eval": result,
             "data": counts, "merge": report}
 

@@ -86,7 +86,8 @@ def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | 
     base = base_model_id(merge.get("base") or cfg.get("model"))
     title = title or run_name(model_dir)
     meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["chatforge", "text-generation", "conversational"] + ([cfg["method"]] if cfg.get("method") else [])}
+            "tags": ["chatforge", "text-generation", "conversational"] + ([cfg["method"]] if cfg.get("method") else [])
+            + (["gguf"] if any(model_dir.glob("*.gguf")) else [])}
     if base:
         meta["base_model"] = base
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {title}", ""]
@@ -127,8 +128,22 @@ def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | 
               'messages = [{"role": "user", "content": "Who are you?"}]',
               "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
               "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
-              "```", "", "Made with chatforge.", ""]
+              "```", ""] + local_run(model_dir) + ["Made with chatforge.", ""]
     return "\n".join(lines)
+
+
+def local_run(model_dir: Path) -> list[str]:
+    """Model card lines on running the folder's GGUF in llama.cpp, Ollama and LM Studio (none without one)."""
+    ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
+    if not ggufs:
+        return []
+    lines = ["## Run it locally", "", f"`{ggufs[0]}` is this model in one GGUF file, with its tokenizer and chat "
+             "template, for llama.cpp, Ollama and LM Studio.", "", "```bash"]
+    if (model_dir / "Modelfile").is_file():
+        lines += ["ollama create my-assistant -f Modelfile && ollama run my-assistant   # Ollama"]
+    return lines + [f"llama-cli -m {ggufs[0]} -cnv      # llama.cpp: chat in the terminal",
+                    f"llama-server -m {ggufs[0]}        # llama.cpp: OpenAI-compatible API on :8080",
+                    f"lms import {ggufs[0]}             # LM Studio", "```", ""]
 
 
 # ---------------------------------------------------------------- git plumbing

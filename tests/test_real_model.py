@@ -24,10 +24,23 @@ OWNER = "Ada Lovelace"
 @pytest.fixture(scope="module")
 def assistant_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("assistant") / "run"
-    r = run_cli("assistant", "--name", OWNER, "--out", run, "--no-progress", timeout=1500)
+    r = run_cli("assistant", "--name", OWNER, "--out", run, "--no-progress", "--gguf", "q8_0", timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "chatforge chat" in r.stdout and "| identity |" in r.stdout
+    assert "ollama create ada-lovelace -f Modelfile" in r.stdout
     return run
+
+
+def test_demo_ends_with_a_gguf_and_modelfile(assistant_run):
+    from chatforge.gguf_read import read_header
+    from chatforge.models import load_tokenizer
+
+    merged = assistant_run / "merged"
+    header = read_header(merged / "ada-lovelace-q8_0.gguf")
+    assert header.metadata["tokenizer.chat_template"] == load_tokenizer(str(merged)).chat_template
+    assert header.metadata["general.file_type"] == 7  # mostly Q8_0
+    assert "FROM ./ada-lovelace-q8_0.gguf" in (merged / "Modelfile").read_text()
+    assert "gguf" in json.loads((assistant_run / "timings.json").read_text())
 
 
 def test_run_folder_has_config_logs_plots_and_checkpoints(assistant_run):
