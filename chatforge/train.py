@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     run_dir = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     samples = par.on_main(lambda: _prepare(cfg, tokenizer, run_dir, resume))  # tokenised once, sent to all ranks
 
     # 2. model, optimizer, schedule

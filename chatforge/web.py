@@ -116,28 +116,31 @@ def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge
     return demo
 
 
-def load_columns(model_spec: str | None, compare: str | None = None, dtype: str = "auto"):
+def load_columns(model_spec: str | None, compare: str | None = None, dtype: str = "auto",
+                 chat_template: str | None = None):
     """(label, model, tokenizer) for the model and, if given, its base; a shared spec loads once."""
     from .models import display_name, load_model, load_tokenizer, resolve
 
-    first = (display_name(model_spec), load_model(model_spec, dtype=dtype), load_tokenizer(model_spec))
+    first = (display_name(model_spec), load_model(model_spec, dtype=dtype),
+             load_tokenizer(model_spec, chat_template, for_chat=True))
     if not compare:
         return [first]
     same = lambda a, b: (a.path.resolve(), a.gguf_file) == (b.path.resolve(), b.gguf_file)  # noqa: E731
     if same(resolve(compare), resolve(model_spec)):  # one model under two labels: load it once
         return [first, (f"{first[0]} (base)", first[1], first[2])]
-    second = (f"{display_name(compare)} (base)", load_model(compare, dtype=dtype), load_tokenizer(compare))
+    second = (f"{display_name(compare)} (base)", load_model(compare, dtype=dtype),
+              load_tokenizer(compare, chat_template, for_chat=True))
     return [first, second]
 
 
 def serve_web(model_spec: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
-              port: int = 7860, dtype: str = "auto", block: bool = True):
+              port: int = 7860, dtype: str = "auto", block: bool = True, chat_template: str | None = None):
     """Load the model(s) and serve the chat page; returns the Gradio app when `block` is False.
 
     Raises:
         ChatforgeError: a model cannot be loaded.
     """
-    columns = load_columns(model_spec, compare, dtype)
+    columns = load_columns(model_spec, compare, dtype, chat_template)
     title = f"chatforge — {columns[0][0]}" + (f" vs {columns[1][0]}" if compare else "")
     demo = build_demo(columns, title)
     demo.queue(default_concurrency_limit=1)
