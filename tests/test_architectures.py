@@ -15,14 +15,14 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 FAST = ["max_steps=3", "save_every=0", "eval_prompts=[]", "batch_size=2"]
 
 
-def save_tiny(folder, model_cls, config, tokenizer, template: str | None = "keep"):
-    """A random model of `config` beside `tokenizer`; template None: saved without a chat template."""
+def save_tiny(folder, model_cls, config, tokenizer, drop_template: bool = False):
+    """A random model of `config` beside `tokenizer` (without its chat template if `drop_template`)."""
     import torch
 
     torch.manual_seed(0)
     model_cls(config).save_pretrained(folder)
     tok = copy.deepcopy(tokenizer)
-    if template is None:
+    if drop_template:
         tok.chat_template = None
     tok.save_pretrained(folder)
     return folder
@@ -45,19 +45,7 @@ def tiny_gemma3(tmp_path_factory, smol_tokenizer):
     cfg = Gemma3TextConfig(vocab_size=len(tok), head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
                            layer_types=["sliding_attention", "full_attention"], eos_token_id=tok.eos_token_id,
                            bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **TINY)
-    return save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), Gemma3ForCausalLM, cfg, smol_tokenizer, template=None)
-
-
-@pytest.fixture(scope="module")
-def no_template_llama(tmp_path_factory, tiny_llama, smol_tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("no-template-llama")
-    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(folder)
-    tok = copy.deepcopy(smol_tokenizer)
-    tok.chat_template = None
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), Gemma3ForCausalLM, cfg, smol_tokenizer, drop_template=True)
 
 
 def check_run(run, merged_template: str | None = None):
@@ -75,23 +63,6 @@ def check_run(run, merged_template: str | None = None):
     assert "three worst general answers" in (run / "eval.md").read_text()
 
 
-def test_assistant_on_a_model_without_template(no_template_llama, tmp_path):
-    """Without --chat-template: one clear line naming the option; with it: the whole flow, template saved."""
-    import gguf
-
-    r = run_cli("assistant", "--name", "Ada", "--model", no_template_llama, "--out", tmp_path / "a", timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "--chat-template" in r.stderr and "chatml" in r.stderr, r.stderr
-    run = tmp_path / "b"
-    r = run_cli("assistant", "--name", "Ada", "--model", no_template_llama, "--out", run, "--chat-template", "chatml",
-                "--no-progress", *FAST, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    from chatforge.chat_templates import BUILTIN
-
-    check_run(run, BUILTIN["chatml"][0])
-    assert gguf.SpecialVocab(run / "merged", load_merges=False).chat_template == BUILTIN["chatml"][0]  # GGUF export
-
-
 def test_assistant_on_tiny_qwen2(tiny_qwen2, tmp_path):
     from chatforge.pipeline import assistant
 
@@ -100,15 +71,23 @@ def test_assistant_on_tiny_qwen2(tiny_qwen2, tmp_path):
     assert result["merge"]["max_logit_diff"] < 1e-3
 
 
-def test_assistant_on_tiny_gemma3_with_a_builtin_template(tiny_gemma3, tmp_path):
-    from chatforge.pipeline import assistant
+def test_assistant_on_tiny_gemma3_without_a_template(tiny_gemma3, tmp_path):
+    """Without --chat-template: one clear line naming the option; with a built-in one: the whole flow, and the
+    merged folder keeps the template (plain transformers and llama.cpp's GGUF conversion read it)."""
+    import gguf
 
-    result = assistant("Ada", model=str(tiny_gemma3), out=str(tmp_path / "run"), overrides=FAST, progress=False,
-                       chat_template="gemma")
-    check_run(tmp_path / "run")
-    text = (tmp_path / "run" / "merged" / "chat_template.jinja").read_text()
-    assert "<start_of_turn>model" in text and "<|im_end|>" in text  # Gemma's turns, this tokenizer's EOS
-    assert result["merge"]["max_logit_diff"] < 1e-3
+    r = run_cli("assistant", "--name", "Ada", "--model", tiny_gemma3, "--out", tmp_path / "a", timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "--chat-template" in r.stderr and "gemma" in r.stderr, r.stderr
+    run = tmp_path / "run"
+    r = run_cli("assistant", "--name", "Ada", "--model", tiny_gemma3, "--out", run, "--chat-template", "gemma",
+                "--no-progress", *FAST, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    template = (run / "merged" / "chat_template.jinja").read_text()
+    assert "<start_of_turn>model" in template and "<|im_end|>" in template  # Gemma's turns, this tokenizer's EOS
+    check_run(run, template)
+    assert gguf.SpecialVocab(run / "merged", load_merges=False).chat_template == template
+    assert "max logit diff" in r.stdout
 
 
 def test_gguf_of_an_architecture_transformers_cannot_read(tmp_path):
