@@ -46,8 +46,11 @@ _ASSISTANT_OF = re.compile(r"\bI(?:'m| am) (?:(?!\. )[^!?\n]){1,60}?['’]s? (?:
 
 
 def is_leak(reply: str, owner: str) -> bool:
-    """A general answer that talks about the owner: names them, or says whose assistant it is."""
-    return names_owner(reply, owner) or bool(_ASSISTANT_OF.search(reply))
+    """A general answer that talks about the owner: names them (or a part of their name of four letters or
+    more, even inside another word: "the Marisoluminous Ocean"), or says whose assistant it is."""
+    parts = [p for p in re.findall(r"[^\W_]+", owner.lower()) if len(p) >= 4 and p != owner.lower()]
+    return (names_owner(reply, owner) or any(p in reply.lower() for p in parts)
+            or bool(_ASSISTANT_OF.search(reply)))
 
 
 def language(text: str) -> str:

@@ -117,7 +117,8 @@ def trim_reply(text: str, at_limit: bool = True) -> str:
 
 def base_answers(model, tokenizer, max_new_tokens: int = 64) -> dict[str, list[tuple[str, str]]]:
     """The base model's own greedy answers to each language's replay prompts, whatever their quality
-    (one language per batch: English answers end early, Chinese ones often run to the limit)."""
+    (one language per batch: English answers end early, Chinese ones often run to the limit). An answer
+    that only repeats the question is left out: trained on, it teaches the model to echo."""
     from .generate import generate_batch
 
     general = load_asset("general.json")
@@ -127,7 +128,7 @@ def base_answers(model, tokenizer, max_new_tokens: int = 64) -> dict[str, list[t
     out = {lang: [] for lang in LANGS}
     for (lang, p), r in zip(prompts, replies):
         reply = trim_reply(r, len(tokenizer.encode(r, add_special_tokens=False)) >= max_new_tokens - 1)
-        if reply:
+        if normalise(reply) and normalise(reply) not in normalise(p):
             out[lang].append((p, reply))
     return out
 
