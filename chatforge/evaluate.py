@@ -66,12 +66,18 @@ def is_correct(reply: str, expect: list[str]) -> bool:
 def general_items(es: dict) -> list[dict]:
     """The eval set's general questions as {lang, q, expect}; an eval set of earlier releases (plain
     questions, scored for leaks only, and `facts` with accepted answers) still works."""
-    items = [g if isinstance(g, dict) else {"q": g, "expect": []} for g in es["general"]]
+    items = [dict({"expect": []}, **g) if isinstance(g, dict) else {"q": g, "expect": []} for g in es["general"]]
     items += [{"q": f["q"], "expect": f["expect"]} for f in es.get("facts", [])]
     return [dict(g, lang=g.get("lang") or language(g["q"])) for g in items]
 
 
 def load_eval_set(eval_file: str | Path | None, owner: str | None, base_name: str = "") -> dict:
+    """The eval set in `eval_file`, or the shipped one for `owner`.
+
+    Raises:
+        ChatforgeError: a missing or invalid file, a missing key or a malformed general question (named),
+            or neither a file nor an owner.
+    """
     if eval_file:
         path = Path(eval_file)
         if not path.is_file():
@@ -83,6 +89,11 @@ def load_eval_set(eval_file: str | Path | None, owner: str | None, base_name: st
         for key in ("owner", "questions", "general"):
             if key not in es:
                 raise ChatforgeError(f"{path}: missing key {key!r}")
+        for i, g in enumerate(es["general"]):
+            if not (isinstance(g, str) or isinstance(g, dict) and isinstance(g.get("q"), str)
+                    and isinstance(g.get("expect", []), list)):
+                raise ChatforgeError(f"{path}: general[{i}] must be a question, or {{\"q\": text, \"expect\": "
+                                     f"[accepted answers]}}")
         if owner:
             es["owner"] = owner
         return es

@@ -92,6 +92,18 @@ def test_leaks_and_checked_answers():
     assert [(g["lang"], bool(g["expect"])) for g in legacy] == [("en", False), ("zh", False), ("en", True)]
 
 
+def test_malformed_general_question_is_named(tmp_path):
+    import pytest
+
+    from chatforge.evaluate import load_eval_set
+    from chatforge.files import ChatforgeError
+
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"owner": "A", "questions": {}, "general": ["ok?", {"question": "x"}]}))
+    with pytest.raises(ChatforgeError, match=r"general\[1\]"):
+        load_eval_set(path, None)
+
+
 def test_worst_general_answers_put_leaks_and_losses_first():
     base = [{"prompt": p, "reply": r, "ok": ok, "leak": False}
             for p, r, ok in [("a", "4", True), ("b", "blue", True), ("c", "x", False), ("d", "red", True)]]
