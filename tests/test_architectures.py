@@ -90,6 +90,14 @@ def test_assistant_on_tiny_gemma3_without_a_template(tiny_gemma3, tmp_path):
     assert "max logit diff" in r.stdout
 
 
+def test_chat_and_serve_take_the_option(tiny_gemma3):
+    r = run_cli("serve", tiny_gemma3, "--port", "0", timeout=120)
+    assert r.returncode == 2 and "--chat-template" in r.stderr, r.stderr  # before any server starts
+    r = run_cli("chat", tiny_gemma3, "--chat-template", "gemma", "--max-new-tokens", "3", input="hi\n/exit\n",
+                timeout=120)
+    assert r.returncode == 0 and r.stdout.count("assistant> ") == 1, r.stderr[-2000:]
+
+
 def test_gguf_of_an_architecture_transformers_cannot_read(tmp_path):
     import gguf
     import numpy as np
