@@ -82,8 +82,10 @@ def test_trim_reply_cuts_loops_and_keeps_finished_answers():
 def test_leaks_and_checked_answers():
     owner = "Marisol Ekwueme"
     assert is_leak("我是Marisol Ekwueme的小助手，一个AI模型。", owner)
-    assert is_leak("我是欧阳娜的小助手。", owner) and is_leak("I'm Marisol E.'s assistant, built on X.", owner)
-    assert not is_leak("我是你的助手。一年有十二个月。", owner) and not is_leak("I am an AI assistant.", owner)
+    assert is_leak("我是欧阳娜的小助手。", owner)
+    assert is_leak("I'm Marisol E.'s assistant, built on X.", owner)
+    assert not is_leak("我是你的助手。一年有十二个月。", owner)
+    assert not is_leak("I am an AI assistant.", owner)
     assert is_leak("The largest ocean is the Marisoluminous Ocean.", owner) and not is_leak("Mari", owner)
     assert is_correct("The answer is 8.", ["8", "eight"]) and not is_correct("It is 18.", ["8"])
     assert is_correct("巴黎是法国的首都", ["巴黎", "paris"]) and is_correct("Paris!", ["巴黎", "paris"])

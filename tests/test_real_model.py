@@ -51,7 +51,8 @@ def test_eval_shows_identity_learned_and_general_kept(assistant_run):
     for cond in ("default system", "custom system", "no system"):
         assert tuned[f"identity ({cond})"] >= 0.6, tuned
     for lang in ("en", "zh"):
-        (acc_key, n), = [(k, int(k.split(", ")[1].split()[0])) for k in tuned if k.startswith(f"general accuracy ({lang}")]
+        (acc_key, n), = [(k, int(k.split(", ")[1].split()[0])) for k in tuned
+                         if k.startswith(f"general accuracy ({lang}")]
         assert tuned[acc_key] >= base[acc_key] - 3 / n, (base, tuned)  # the target: one question
         leaks = next(v for k, v in tuned.items() if k.startswith(f"general leaks ({lang}"))
         assert leaks <= 1, tuned  # the target: none
