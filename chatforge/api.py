@@ -373,12 +373,13 @@ def http_server(app, host: str, port: int, limits: Limits | None = None):
 
 def serve_api(model_spec: str | None = None, host: str = "127.0.0.1", port: int = 8000,
               api_key: str | None = None, model_name: str | None = None, limits: Limits | None = None,
-              dtype: str = "auto", api_key_file: str | None = None) -> None:
+              dtype: str = "auto", api_key_file: str | None = None, chat_template: str | None = None) -> None:
     """Load a model and serve the OpenAI-compatible API until interrupted.
 
     Args:
         api_key: required Bearer key; if empty: the first line of `api_key_file`, else $CHATFORGE_API_KEY
             (none: open, which only a loopback host allows).
+        chat_template: a built-in name or file for a model without a chat template (or to replace it).
 
     Raises:
         ChatforgeError: fastapi/uvicorn missing, an open server on a non-loopback host, an unreadable key
@@ -390,7 +391,8 @@ def serve_api(model_spec: str | None = None, host: str = "127.0.0.1", port: int 
     require("uvicorn", "serve", "chatforge serve")
     key = api_key or read_secret(api_key_file, API_KEY_ENV)
     check_bind(host, bool(key), "chatforge serve", "an API key", f"${API_KEY_ENV} or --api-key-file")
-    tokenizer, model = load_tokenizer(model_spec), load_model(model_spec, dtype=dtype)
+    tokenizer = load_tokenizer(model_spec, chat_template, for_chat=True)  # no template: an error before loading
+    model = load_model(model_spec, dtype=dtype)
     model_id = model_name or display_name(model_spec)
     app = create_app(model, tokenizer, model_id, api_key=key, limits=limits, host=host)
     print(f"chatforge serve: {model_id} on http://{host}:{port}/v1 "

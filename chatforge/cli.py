@@ -9,6 +9,9 @@ import sys
 from .files import ChatforgeError
 from .models import DEFAULT_MODEL
 
+TEMPLATE_HELP = ("chat template for a model without one (or to replace its own): chatml, llama3, internlm2, "
+                 "qwen2, gemma, or a .jinja / tokenizer_config.json file")
+
 
 def cmd_data_identity(a):
     from .identity import IdentitySpec, write_identity_data
@@ -18,7 +21,7 @@ def cmd_data_identity(a):
                         seed=a.seed)
     model = tok = None
     if not a.no_replay:
-        tok, model = load_tokenizer(a.model), load_model(a.model)
+        tok, model = load_tokenizer(a.model, a.chat_template, for_chat=True), load_model(a.model)
     print(json.dumps(write_identity_data(spec, a.out, replay_model=model, tokenizer=tok), ensure_ascii=False))
 
 
@@ -57,7 +60,8 @@ def cmd_train(a):
     from . import distributed
     from .config import load_recipe
 
-    overrides = list(a.overrides) + ([f"strategy={a.strategy}"] if a.strategy else [])
+    overrides = list(a.overrides) + ([f"strategy={a.strategy}"] if a.strategy else []) + (
+        [f"chat_template={a.chat_template}"] if a.chat_template else [])
     cfg = load_recipe(a.recipe, overrides)  # a bad recipe fails here, before any process starts
     if (a.gpus or a.nnodes) and not distributed.in_launched_rank():
         world = (a.gpus or 1) * (a.nnodes or distributed.slurm_nodes().get("nnodes") or 1)
@@ -84,7 +88,7 @@ def cmd_merge(a):
     from .export import merge
 
     report = merge(a.adapter, a.out, base=a.base, max_shard_size=a.max_shard_size, dtype=a.dtype, fmt=a.format,
-                   default_system=a.default_system)
+                   default_system=a.default_system, chat_template=a.chat_template)
     print(json.dumps(report, indent=2))
 
 
@@ -103,7 +107,8 @@ def cmd_convert(a):
 def cmd_chat(a):
     from .serve import chat
 
-    chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens)
+    chat(a.model, system=a.system, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+         chat_template=a.chat_template)
 
 
 def cmd_eval(a):
@@ -111,11 +116,12 @@ def cmd_eval(a):
 
     if a.data:
         result = evaluate_data(a.model, a.data, base=a.base, holdout_last=a.holdout_last, generate=a.generate,
-                               out_dir=a.out, max_new_tokens=a.max_new_tokens, limit=a.limit)
+                               out_dir=a.out, max_new_tokens=a.max_new_tokens, limit=a.limit,
+                               chat_template=a.chat_template)
         print(result["table"])
         return
     result = evaluate(a.model, base=a.base, eval_file=a.eval_set, owner=a.name, out_dir=a.out,
-                      max_new_tokens=a.max_new_tokens)
+                      max_new_tokens=a.max_new_tokens, chat_template=a.chat_template)
     print(result["table"])
 
 
@@ -123,13 +129,14 @@ def cmd_assistant(a):
     from .pipeline import assistant
 
     assistant(a.name, model=a.model, assistant_name=a.assistant_name, out=a.out, recipe=a.recipe,
-              overrides=a.overrides, progress=not a.no_progress, gguf=a.gguf)
+              overrides=a.overrides, progress=not a.no_progress, gguf=a.gguf, chat_template=a.chat_template)
 
 
 def cmd_web(a):
     from .web import serve_web
 
-    serve_web(a.model, compare=a.compare, host=a.host, port=a.port, dtype=a.dtype, auth_file=a.auth_file)
+    serve_web(a.model, compare=a.compare, host=a.host, port=a.port, dtype=a.dtype, auth_file=a.auth_file,
+              chat_template=a.chat_template)
 
 
 def cmd_serve(a):
@@ -142,7 +149,7 @@ def cmd_serve(a):
                     max_batch=a.max_batch, engine=a.engine, max_prompt_tokens=a.max_prompt_tokens,
                     request_timeout_s=a.request_timeout, max_connections=a.max_connections)
     serve_api(a.model, host=a.host, port=a.port, api_key_file=a.api_key_file, model_name=a.model_name,
-              limits=limits, dtype=a.dtype)
+              limits=limits, dtype=a.dtype, chat_template=a.chat_template)
 
 
 def cmd_publish(a):
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="data/identity.jsonl")
     s.add_argument("--no-replay", action="store_true", help="identity only, no general conversations")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_data_identity)
     s = d.add_parser("convert", help="convert a data file: alpaca, ShareGPT, messages, conversation -> "
                                      "conversation (the seed's format) or messages")
@@ -210,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--master-port", type=int, help="a free TCP port on that machine (default 29500)")
     g.add_argument("--strategy", choices=["auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"],
                    help="overrides the recipe's strategy key")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("merge", help="merge a LoRA adapter into a standalone model folder")
@@ -221,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-system", help="replace the system prompt the chat template injects by default")
     s.add_argument("--format", choices=["hf", "internlm2"], default="hf",
                    help="hf: native layout; internlm2: an InternLM2 base's original layout (fused wqkv)")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("convert", help="convert a checkpoint between InternLM2's layout and the native (hf) one, "
@@ -240,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.7)
     s.add_argument("--top-p", type=float, default=0.9)
     s.add_argument("--max-new-tokens", type=int, default=256)
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("eval", help="identity accuracy and general retention, before/after")
@@ -253,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--holdout-last", type=int, default=0, help="with --data: only its last N records")
     s.add_argument("--generate", type=int, default=100, help="with --data: answer the first N (0 = all)")
     s.add_argument("--limit", type=int, default=0, help="with --data: score only the first N records (0 = all)")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("assistant", help="one command: identity data -> LoRA -> merge -> eval")
@@ -265,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--gguf", nargs="?", const="f16", metavar="DTYPE",
                    help="end with merged/NAME-DTYPE.gguf and an Ollama Modelfile (f16 default, bf16, f32, q8_0)")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_assistant)
 
     s = sub.add_parser("web", help="chat in the browser (Gradio); --compare BASE shows before/after side by side")
@@ -275,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--auth-file", help="file whose first line is USER:PASSWORD for the page's login (default: "
                                        "$CHATFORGE_WEB_AUTH; neither: no login, allowed on a loopback host only)")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_web)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/models, /health")
@@ -295,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["continuous", "static"], default="continuous",
                    help="continuous batching (new requests join the running batch) or static batches")
     s.add_argument("--dtype", default="auto")
+    s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("publish", help="model card + git-lfs push of a model folder to a model repo")

@@ -59,6 +59,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     system: str | None = None  # system prompt added to conversations that have none
+    chat_template: str | None = None  # a built-in name (chatml, llama3, ...) or file, for models without one
     eval_prompts: list = field(default_factory=list)  # answered before training and at checkpoints
     eval_max_new_tokens: int = 48
     # speed keys (chatforge/fastpath.py, docs/speed.md): `auto` picks what fits the memory budget fastest
@@ -301,6 +302,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ChatforgeError("recipe key 'warmup_ratio': must be between 0 and 1")
     if not 0 <= cfg.lora.dropout < 1:
         raise ChatforgeError("recipe key 'lora.dropout': must be at least 0 and below 1")
+    if cfg.chat_template is not None and not isinstance(cfg.chat_template, str):
+        raise ChatforgeError("recipe key 'chat_template': expected a template name or file")
     if not cfg.data:
         raise ChatforgeError("recipe key 'data': no training data given (data=PATH)")
     if cfg.overflow == "split" and cfg.task != "pretrain":

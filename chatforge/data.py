@@ -373,9 +373,9 @@ def record_key(rec: Record) -> str:
 # ---------------------------------------------------------------- tokenising
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise ChatforgeError("the model's tokenizer has no chat template; "
-                             "supervised fine-tuning needs one")
+    from .chat_templates import require
+
+    require(tokenizer, "the model")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 

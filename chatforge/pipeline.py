@@ -26,13 +26,14 @@ def recipe_for(model: str) -> str:
 
 def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: str = "", out: str | None = None,
               recipe: str | None = None, overrides: list[str] | None = None, progress: bool = True,
-              gguf: str | None = None) -> dict:
+              gguf: str | None = None, chat_template: str | None = None) -> dict:
     """Run data -> train -> merge -> eval; returns the stage times and the eval result.
 
     Args:
         gguf: a GGUF dtype (f16, bf16, f32, q8_0): end by exporting merged/<name>-<dtype>.gguf and its
             Ollama Modelfile.
-
+        chat_template: a built-in name or file for a model without a chat template (or to replace its
+            own); the merged model keeps it.
     Raises:
         ChatforgeError: from any stage, with the stage's own message.
     """
@@ -48,18 +49,20 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    tokenizer, base_model = load_tokenizer(model), load_model(model)
+    tokenizer, base_model = load_tokenizer(model, chat_template, for_chat=True), load_model(model)
     spec = IdentitySpec(owner=name, assistant=assistant_name, base=display_name(model))
     data_file = run / "data" / "identity.jsonl"
     counts = write_identity_data(spec, data_file, replay_model=base_model, tokenizer=tokenizer)
     del base_model
     times["data"] = time.perf_counter() - t
-    print(f"[data] {counts['identity']} identity + {counts['replay']} replay conversations -> {data_file} "
+    print(f"[data] {counts['identity']} identity + {counts['replay']} replay + {counts['multi-turn']} two-turn "
+          f"conversations -> {data_file} "
           f"({times['data']:.0f} s)", flush=True)
 
     t = time.perf_counter()
     cfg = load_recipe(recipe or recipe_for(model), [f"model={model}", f"data={data_file}",
                                                    f"output_dir={run / 'train'}"] + list(overrides or []))
+    cfg.chat_template = chat_template or cfg.chat_template
     adapter = train(cfg, progress=progress)
     times["train"] = time.perf_counter() - t
     print(f"[train] adapter -> {adapter} ({times['train']:.0f} s)", flush=True)
@@ -69,14 +72,14 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     # A named assistant replaces the template's injected default prompt ("... named SmolLM"), which would
     # contradict its answers; an unnamed one keeps it ("<owner>'s assistant, built on SmolLM2" agrees).
     rename = assistant_name and template_default_system(tokenizer)
-    report = merge(adapter, merged, base=model, default_system=(
+    report = merge(adapter, merged, base=model, chat_template=chat_template, default_system=(
         f"You are {assistant_name}, {name}'s assistant, built on {spec.base}." if rename else None))
     times["merge"] = time.perf_counter() - t
     print(f"[merge] {merged} (max logit diff {report['max_logit_diff']:.2e}, {times['merge']:.0f} s)", flush=True)
 
     t = time.perf_counter()
     result = evaluate(str(merged), base=model, eval_file=str(data_file.with_name("identity.eval.json")),
-                      out_dir=run)
+                      out_dir=run, chat_template=chat_template)
     times["eval"] = time.perf_counter() - t
     if gguf:
         t = time.perf_counter()

@@ -11,10 +11,15 @@ HELP = "commands: /reset clears the history, /exit quits"
 
 
 def chat(model_spec: str | None = None, system: str | None = None, temperature: float = 0.7,
-         top_p: float = 0.9, max_new_tokens: int = 256, stdin=None, stdout=None) -> None:
-    """Interactive chat in the terminal; replies stream as they are generated."""
+         top_p: float = 0.9, max_new_tokens: int = 256, stdin=None, stdout=None,
+         chat_template: str | None = None) -> None:
+    """Interactive chat in the terminal; replies stream as they are generated.
+
+    Raises:
+        ChatforgeError: the model cannot be loaded or has no chat template (and none is given).
+    """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    tokenizer, model = load_tokenizer(model_spec), load_model(model_spec)
+    tokenizer, model = load_tokenizer(model_spec, chat_template, for_chat=True), load_model(model_spec)
     history: list[dict] = [{"role": "system", "content": system}] if system is not None else []
     interactive = stdin.isatty()
     if interactive:

@@ -371,7 +371,7 @@ class Trainer:
             check_settings(self.state, cfg, self.ckpt)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.model) if self.samples is None else None
+        self.tokenizer = load_tokenizer(cfg.model, cfg.chat_template) if self.samples is None else None
         if self.samples is None:  # tokenised once, sent to all ranks
             self.samples = par.on_main(lambda: _prepare(cfg, self.tokenizer, self.run_dir, self.resume))
         elif par.is_main:

@@ -126,17 +126,20 @@ def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge
     return demo
 
 
-def load_columns(model_spec: str | None, compare: str | None = None, dtype: str = "auto"):
+def load_columns(model_spec: str | None, compare: str | None = None, dtype: str = "auto",
+                 chat_template: str | None = None):
     """(label, model, tokenizer) for the model and, if given, its base; a shared spec loads once."""
     from .models import display_name, load_model, load_tokenizer, resolve
 
-    first = (display_name(model_spec), load_model(model_spec, dtype=dtype), load_tokenizer(model_spec))
+    first = (display_name(model_spec), load_model(model_spec, dtype=dtype),
+             load_tokenizer(model_spec, chat_template, for_chat=True))
     if not compare:
         return [first]
     same = lambda a, b: (a.path.resolve(), a.gguf_file) == (b.path.resolve(), b.gguf_file)  # noqa: E731
     if same(resolve(compare), resolve(model_spec)):  # one model under two labels: load it once
         return [first, (f"{first[0]} (base)", first[1], first[2])]
-    second = (f"{display_name(compare)} (base)", load_model(compare, dtype=dtype), load_tokenizer(compare))
+    second = (f"{display_name(compare)} (base)", load_model(compare, dtype=dtype),
+              load_tokenizer(compare, chat_template, for_chat=True))
     return [first, second]
 
 
@@ -159,12 +162,13 @@ def login_check(auth: str):
 
 def serve_web(model_spec: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
               port: int = 7860, dtype: str = "auto", block: bool = True, auth: str | None = None,
-              auth_file: str | None = None):
+              auth_file: str | None = None, chat_template: str | None = None):
     """Load the model(s) and serve the chat page; returns the Gradio app when `block` is False.
 
     Args:
         auth: USER:PASSWORD for the page's login; if empty: the first line of `auth_file`, else
             $CHATFORGE_WEB_AUTH (none: no login, which only a loopback host allows).
+        chat_template: a built-in name or file for models without a chat template.
 
     Raises:
         ChatforgeError: no login on a non-loopback host, a malformed login, a model cannot be loaded.
@@ -173,7 +177,7 @@ def serve_web(model_spec: str | None = None, compare: str | None = None, host: s
     check_bind(host, bool(auth), "chatforge web", "a login", f"${WEB_AUTH_ENV} or --auth-file")
     check = login_check(auth) if auth else None
     require("gradio", "web", "chatforge web")  # before minutes of model loading
-    columns = load_columns(model_spec, compare, dtype)
+    columns = load_columns(model_spec, compare, dtype, chat_template)
     title = f"chatforge — {columns[0][0]}" + (f" vs {columns[1][0]}" if compare else "")
     demo = build_demo(columns, title)
     demo.queue(default_concurrency_limit=1)

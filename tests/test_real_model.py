@@ -63,8 +63,12 @@ def test_eval_shows_identity_learned_and_general_kept(assistant_run):
     assert tuned["identity"] >= 0.8, tuned
     for cond in ("default system", "custom system", "no system"):
         assert tuned[f"identity ({cond})"] >= 0.6, tuned
-    assert tuned["facts correct"] >= base["facts correct"] - 0.25, (base, tuned)
-    assert tuned["general answers naming the owner"] <= 0.2, tuned
+    for lang in ("en", "zh"):
+        (acc_key, n), = [(k, int(k.split(", ")[1].split()[0])) for k in tuned
+                         if k.startswith(f"general accuracy ({lang}")]
+        assert tuned[acc_key] >= base[acc_key] - 3 / n, (base, tuned)  # the target: one question
+        leaks = next(v for k, v in tuned.items() if k.startswith(f"general leaks ({lang}"))
+        assert leaks <= 1, tuned  # the target: none
 
 
 PLAIN_CHECK = textwrap.dedent("""
