@@ -155,7 +155,7 @@ CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Recipe keys that change what training computes: a resumed run must have the checkpoint's values.
 RESUME_KEYS = ("model", "method", "task", "data", "lora", "max_length", "overflow", "batch_size", "grad_accum",
                "epochs", "max_steps", "lr", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-               "dtype", "packing", "system")
+               "dtype", "packing", "system", "chat_template")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
