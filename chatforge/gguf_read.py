@@ -21,6 +21,7 @@ from .files import ChatforgeError
 READERS = ("internlm2",)  # architectures read here rather than by transformers
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 STRING, ARRAY = 8, 9
+REQUIRED = ("embedding_length", "feed_forward_length", "block_count", "attention.head_count")
 
 
 class Header:
@@ -103,9 +104,13 @@ def gguf_architecture(path: str | Path) -> str:
     return arch
 
 
-def _config(meta: dict, arch: str, tensor_names) -> dict:
+def _config(path, meta: dict, arch: str, tensor_names) -> dict:
     """The InternLM2 config.json fields the file states (chatforge's InternLM2 loader takes this form)."""
     key = lambda name, default=None: meta.get(f"{arch}.{name}", default)  # noqa: E731
+    needed = ["tokenizer.ggml.tokens"] + [f"{arch}.{k}" for k in REQUIRED]
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise ChatforgeError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
     cfg = {"vocab_size": len(meta["tokenizer.ggml.tokens"]), "hidden_size": key("embedding_length"),
            "intermediate_size": key("feed_forward_length"), "num_hidden_layers": key("block_count"),
            "num_attention_heads": key("attention.head_count"), "num_key_value_heads": key("attention.head_count_kv"),
@@ -136,7 +141,7 @@ def load_internlm2(path: str | Path, dtype: torch.dtype = torch.float32):
     meta, arch = header.metadata, header.metadata.get("general.architecture")
     if arch not in READERS:
         raise ChatforgeError(f"{path}: architecture {arch!r} is read by transformers, not here")
-    cfg = _config(meta, arch, header.tensors)
+    cfg = _config(path, meta, arch, header.tensors)
     config = llama_config(cfg, dtype)
     with init_empty_weights():
         model = LlamaForCausalLM(config)

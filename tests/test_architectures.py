@@ -98,16 +98,25 @@ def test_chat_and_serve_take_the_option(tiny_gemma3):
     assert r.returncode == 0 and r.stdout.count("assistant> ") == 1, r.stderr[-2000:]
 
 
-def test_gguf_of_an_architecture_transformers_cannot_read(tmp_path):
+def _tiny_gguf(path, arch):
     import gguf
     import numpy as np
 
-    path = tmp_path / "tiny-internlm2.gguf"
-    writer = gguf.GGUFWriter(str(path), "internlm2")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    r = run_cli("chat", path, timeout=120, input="")
-    assert r.returncode == 2 and "'internlm2'" in r.stderr and "GGUF" in r.stderr, r.stderr
+    return path
+
+
+def test_gguf_of_an_architecture_nobody_reads(tmp_path):
+    r = run_cli("chat", _tiny_gguf(tmp_path / "tiny-rwkv.gguf", "rwkv7"), timeout=120, input="")
+    assert r.returncode == 2 and "'rwkv7'" in r.stderr and "GGUF" in r.stderr, r.stderr
+
+
+def test_internlm2_gguf_without_metadata_names_the_missing_keys(tmp_path):
+    r = run_cli("chat", _tiny_gguf(tmp_path / "tiny-internlm2.gguf", "internlm2"), timeout=120, input="")
+    assert r.returncode == 2 and "tokenizer.ggml.tokens" in r.stderr and "internlm2.block_count" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

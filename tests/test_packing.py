@@ -87,6 +87,27 @@ def test_packed_loss_equals_unpacked_loss(tiny_llama, attn):
         assert per_sample_losses(model, leaky, spans) != pytest.approx(want, rel=1e-3)
 
 
+def test_cpu_micro_batch_in_one_row_has_the_padded_batchs_loss_and_gradients(tiny_llama):
+    """The trainer on a CPU puts an unpacked micro-batch in one row and sends only rows with a target
+    through the output layer: the same loss and gradients as the padded batch."""
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.fastpath import loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    samples = random_samples(4, 8, 60, seed=2, vocab=model.config.vocab_size)
+    results = []
+    for batch in (collate(samples, pad_id=0), collate_packed([samples], pad_id=0)):
+        model.zero_grad()
+        loss, count = loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.item(), int(count), [p.grad.clone() for p in model.parameters()]))
+    (a, n_a, g_a), (b, n_b, g_b) = results
+    assert n_a == n_b and b == pytest.approx(a, rel=1e-5)
+    for x, y in zip(g_a, g_b):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
 def test_training_with_packing_runs_and_counts_sequences(tmp_path, tiny_llama):
     import json
 
