@@ -431,8 +431,8 @@ class Trainer:
         if cfg.packing:
             return data_mod.collate_packed(units, self.pad, width=cfg.max_length if fixed else None,
                                            segments=len(units) * self.max_segments if fixed else None)
-        if self.device == "cpu":  # a micro-batch in one row, samples kept apart: no padding to compute
-            return data_mod.collate_packed([units], self.pad)  # (the identity demo: 23% of its tokens)
+        if self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
+            return data_mod.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
         width = data_mod.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
         return data_mod.collate(units, self.pad, width=width)
 

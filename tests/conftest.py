@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,24 @@ def run_cli(*args, cwd=None, timeout=600, input=None) -> subprocess.CompletedPro
     env = cli_env()
     return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], cwd=cwd, env=env, input=input,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def call_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`chatforge ARGS` in this process, output captured: for commands that stop before loading a model,
+    without the seconds of a new interpreter importing torch."""
+    from chatforge.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd or here)
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse
+                code = e.code
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def nf4_linear(dense, compute_dtype=None):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import call_cli
 
 GOOD = {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A helper."}]}
 
@@ -24,7 +24,7 @@ def write_lines(path, *lines):
 def test_train_rejects_bad_records(tmp_path, tiny_llama, bad_line, message):
     data = write_lines(tmp_path / "d.jsonl", json.dumps(GOOD), bad_line)
     out = tmp_path / "run"
-    r = run_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", f"data={data}", f"output_dir={out}",
+    r = call_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", f"data={data}", f"output_dir={out}",
                 "--no-progress", cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert f"d.jsonl{message}" in r.stderr
@@ -35,7 +35,7 @@ def test_train_rejects_bad_records(tmp_path, tiny_llama, bad_line, message):
 def test_train_rejects_a_sample_longer_than_max_length(tmp_path, tiny_llama):
     long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
     data = write_lines(tmp_path / "d.jsonl", json.dumps(GOOD), json.dumps(long))
-    r = run_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", f"data={data}",
+    r = call_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", f"data={data}",
                 f"output_dir={tmp_path / 'run'}", "max_length=64", cwd=tmp_path)
     assert r.returncode == 2
     assert "d.jsonl:2: sample has" in r.stderr and "max_length 64" in r.stderr
@@ -43,23 +43,23 @@ def test_train_rejects_a_sample_longer_than_max_length(tmp_path, tiny_llama):
 
 
 def test_unknown_recipe_key_and_missing_files(tmp_path, tiny_llama):
-    r = run_cli("train", "smollm2_135m_identity_lora", "lora.rnak=8", cwd=tmp_path)
+    r = call_cli("train", "smollm2_135m_identity_lora", "lora.rnak=8", cwd=tmp_path)
     assert r.returncode == 2 and "unknown key 'rnak'" in r.stderr
-    r = run_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", "data=missing.jsonl", cwd=tmp_path)
+    r = call_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", "data=missing.jsonl", cwd=tmp_path)
     assert r.returncode == 2 and "data file not found: missing.jsonl" in r.stderr
-    r = run_cli("train", "no_such_recipe", cwd=tmp_path)
+    r = call_cli("train", "no_such_recipe", cwd=tmp_path)
     assert r.returncode == 2 and "recipe not found: no_such_recipe" in r.stderr
-    r = run_cli("chat", str(tmp_path / "no-model"), cwd=tmp_path)
+    r = call_cli("chat", str(tmp_path / "no-model"), cwd=tmp_path)
     assert r.returncode == 2 and f"model not found: {tmp_path / 'no-model'}" in r.stderr
-    r = run_cli("merge", str(tmp_path), str(tmp_path / "out"), cwd=tmp_path)
+    r = call_cli("merge", str(tmp_path), str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 2 and "adapter_config.json is missing" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_recipes_list_and_copy(tmp_path):
-    r = run_cli("recipes", "list", "smollm2")
+    r = call_cli("recipes", "list", "smollm2")
     assert r.returncode == 0 and "smollm2_135m_identity_lora" in r.stdout.split()
-    r = run_cli("recipes", "copy", "smollm2_135m_identity_lora", tmp_path / "cfg")
+    r = call_cli("recipes", "copy", "smollm2_135m_identity_lora", tmp_path / "cfg")
     assert r.returncode == 0 and (tmp_path / "cfg" / "smollm2_135m_identity_lora.yaml").is_file()
 
 

@@ -3,11 +3,18 @@ a changed recipe is refused, and a full disk keeps the last good checkpoint."""
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from chatforge.files import ChatforgeError
+from safetensors.torch import load_file
+
+from conftest import call_cli, cli_env
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +136,32 @@ def test_out_of_memory_names_the_keys_and_keeps_the_checkpoints(run, tmp_path, t
         train_mod.train(recipe(tiny_llama, data, folder, max_steps=5), resume=True, progress=False,
                         allow_changes=True)
     assert (folder / "checkpoint-3" / train_mod.STATE_FILE).is_file()
+
+
+def _train_args(model, data, out):
+    return ["train", "smollm2_135m_identity_lora", f"model={model}", f"data={data}", f"output_dir={out}",
+            "max_steps=12", "save_every=4", "batch_size=2", "max_length=128", "eval_prompts=[]", "keep_checkpoints=5",
+            "--no-progress"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_llama, data):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert call_cli(*_train_args(tiny_llama, data, full)).returncode == 0  # in this process: no start-up
+
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", *map(str, _train_args(tiny_llama, data, cut))],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "checkpoint-4").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (cut / "checkpoint-4").is_dir() and not (cut / "adapter").exists()
+    r = call_cli(*_train_args(tiny_llama, data, cut), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    log = [json.loads(l) for l in (cut / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
