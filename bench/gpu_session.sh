@@ -45,7 +45,7 @@ write_checkpoint(Path('$keep/il2'), SHAPE_1_8B, device='cuda')" || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 stage=${1:-tests}; shift
 case $stage in
-  tests) set -o pipefail; python3 -m pytest -m gpu -q -p no:cacheprovider --durations=0 -rsP tests/test_gpu.py "$@" 2>&1 \
+  tests) set -o pipefail; python3 -m pytest -o addopts= -m gpu -q -p no:cacheprovider --durations=0 -rsP tests/test_gpu.py "$@" 2>&1 \
            | tee "$OUT/gpu_tests.log" | grep -E "^\[gpu\]|passed|failed|error|Error|SKIP|^[0-9.]+s " ;;
   bench) python3 bench/recipe_speed.py --model $keep/il2 --data data/huatuo/llama_data.jsonl \
            --json "$OUT/recipe_speed.json" "$@" 2>&1 | tee "$OUT/recipe_speed.log" | grep -v Warning ;;

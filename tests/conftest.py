@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each (and their children),
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # as OpenMP threads fighting for cores run many times slower
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The real-model tests first: under two workers (pyproject's addopts) their minutes run beside the rest."""
+    items.sort(key=lambda item: "test_real_model.py" not in item.nodeid)
 
 
 @pytest.fixture(scope="session")
