@@ -36,7 +36,8 @@ def _template(name: str) -> str:
 
 
 def write_app(model_repo: str, out_dir: str | Path, title: str = "", branch: str = "main") -> Path:
-    """Write app.py, requirements.txt, packages.txt and README.md into `out_dir`.
+    """Write app.py, chat_tokens.py (message text stays text), requirements.txt, packages.txt and README.md
+    into `out_dir`.
 
     Args:
         model_repo: git URL the app clones the model from on first start (https, ssh or file://).
@@ -61,6 +62,8 @@ def write_app(model_repo: str, out_dir: str | Path, title: str = "", branch: str
     fill = lambda text: re.sub("|".join(values), lambda m: values[m.group(0)], text)  # noqa: E731
     out = Path(out_dir)  # files are written one by one (atomically): an existing Space clone keeps its .git
     write_text(out / "app.py", fill(_template("gradio_app.py")))
+    own = resources.files("chatforge").joinpath("chat_tokens.py").read_text(encoding="utf-8")
+    write_text(out / "chat_tokens.py", own)  # the app tokenises prompts as chatforge does
     write_text(out / "README.md", fill(_template("gradio_app_README.md")))
     write_text(out / "requirements.txt", pinned_requirements())
     write_text(out / "packages.txt", "\n".join(SYSTEM_PACKAGES) + "\n")

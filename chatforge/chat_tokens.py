@@ -6,6 +6,9 @@ message* into real control tokens, so a user could forge a system turn. Here the
 special tokens are found by rendering the suspicious messages as placeholders, and message text is
 tokenised with special tokens split into plain pieces. A conversation whose messages hold no
 special-token text is tokenised exactly as before (one call over the whole rendering).
+
+Self-contained apart from chatforge's error class: `chatforge app` copies this file beside the app.py
+it generates, so a deployed app keeps message text as text too.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import re
 import secrets
 import weakref
 
-from .files import ChatforgeError
+try:
+    from .files import ChatforgeError
+except ImportError:  # shipped beside an app that `chatforge app` generated, where chatforge is not installed
+    ChatforgeError = ValueError
 
 
 _PATTERNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (added tokens, pattern)
@@ -116,3 +122,16 @@ def encode_rendered(tokenizer, text: str, specials: list[tuple[int, int]] | None
             ids += part
             starts += [a] * len(part)
     return ids, starts
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The prompt's token ids: the template's special tokens are real, message text is only text.
+
+    Raises:
+        ChatforgeError: a message holds special-token text the template would rewrite (chat_tokens).
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    specials = template_specials(tokenizer, messages, text, True)
+    if specials is None:  # no special-token text in any message: the whole rendering at once
+        return tokenizer.encode(text, add_special_tokens=False)
+    return encode_rendered(tokenizer, text, specials)[0]

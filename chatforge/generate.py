@@ -7,21 +7,8 @@ from typing import Iterator
 
 import torch
 
-from .chat_tokens import encode_rendered, template_specials
+from .chat_tokens import prompt_ids
 from .models import stop_token_ids
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The prompt's token ids: the template's special tokens are real, message text is only text.
-
-    Raises:
-        ChatforgeError: a message holds special-token text the template would rewrite (chat_tokens).
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    specials = template_specials(tokenizer, messages, text, True)
-    if specials is None:  # no special-token text in any message: the whole rendering at once
-        return tokenizer.encode(text, add_special_tokens=False)
-    return encode_rendered(tokenizer, text, specials)[0]
 
 
 def _sampling(temperature: float, top_p: float) -> dict:

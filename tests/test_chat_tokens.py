@@ -136,3 +136,26 @@ def test_concurrent_prompts_keep_message_text_as_text(smol_tokenizer):
     finally:
         sys.setswitchinterval(interval)
     assert not wrong
+
+
+def test_the_generated_app_tokenises_as_chatforge_does(tmp_path, smol_folder, smol_tokenizer):
+    """`chatforge app` ships chat_tokens.py beside app.py: without chatforge installed, a forged message is text."""
+    import json
+    import subprocess
+    import sys
+
+    from chatforge.app import write_app
+
+    app = write_app("file:///nowhere/model.git", tmp_path / "app")
+    assert "from chat_tokens import prompt_ids" in (app / "app.py").read_text()
+    script = ("import json, sys; sys.modules['chatforge'] = None; sys.path.insert(0, sys.argv[1]); "
+              "from chat_tokens import prompt_ids; from transformers import AutoTokenizer; "
+              "print(json.dumps(prompt_ids(AutoTokenizer.from_pretrained(sys.argv[2]), json.loads(sys.argv[3]))))")
+    messages = [{"role": "user", "content": FORGED}]
+    r = subprocess.run([sys.executable, "-c", script, str(app), str(smol_folder), json.dumps(messages)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ids = json.loads(r.stdout.strip().splitlines()[-1])
+    assert ids == prompt_ids(smol_tokenizer, messages)
+    assert specials(smol_tokenizer, ids) == specials(smol_tokenizer, prompt_ids(smol_tokenizer, [
+        {"role": "user", "content": "hi"}]))

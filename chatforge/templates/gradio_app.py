@@ -19,6 +19,8 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer  # noqa: E402
 
+from chat_tokens import prompt_ids  # noqa: E402  (beside this file: a message cannot forge a chat role)
+
 TITLE = os.environ.get("APP_TITLE", "__TITLE__")
 MODEL_REPO = os.environ.get("MODEL_REPO", "__MODEL_REPO__")
 MODEL_BRANCH = os.environ.get("MODEL_BRANCH", "__BRANCH__")
@@ -75,12 +77,16 @@ def respond(message, history, system, temperature, top_p, max_new_tokens):
     messages = [{"role": "system", "content": system}] if system.strip() else []
     messages += [{"role": m["role"], "content": text_of(m["content"])} for m in history]
     messages.append({"role": "user", "content": text_of(message)})
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    try:
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+    except ValueError as e:  # special-token text the template would rewrite
+        raise gr.Error(str(e)) from None
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
                 else {"do_sample": False})
-    kwargs = dict(**ids.to(device), max_new_tokens=int(max_new_tokens), streamer=streamer, eos_token_id=end_ids,
-                  pad_token_id=tokenizer.pad_token_id or end_ids[0], **sampling)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
+                  streamer=streamer, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id or end_ids[0],
+                  **sampling)
     threading.Thread(target=lambda: model.generate(**kwargs), daemon=True).start()
     reply = ""
     for piece in streamer:
