@@ -17,6 +17,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one threa
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bench_module(name: str):
+    """A script of bench/ imported as a module (its writers and helpers serve the tests too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pytest_collection_modifyitems(config, items):
     """The real-model tests first: under two workers (pyproject's addopts) their minutes run beside the rest."""
     items.sort(key=lambda item: "test_real_model.py" not in item.nodeid)

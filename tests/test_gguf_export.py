@@ -24,11 +24,9 @@ from chatforge.files import ChatforgeError
 from chatforge.gguf_export import export_gguf
 from chatforge.gguf_read import read_header
 from chatforge.models import DEFAULT_MODEL, load_model, load_tokenizer
-from conftest import ROOT, run_cli
+from conftest import bench_module, run_cli
 
-_spec = importlib.util.spec_from_file_location("gguf_bench", ROOT / "bench" / "gguf_export.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = bench_module("gguf_export")
 PROMPTS, greedy = bench.PROMPTS, bench.greedy  # the 8 fixed prompts, answered greedily
 
 MIXED_CHAT = [{"role": "system", "content": "你是伍鲜同志的小助手 (an assistant)."},
@@ -209,9 +207,7 @@ def test_qwen2_round_trip(smol_tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def internlm2_gguf(tmp_path_factory):
     """A tiny InternLM2 (official layout, GQA, dynamic RoPE) exported in f32 with its Modelfile."""
-    spec = importlib.util.spec_from_file_location("internlm2_writers", ROOT / "bench" / "internlm2_gpu_check.py")
-    writers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(writers)
+    writers = bench_module("internlm2_gpu_check")
     root = tmp_path_factory.mktemp("il2")
     ckpt = writers.write_checkpoint(root / "internlm2-chat-tiny", dict(writers.SHAPE_TINY, max_position_embeddings=256),
                                     shards=2, seed=3)

@@ -7,7 +7,6 @@ written from InternLM2's published math, independent of chatforge and of transfo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,11 +16,9 @@ import torch
 
 from chatforge import internlm2
 from chatforge.files import ChatforgeError
+from conftest import bench_module
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("internlm2_writers", ROOT / "bench" / "internlm2_gpu_check.py")
-writers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(writers)
+writers = bench_module("internlm2_gpu_check")
 
 TINY = writers.SHAPE_TINY  # hidden 64, 4 heads, 2 kv heads (GQA), 2 layers, vocab 92544, max_pos 32
 

@@ -1,9 +1,9 @@
 """The step profiler's GPU timeline arithmetic (chatforge/profiling.py)."""
-from pathlib import Path
 
 import pytest
 
 from chatforge.profiling import _union, timeline
+from conftest import bench_module
 
 
 def test_union_merges_overlaps_and_gaps():
@@ -23,11 +23,7 @@ def test_timeline_splits_compute_communication_and_idle():
 
 
 def test_gpu_gaps_books_late_launches_to_the_cpu_call_and_the_rest_to_waiting():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_gaps", Path(__file__).resolve().parents[1] / "bench" / "gpu_gaps.py")
-    gaps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gaps)
+    gaps = bench_module("gpu_gaps")
     op = lambda name, ts, dur: {"ph": "X", "cat": "cpu_op", "name": name, "tid": 1, "ts": ts, "dur": dur}
     launch = lambda ts, c, cat="cuda_runtime": {"ph": "X", "cat": cat, "name": "launch", "tid": 1, "ts": ts, "dur": 1,
                                                 "args": {"correlation": c}}
