@@ -87,8 +87,8 @@ def test_a_changed_recipe_is_refused_unless_allowed(run, tmp_path, tiny_llama, d
     from chatforge.train import train
 
     folder = copy_of(run, tmp_path)
-    with pytest.raises(ChatforgeError, match=r"lr: 0\.001 -> 0\.002.*--allow-changes"):
-        train(recipe(tiny_llama, data, folder, lr=0.002), resume=True, progress=False)
+    with pytest.raises(ChatforgeError, match=r"lr: 0\.002 -> 0\.003.*--allow-changes"):
+        train(recipe(tiny_llama, data, folder, lr=0.003), resume=True, progress=False)
     with pytest.raises(ChatforgeError, match="lora"):
         train(recipe(tiny_llama, data, folder, **{"lora": {"r": 8}}), resume=True, progress=False)
     train(recipe(tiny_llama, data, folder, max_steps=4, save_every=0), resume=True, progress=False,
