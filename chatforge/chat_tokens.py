@@ -128,7 +128,7 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The prompt's token ids: the template's special tokens are real, message text is only text.
 
     Raises:
-        ChatforgeError: a message holds special-token text the template would rewrite (chat_tokens).
+        ChatforgeError: a message holds special-token text the template would rewrite.
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     specials = template_specials(tokenizer, messages, text, True)

@@ -197,7 +197,7 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
             weight = head.weight if not plan.autocast else head.weight.to(torch.bfloat16)
             hidden, targets = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
             if ids.device.type == "cpu" and not plan.compile:  # only rows with a target meet the output
-                # layer (nonzero would wait for a GPU; compiled code wants fixed widths). The demo: its work / 2.3
+                # layer (nonzero would wait for a GPU; compiled code wants fixed widths). The demo: 2.3x fewer rows
                 keep = (targets != IGNORE).nonzero().squeeze(1)
                 hidden, targets = hidden.index_select(0, keep), targets[keep]
             loss = linear_cross_entropy_sum(hidden, weight, targets,
