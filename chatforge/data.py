@@ -682,12 +682,6 @@ def batch_tokens(batch: dict) -> int:
     return int(batch["num_tokens"])
 
 
-def trained_tokens(batch: dict) -> int:
-    """Tokens a batch trains on: labels after the first position that are not IGNORE (counted where
-    the batch is; on the CPU, no GPU wait)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
 def to_device(batch: dict, device) -> dict:
     """The batch on `device`. To a GPU through pinned memory, asynchronously: a pageable copy would
     wait for the GPU's queue, so preparing the next batch during a step would stall it."""
