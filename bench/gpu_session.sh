@@ -3,7 +3,7 @@
 #              trimmed to its CUDA 13.0 and CPU libraries: 3.9 MB instead of 43), the default model's GGUF in
 #              two parts (.dev1/, .dev2/), Huatuo into data/huatuo/ (all ignored by git; carry them)
 # One call on the lent GPU machine (the device tool), from the repository root:
-#   bash bench/gpu_session.sh tests [-k EXPR]      pytest -m gpu
+#   bash bench/gpu_session.sh tests [-k EXPR]      pytest -m gpu, four tests at a time (pytest-xdist)
 #   bash bench/gpu_session.sh bench [SCENARIO ...]  bench/recipe_speed.py on Huatuo and the 1.8B checkpoint
 # Prepares what the image lacks, kept in /root/keep while the machine stays warm: wheels from .whl/
 # (carried), the default model's GGUF (93 MB, more than one call may carry: .dev1/smol.part1 and
@@ -45,7 +45,8 @@ write_checkpoint(Path('$keep/il2'), SHAPE_1_8B, device='cuda')" || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 stage=${1:-tests}; shift
 case $stage in
-  tests) set -o pipefail; python3 -m pytest -o addopts= -m gpu -q -p no:cacheprovider --durations=0 -rsP tests/test_gpu.py "$@" 2>&1 \
+  tests) set -o pipefail; python3 -m pytest -o addopts= -m gpu -n 4 --dist loadgroup -q -p no:cacheprovider --durations=0 -rsP \
+           tests/test_gpu.py "$@" 2>&1 \
            | tee "$OUT/gpu_tests.log" | grep -E "^\[gpu\]|passed|failed|error|Error|SKIP|^[0-9.]+s " ;;
   bench) python3 bench/recipe_speed.py --model $keep/il2 --data data/huatuo/llama_data.jsonl \
            --json "$OUT/recipe_speed.json" "$@" 2>&1 | tee "$OUT/recipe_speed.log" | grep -v Warning ;;

@@ -12,7 +12,8 @@ SCENARIO (default: DEFAULT below):
                                   (NF4, double quantisation, gradient checkpointing), full in fp32 with bf16 autocast
   parity_METHOD_STEPS[_bN]        chatforge (one sample per row, no compile, no dropout, constant lr) and the
                                   Trainer on the very same batches: the largest per-step loss difference
-  assistant                       `chatforge assistant --name ... --model MODEL` wall time (data, train, merge, eval)
+  assistant[_default]             `chatforge assistant --name ... --model MODEL` wall time (data, train, merge, eval);
+                                  _default: on the embedded default model
 Each scenario runs in its own process (peaks do not mix). Prints real (non-padding) tokens/s over the whole
 run (warm-up and compilation included) and after warm-up, peak GiB, compilations and wall time.
 """
@@ -177,14 +178,17 @@ def run_child(name: str, a) -> dict:
 def run_scenario(name: str, a, work: Path) -> dict:
     head, *opts = name.split(",")
     kind, *parts = head.split("_")
-    if kind == "assistant":
-        cmd = [sys.executable, "-m", "chatforge", "assistant", "--name", "Ada Park", "--model", a.model,
+    if kind == "assistant":  # assistant_default: the embedded default model
+        model = [] if parts == ["default"] else ["--model", a.model]
+        cmd = [sys.executable, "-m", "chatforge", "assistant", "--name", "Ada Park", *model,
                "--out", str(work / head), "--no-progress", *opts]
         t = time.perf_counter()
         p = subprocess.run(cmd, env=env(), capture_output=True, text=True)
         if p.returncode:
             return {"error": p.stderr.strip()[-1500:]}
-        return {"wall_s": round(time.perf_counter() - t, 1), "stages": json.loads((work / head / "timings.json").read_text())}
+        scores = json.loads((work / head / "eval.json").read_text())["scores"]["fine-tuned"]
+        return {"wall_s": round(time.perf_counter() - t, 1), "identity": scores.get("identity"),
+                "stages": json.loads((work / head / "timings.json").read_text())}
     method, steps = parts[0], int(parts[1])
     if kind == "cf":
         return run_cf(method, steps, a, opts, work / name.replace(",", "_").replace("=", "-"))

@@ -312,7 +312,7 @@ OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192, "nf4_torch": 20
 def act_bytes_per_token(shape: Shape, compiled: bool, lora_dropout: float = 0.0) -> float:
     kv = shape.hidden // shape.heads * shape.kv_heads
     per_layer = 2 * (6 * shape.hidden + 2 * kv + 3 * shape.ffn)
-    if lora_dropout > 0:  # PEFT keeps one dropped-out input copy per adapted projection
+    if lora_dropout > 0:  # PEFT keeps one dropped-out input copy per adapted projection (compiled: and a mask)
         per_layer += 2 * (6 * shape.hidden + shape.ffn)
     return per_layer * ACT_FACTOR["compiled" if compiled else "eager"]
 
@@ -456,7 +456,11 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
     plan.autocast = cuda and method in ("lora", "qlora")
     shape = shape_of(model)
     plan.compile = bool(_auto(compile, cuda and worth_compiling(shape, method, run_tokens)))
-    plan.lora_groups = bool(_auto(lora_groups, method in ("lora", "qlora") and lora_dropout == 0))
+    # With dropout the grouped path recomputes its masks (lora_groups.py): worth it once compiled, where
+    # the hash fuses into one kernel; eager runs keep PEFT's dropout.
+    plan.lora_groups = bool(_auto(lora_groups, method in ("lora", "qlora") and (lora_dropout == 0 or plan.compile)))
+    if plan.lora_groups:  # no masks or dropped copies are kept for the backward pass
+        lora_dropout = 0.0
     # chunked: the backend measured in full training runs (docs/speed.md); liger is selectable and may win.
     plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
     if plan.loss not in ("chunked", "liger", "plain"):

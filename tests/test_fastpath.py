@@ -162,8 +162,8 @@ def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
             groups = {id(m._chatforge_group): [n.rsplit(".", 1)[-1] for n, x in model.named_modules()
                                                if getattr(x, "_chatforge_group", None) is m._chatforge_group]
                       for m in lora_groups.lora_linears(model) if hasattr(m, "_chatforge_group")}
-            assert sorted(map(tuple, groups.values())) == [("gate_proj", "up_proj")] * 2 + [
-                ("q_proj", "k_proj", "v_proj")] * 2
+            assert sorted(map(tuple, groups.values())) == [("down_proj",)] * 2 + [("gate_proj", "up_proj")] * 2 + [
+                ("o_proj",)] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
             with model.disable_adapter(), torch.no_grad():  # PEFT's own forward: the base model
                 off, _ = fp.loss_sum(model, b)
             ref = tiny_llama(layers=2)
@@ -177,12 +177,74 @@ def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
             assert float((grads[k] - g).abs().max()) <= 1e-5 * float(g.abs().max()), k  # fp32 summation order
 
 
-def test_lora_groups_on_by_default_only_without_dropout():
+def test_lora_groups_on_by_default_without_dropout_or_when_compiled():
     model = tiny_llama()
     plan = lambda **kw: fp.make_plan(model, device="cpu", seq=64, global_batch=4, **kw).lora_groups
-    assert plan(method="lora") and plan(method="qlora")
+    assert plan(method="lora") and plan(method="qlora") and plan(method="lora", lora_dropout=0.1, compile=True)
     assert not plan(method="lora", lora_dropout=0.1) and not plan(method="full")
     assert not plan(method="lora", lora_groups=False)
+
+
+def dropout_run(grouped: bool, ckpt_layers: int = 0, backend=None, steps=2):
+    """Loss and LoRA gradients of two forward/backward passes with dropout 0.3. grouped=False: PEFT's own
+    forward, its dropout modules swapped for the grouped path's hash masks with the very same keys."""
+    from peft import LoraConfig, get_peft_model
+
+    from chatforge import lora_groups
+
+    model = get_peft_model(tiny_llama(layers=2), LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear",
+                                                             init_lora_weights=False))
+    model.train()
+    fp.apply(model, fp.Plan(lora_groups=True, checkpoint_layers=ckpt_layers))
+    if not grouped:
+        class Keyed(torch.nn.Module):
+            def __init__(self, group, i):
+                super().__init__()
+                self.group, self.i = group, i
+
+            def forward(self, x):
+                key = self.group.clock.value * 1000003 + self.group.keys[self.i]
+                return lora_groups.hash_dropout(x, key, 0.3)
+
+        for m in lora_groups.lora_linears(model):
+            group = m._chatforge_group
+            m.lora_dropout["default"] = Keyed(group, group.members.index(m))
+            del m.forward  # PEFT's forward again
+    if backend:
+        for layer in fp.decoder_layers(model):
+            layer.forward = torch.compile(layer.forward, backend=backend)
+    out = []
+    for _ in range(steps):
+        loss, _ = fp.loss_sum(model, batch_with_padding())
+        loss.backward()
+        out.append(loss.item())
+    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_groups_dropout_is_peft_dropout_with_recomputed_masks():
+    """The grouped path with dropout computes PEFT's LoRA with the same masks (kept by PEFT, recomputed
+    here), also under layer checkpointing and compiled; masks change every forward."""
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = stats["unique_graphs"]
+    ref_losses, ref_grads = dropout_run(grouped=False)
+    assert ref_losses[0] != ref_losses[1]  # same batch, same weights' gradients accumulate: new masks too
+    for kw in ({}, {"ckpt_layers": 2}, {"backend": "aot_eager"}, {"ckpt_layers": 1, "backend": "aot_eager"}):
+        losses, grads = dropout_run(grouped=True, **kw)
+        assert losses == pytest.approx(ref_losses, rel=1e-5), kw
+        for k, g in ref_grads.items():
+            assert float((grads[k] - g).abs().max()) <= 1e-5 * float(g.abs().max()), (kw, k)
+    assert stats["unique_graphs"] - graphs <= 2  # a new counter value recompiles nothing (first layer: its own)
+
+
+def test_hash_dropout_keeps_one_minus_p_and_masks_are_independent():
+    from chatforge import lora_groups
+
+    ones = torch.ones(1000, 1000)
+    a = lora_groups.hash_dropout(ones, torch.tensor(12345), 0.1)
+    b = lora_groups.hash_dropout(ones, torch.tensor(12345 + lora_groups.GOLDEN), 0.1)
+    assert torch.equal(a, lora_groups.hash_dropout(ones, torch.tensor(12345), 0.1))
+    assert abs(float((a > 0).float().mean()) - 0.9) < 0.002 and float(a.max()) == pytest.approx(1 / 0.9)
+    assert abs(float(((a == 0) & (b == 0)).float().mean()) - 0.01) < 0.001  # independent: p x p
 
 
 # ---------------------------------------------------------------- memory model and chooser
