@@ -72,7 +72,7 @@ class TrainConfig:
     packing: bool = True  # several samples per max_length sequence (no attention across them); batch_size
     # then counts sequences. On by default, as XTuner's pack_to_max_length; false: one sample per row
     nf4_matmul: str = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
-    lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: without dropout
+    lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: no dropout, or compiled
     # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch
     strategy: str = "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
     collective_timeout: int = 1800  # seconds a rank waits in a collective before the job fails
