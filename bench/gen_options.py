@@ -56,8 +56,7 @@ def run_generate(model, batch: list[list[int]], new: int, pad: int, static: bool
     device = next(model.parameters()).device
     width = max(map(len, batch))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-    mask = (torch.arange(width, device=device)[None] >= torch.tensor([width - len(p) for p in batch],
-                                                                      device=device)[:, None]).long()
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
 
     class First(BaseStreamer):
         def __init__(self):
