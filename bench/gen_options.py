@@ -7,6 +7,9 @@ Guidance for choosing chatforge's generation path, not a figure of record (that 
   generate+static           `cache_implementation="static"`: transformers compiles the decoding step (CUDA)
   continuous[+graphs][+cN]  `init_continuous_batching` (paged KV cache) as chatforge's serve engine uses it,
                             with CUDA graphs on and compile level N (`ContinuousBatchingConfig`)
+  decode[+reuse]            chatforge/decode.py: slots with their own positions in a static KV cache, the
+                            step captured as a CUDA graph on CUDA (set-up and capture counted in each run;
+                            +reuse: the warm-up's cache and graph serve again, as in a chat session)
 
     PYTHONPATH=. python3 bench/gen_options.py --model IL2_FOLDER --batches 1 8 32 [--json F]
 
@@ -118,6 +121,36 @@ def run_continuous(model, batch: list[list[int]], new: int, pad: int, graphs: bo
             "rows": ordered}
 
 
+_KEPT: dict = {}
+
+
+def run_decode(model, batch: list[list[int]], new: int, reuse: bool) -> dict:
+    """chatforge's Decoder: one batched prefill, then `new - 1` steps; first-token time = the prefill's.
+    reuse: the Decoder (cache and captured graph) of the warm-up run serves again, as in a chat session."""
+    from chatforge.decode import Decoder
+
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    key = (len(batch), max(map(len, batch)) + new + 1)
+    dec = _KEPT.get(key) if reuse else None
+    if dec is None:
+        dec = Decoder(model, *key)
+        if reuse:
+            _KEPT[key] = dec
+    for slot in range(dec.rows):
+        dec.release(slot)
+    slots, first = dec.prefill(batch)
+    ttft = time.perf_counter() - t0
+    rows = [[t] for t in first]
+    for _ in range(new - 1):
+        toks = dec.step()
+        for row, slot in zip(rows, slots):
+            row.append(toks[slot])
+    sync(device.type)
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "tokens": sum(map(len, rows)), "ttft_s": ttft, "rows": rows}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="a model folder (default: the embedded default model)")
@@ -135,15 +168,18 @@ def main(argv=None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     tokenizer, model = load_tokenizer(a.model), load_model(a.model, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    setups = a.setups or (["generate", "generate+static", "continuous", "continuous+graphs",
-                           "continuous+graphs+c2"] if device == "cuda" else ["generate", "continuous"])
+    setups = a.setups or (["generate", "generate+static", "continuous", "continuous+graphs", "decode",
+                           "decode+reuse"]
+                          if device == "cuda" else ["generate", "continuous", "decode", "decode+reuse"])
     results = []
     for n in a.batches:
         batch = prompts(tokenizer, n, a.prompt_tokens)
         reference = None
         for name in setups:
             try:
-                if name.startswith("generate"):
+                if name.startswith("decode"):
+                    run = lambda: run_decode(model, batch, a.new_tokens, reuse=name.endswith("reuse"))
+                elif name.startswith("generate"):
                     run = lambda: run_generate(model, batch, a.new_tokens, pad, static=name.endswith("static"))
                 else:
                     level = int(name.rsplit("+c", 1)[1]) if "+c" in name else 0

@@ -1,16 +1,19 @@
-"""Time to first token and tokens/s of `chatforge serve` for 1 and 8 concurrent clients (CPU, default model).
+"""Time to first token and tokens/s of `chatforge serve` for 1, 8 and 32 concurrent streaming clients.
 
-Compared in the same run with a plain transformers loop (`model.generate` with a streamer, one
-request after another, as a naive server would), and across the server's engines: continuous
-batching (default), static batches, and queued (static with --max-batch 1).
+Compared in the same run with plain transformers `generate` on the same model (one request after another
+with a streamer, as a naive server would; and one static batch of all requests), and across the
+server's engines: slots (the default for Llama-shaped models: own KV-cache slots, CUDA graphs on a GPU),
+continuous batching, static batches. Each client's answer is compared with plain greedy `generate`'s
+answer to the same prompt alone ("equal"; bf16 kernels may part ways on random weights).
 
-    python bench/serve_latency.py [--max-tokens 64] [--clients 1 8] [--json out.json]
+    python bench/serve_latency.py [--model FOLDER] [--max-tokens 128] [--clients 1 8 32] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -24,6 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.",
            "Describe a day at the beach.", "Give advice for learning to cook.", "Tell me about the moon.",
            "Write a poem about autumn.", "Explain why exercise is healthy.", "Describe your favourite city."]
+CONTEXT = "The river carries light from the hills to the sea, and every stone along it remembers the rain."
+
+
+def long_prompts(tokenizer, n: int, tokens: int) -> list[str]:
+    """n different prompts of about `tokens` tokens each (chat template included)."""
+    from chatforge.chat_tokens import prompt_ids
+
+    out = []
+    for i in range(n):
+        text = f"{PROMPTS[i % len(PROMPTS)]} (request {i})"
+        while len(prompt_ids(tokenizer, [{"role": "user", "content": text}])) < tokens:
+            text = CONTEXT + " " + text
+        out.append(text)
+    return out
 
 
 def free_port() -> int:
@@ -32,8 +49,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int) -> list[dict]:
-    """All requests arrive at t0 and are served one after another with model.generate."""
+def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int, batch: bool = False) -> list[dict]:
+    """All requests arrive at t0. batch=False: served one after another with `generate` and a streamer;
+    batch=True: one left-padded greedy `generate` for all (no first-token time)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -41,6 +59,7 @@ def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int) -> list[di
     from chatforge.models import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
+    device = next(model.parameters()).device
 
     class Clock(BaseStreamer):
         def __init__(self):
@@ -54,15 +73,24 @@ def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int) -> list[di
         def end(self):
             pass
 
+    groups = [prompts] if batch else [[p] for p in prompts]
     t0, out = time.perf_counter(), []
-    for p in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": p}])])
-        clock = Clock()
+    for group in groups:
+        rows = [prompt_ids(tokenizer, [{"role": "user", "content": p}]) for p in group]
+        width = max(map(len, rows))
+        ids = torch.tensor([[stops[0]] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        clock = None if batch else Clock()
         with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, eos_token_id=stops, pad_token_id=stops[0], streamer=clock)
-        n = int(gen.shape[1] - ids.shape[1])
-        out.append({"ttft": clock.first - t0, "end": time.perf_counter() - t0, "tokens": n})
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=stops[0], streamer=clock)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        end = time.perf_counter() - t0
+        for row in gen[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            out.append({"ttft": clock.first - t0 if clock else None, "end": end, "tokens": cut,
+                        "text": tokenizer.decode(row[:cut], skip_special_tokens=True).strip()})
     return out
 
 
@@ -71,7 +99,7 @@ def api_clients(url: str, prompts: list[str], max_tokens: int) -> list[dict]:
     import httpx
 
     def one(prompt: str, t0: float) -> dict:
-        first, tokens = None, 0
+        first, tokens, text = None, 0, []
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
@@ -82,28 +110,37 @@ def api_clients(url: str, prompts: list[str], max_tokens: int) -> list[dict]:
                 data = json.loads(line[6:])
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]
-                if first is None and any(c["delta"].get("content") for c in data["choices"]):
+                text += [c["delta"].get("content") or "" for c in data["choices"]]
+                if first is None and any(text):
                     first = time.perf_counter()
-        return {"ttft": first - t0, "end": time.perf_counter() - t0, "tokens": tokens}
+        return {"ttft": first - t0, "end": time.perf_counter() - t0, "tokens": tokens, "text": "".join(text).strip()}
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         t0 = time.perf_counter()
         return list(pool.map(lambda p: one(p, t0), prompts))
 
 
-def summary(name: str, clients: int, rows: list[dict]) -> dict:
+def summary(name: str, clients: int, rows: list[dict], reference: dict[int, str]) -> dict:
     wall = max(r["end"] for r in rows)
     tokens = sum(r["tokens"] for r in rows)
-    return {"setup": name, "clients": clients, "ttft_mean_s": statistics.mean(r["ttft"] for r in rows),
-            "ttft_max_s": max(r["ttft"] for r in rows), "tokens": tokens, "wall_s": wall,
-            "total_tok_s": tokens / wall,
-            "per_client_tok_s": statistics.mean(r["tokens"] / max(r["end"] - r["ttft"], 1e-9) for r in rows)}
+    firsts = [r["ttft"] for r in rows if r["ttft"] is not None]
+    equal = [rows[i]["text"] == ref for i, ref in reference.items() if i < len(rows)]
+    return {"setup": name, "clients": clients, "ttft_mean_s": statistics.mean(firsts) if firsts else None,
+            "ttft_max_s": max(firsts) if firsts else None, "tokens": tokens, "wall_s": wall,
+            "total_tok_s": tokens / wall, "equal": f"{sum(equal)}/{len(equal)}" if equal else "",
+            "per_client_tok_s": statistics.mean(r["tokens"] / max(r["end"] - (r["ttft"] or 0), 1e-9) for r in rows)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--model", help="a model folder (default: the embedded default model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=100)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--engines", nargs="+", default=["slots", "continuous", "static"])
+    ap.add_argument("--plain-one-by-one-max", type=int, default=8, help="clients up to which the one-at-a-time "
+                    "baseline runs (it takes clients x a reply's time)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
@@ -115,42 +152,55 @@ def main() -> None:
     from chatforge.api import Limits, create_app, http_server
     from chatforge.models import load_model, load_tokenizer
 
-    tokenizer, model = load_tokenizer(None), load_model(None, device="cpu")
-    results = []
-    servers = {}
-    for label, engine, max_batch in (("chatforge serve, continuous batching (default)", "continuous", 8),
-                                     ("chatforge serve, static batches", "static", 8),
-                                     ("chatforge serve, queued (--engine static --max-batch 1)", "static", 1)):
-        app = create_app(model, tokenizer, "bench", limits=Limits(max_batch=max_batch, engine=engine))
-        port = free_port()
-        srv = http_server(app, "127.0.0.1", port)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    tokenizer, model = load_tokenizer(a.model), load_model(a.model, device=device)
+    prompts = long_prompts(tokenizer, max(a.clients), a.prompt_tokens)
+    plain_loop(model, tokenizer, prompts[:1], 8)  # warm-up
+    results, reference = [], {}
+    for n in a.clients:  # the baselines first: the continuous engine switches the model's attention
+        if n <= a.plain_one_by_one_max:
+            rows = plain_loop(model, tokenizer, prompts[:n], a.max_tokens)
+            reference.update({i: r["text"] for i, r in enumerate(rows)})
+            results.append(summary("plain transformers generate, one at a time", n, rows, reference))
+            print(json.dumps(results[-1]), flush=True)
+        if n > 1:
+            results.append(summary("plain transformers generate, one static batch", n,
+                                   plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True), reference))
+            print(json.dumps(results[-1]), flush=True)
+    for engine in sorted(a.engines, key=lambda e: e == "continuous"):  # one server at a time
+        t = time.perf_counter()
+        app = create_app(model, tokenizer, "bench", limits=Limits(max_batch=max(a.clients), engine=engine))
+        srv = http_server(app, "127.0.0.1", port := free_port())
         threading.Thread(target=srv.run, daemon=True).start()
         while not srv.started:
             time.sleep(0.05)
-        servers[label] = (srv, app, f"http://127.0.0.1:{port}")
-
-    plain_loop(model, tokenizer, PROMPTS[:1], 8)  # warm-up
-    for n in a.clients:
-        prompts = (PROMPTS * 4)[:n]
-        results.append(summary("plain transformers generate, one at a time", n,
-                               plain_loop(model, tokenizer, prompts, a.max_tokens)))
-        for label, (_, _, url) in servers.items():
-            if n == 1 and "queued" in label:
-                continue  # same as static batches for a single client
-            results.append(summary(label, n, api_clients(url, prompts, a.max_tokens)))
-    for srv, app, _ in servers.values():
+        label = f"chatforge serve --engine {app.state.engine.stats['engine']}"
+        print(f"{label}: ready in {time.perf_counter() - t:.1f} s", flush=True)
+        for n in a.clients:
+            api_clients(f"http://127.0.0.1:{port}", prompts[:n], 8)  # warm-up: graphs of this batch size
+            results.append(summary(label, n, api_clients(f"http://127.0.0.1:{port}", prompts[:n], a.max_tokens),
+                                   reference))
+            print(json.dumps(results[-1]), flush=True)
         srv.should_exit = True
         app.state.engine.close()
 
-    print(f"\nSmolLM2-135M-Instruct, CPU ({torch.get_num_threads()} threads), greedy, max_tokens {a.max_tokens}\n")
-    print("| setup | clients | TTFT mean (s) | TTFT max (s) | tokens | wall (s) | total tok/s | tok/s per client |")
-    print("|---|---|---|---|---|---|---|---|")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{a.model or 'SmolLM2-135M-Instruct'}, {name}, {next(model.parameters()).dtype}, prompts of "
+          f"~{a.prompt_tokens} tokens, greedy, max_tokens {a.max_tokens}\n")
+    print("| setup | clients | TTFT mean (ms) | TTFT max (ms) | tokens | wall (s) | total tok/s | tok/s per client "
+          "| answers equal to plain generate's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ms = lambda v: f"{v * 1000:.0f}" if v is not None else "n/a"
     for r in results:
-        print(f"| {r['setup']} | {r['clients']} | {r['ttft_mean_s']:.2f} | {r['ttft_max_s']:.2f} | {r['tokens']} | "
-              f"{r['wall_s']:.1f} | {r['total_tok_s']:.1f} | {r['per_client_tok_s']:.1f} |")
+        print(f"| {r['setup']} | {r['clients']} | {ms(r['ttft_mean_s'])} | {ms(r['ttft_max_s'])} | {r['tokens']} | "
+              f"{r['wall_s']:.2f} | {r['total_tok_s']:,.1f} | {r['per_client_tok_s']:,.1f} | {r['equal']} |")
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        sys.stdout.flush()
+        os._exit(0)  # engine threads (transformers' continuous batching) must not keep the process alive

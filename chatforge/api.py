@@ -41,10 +41,10 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 4096  # 0: only the context limits the prompt
     max_context: int = 0  # prompt + completion tokens; 0: the model's max_position_embeddings
-    max_batch: int = 8
+    max_batch: int = 32  # requests decoded together: the slots engine's slots, the static engine's batch
     max_waiting: int = 64  # queued requests beyond this get 429
     batch_window_s: float = 0.02  # how long the static batcher waits for company before starting a batch
-    engine: str = "continuous"  # continuous (transformers' continuous batching) | static (batches of waiting requests)
+    engine: str = "auto"  # auto (slots where the model is Llama-shaped, else continuous) | slots | continuous | static
     request_timeout_s: float = 300.0  # a request's whole wait on the engine
     header_timeout_s: float = 10.0  # a connection's next request headers must arrive within this
     body_timeout_s: float = 30.0
@@ -129,7 +129,8 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
     limits = limits or Limits()
     max_context = limits.max_context or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     longest_token = max(map(len, tokenizer.get_vocab()))  # characters; a token never covers more of a text
-    engine = make_engine(model, tokenizer, limits.engine, limits.max_batch, limits.batch_window_s)
+    slot_len = min(max_context, (limits.max_prompt_tokens or max_context) + limits.max_tokens)
+    engine = make_engine(model, tokenizer, limits.engine, limits.max_batch, limits.batch_window_s, slot_len)
     app = FastAPI(title="chatforge", docs_url=None, redoc_url=None, openapi_url=None,
                   middleware=[Middleware(LoopbackOnly)] if is_loopback(host) else [])
     app.state.engine, app.state.model_id = engine, model_id

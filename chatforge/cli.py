@@ -7,6 +7,7 @@ import json
 import sys
 
 from .files import ChatforgeError
+from .engines import ENGINES
 from .models import DEFAULT_MODEL
 
 TEMPLATE_HELP = ("chat template for a model without one (or to replace its own): chatml, llama3, internlm2, "
@@ -305,9 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, default=4096, help="longest prompt in tokens (0: the context)")
     s.add_argument("--request-timeout", type=float, default=300, help="seconds a request may take in all")
     s.add_argument("--max-connections", type=int, default=64, help="open connections (more get 503)")
-    s.add_argument("--max-batch", type=int, default=8, help="requests per batch (static engine)")
-    s.add_argument("--engine", choices=["continuous", "static"], default="continuous",
-                   help="continuous batching (new requests join the running batch) or static batches")
+    s.add_argument("--max-batch", type=int, default=32, help="requests decoded together (slots, static batches)")
+    s.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="slots (own KV-cache slots, CUDA graphs; Llama-shaped models), continuous (transformers' "
+                        "continuous batching), static (batches of waiting requests); auto: slots where they run")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--chat-template", metavar="NAME|FILE", help=TEMPLATE_HELP)
     s.set_defaults(func=cmd_serve)

@@ -571,7 +571,8 @@ def inference(model):
     device = next(model.parameters()).device.type
     stance = getattr(torch.compiler, "set_stance", None)
     with (stance("force_eager") if stance else contextlib.nullcontext()), \
-            (torch.autocast(device, dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()):
+            (torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False) if plan.autocast
+             else contextlib.nullcontext()):  # no cast cache: a captured decoding step outlives the context
         yield
 
 

@@ -1,4 +1,7 @@
-"""Text generation for chat: batched greedy/sampled answers and token streaming."""
+"""Text generation for chat: batched greedy/sampled answers and token streaming.
+
+Llama-shaped models decode with chatforge/decode.py (own KV-cache slots, the step as a CUDA graph on a
+GPU); other models with `model.generate`."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from . import decode
 from .chat_tokens import prompt_ids
 from .models import stop_token_ids
 
@@ -28,6 +32,10 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     batch_size = batch_size or (64 if device.type == "cuda" else 16)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
+    if decode.supports(model):  # a finished row takes the next conversation; one captured step for all
+        rows = decode.generate(model, [prompt_ids(tokenizer, c) for c in conversations], max_new_tokens, stops,
+                               rows=batch_size, temperature=temperature, top_p=top_p)
+        return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
     replies = []
     for start in range(0, len(conversations), batch_size):
         chunk = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
@@ -46,6 +54,9 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
                  temperature: float = 0.7, top_p: float = 0.9, stop_event: threading.Event | None = None
                  ) -> Iterator[str]:
     """Yield the reply's text piece by piece as it is generated."""
+    if decode.supports(model):
+        yield from _stream_decoded(model, tokenizer, messages, max_new_tokens, temperature, top_p, stop_event)
+        return
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     class _Stop(StoppingCriteria):
@@ -77,3 +88,25 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     worker.join()
     if errors:
         raise errors[0]
+
+
+@torch.inference_mode()
+def _stream_decoded(model, tokenizer, messages, max_new_tokens, temperature, top_p, stop_event):
+    """stream_reply on a kept Decoder (one slot): text pieces as soon as they decode to whole characters."""
+    ids = prompt_ids(tokenizer, messages)
+    stops = set(stop_token_ids(tokenizer, model))
+    with decode.borrowed(model, 1, len(ids) + max_new_tokens + 1) as dec:
+        (slot,), (tok,) = dec.prefill([ids], [temperature or 0.0], [top_p])
+        tokens, sent = [], 0
+        while tok not in stops and not (stop_event and stop_event.is_set()):
+            tokens.append(tok)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(text) > sent and not text.endswith("\ufffd"):
+                yield text[sent:]
+                sent = len(text)
+            if len(tokens) >= max_new_tokens:
+                break
+            tok = dec.step()[slot]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if len(text) > sent:
+        yield text[sent:]

@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["continuous", "static"])
+@pytest.fixture(scope="module", params=["slots", "continuous", "static"])
 def server(request):
     """The API on 127.0.0.1 (a free port) with small limits; shut down after the module."""
     uvicorn = pytest.importorskip("uvicorn")
@@ -138,14 +138,27 @@ def test_limits_give_4xx_json_errors(server, client):
     assert r.status_code == 413
 
 
+def plain_generate(model, tokenizer, prompts: list[str], new: int) -> list[str]:
+    """transformers' greedy `generate`, one prompt at a time: the reference answers."""
+    import torch
+
+    from chatforge.chat_tokens import prompt_ids
+    from chatforge.models import stop_token_ids
+
+    out = []
+    for p in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": p}])])
+        with torch.inference_mode():
+            row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 do_sample=False, eos_token_id=stop_token_ids(tokenizer, model))[0, ids.shape[1]:]
+        out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return out
+
+
 def test_eight_concurrent_clients_get_their_own_answers(server, client):
     """8 parallel streamed requests are batched; each answer equals the prompt's answer alone."""
-    from chatforge.generate import generate_batch
-
-    if not EXPECTED:  # each prompt answered alone, once for both engines
-        EXPECTED.extend(generate_batch(server["model"], server["tokenizer"],
-                                       [[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=16,
-                                       batch_size=1))
+    if not EXPECTED:  # each prompt answered alone by plain `generate`, once for all engines
+        EXPECTED.extend(plain_generate(server["model"], server["tokenizer"], PROMPTS, 16))
     expected = EXPECTED
     before = dict(server["app"].state.engine.stats)
 
@@ -163,6 +176,8 @@ def test_eight_concurrent_clients_get_their_own_answers(server, client):
     assert stats["requests"] - before["requests"] == 8
     if stats["engine"] == "static":
         assert stats["batches"] - before["batches"] < 8 and stats["max_batch_seen"] >= 4  # batched, not one by one
+    elif stats["engine"] == "slots":
+        assert stats["max_in_flight"] >= 4 and stats["in_flight"] == 0 and stats["steps"] > before["steps"]
     else:
         assert stats["max_in_flight"] >= 4 and stats["in_flight"] == 0  # generated together, all finished
 

@@ -8,12 +8,14 @@ writes what it should; the default model checks that the identity is learned.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,15 +165,17 @@ def test_merge_both_formats_then_eval_chat_and_serve(tmp_path, il2, il2_lora_run
     serve_one_request(merged["internlm2"])
 
 
-def serve_one_request(model: Path) -> None:
+@contextlib.contextmanager
+def served(*args):
+    """`chatforge serve ARGS` on a free port; yields its URL once /health answers."""
     pytest.importorskip("uvicorn")
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", str(model), "--port", str(port)], env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", *map(str, args), "--port", str(port)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline, url = time.time() + 300, f"http://127.0.0.1:{port}"
         while time.time() < deadline and proc.poll() is None:
@@ -181,11 +185,86 @@ def serve_one_request(model: Path) -> None:
             except httpx.HTTPError:
                 time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        model_id = httpx.get(f"{url}/health", timeout=10).json()["model"]
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": model_id, "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8})
-        assert r.status_code == 200, r.text
-        assert r.json()["usage"]["completion_tokens"] >= 1
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def serve_one_request(model: Path) -> None:
+    import httpx
+
+    with served(model) as url:
+        health = httpx.get(f"{url}/health", timeout=10).json()
+        assert health["engine"] == "slots", health
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+            "model": health["model"], "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.", "你好，请介绍一下你自己。",
+           "Give advice for learning to cook.", "Tell me about the moon.", "Write a poem about autumn.",
+           "What is 12 times 7?", "Describe your favourite city."]
+
+
+def plain_greedy(prompts: list[str], new: int) -> list[str]:
+    """transformers' `generate`, one prompt at a time, greedy, the default model in fp32 on the GPU."""
+    from chatforge.chat_tokens import prompt_ids
+    from chatforge.models import load_model, load_tokenizer, stop_token_ids
+
+    tok, model = load_tokenizer(None), load_model(None, dtype="fp32", device="cuda")
+    out = []
+    for p in prompts:
+        ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": p}])], device="cuda")
+        with torch.inference_mode():
+            row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 do_sample=False, eos_token_id=stop_token_ids(tok, model))[0, ids.shape[1]:]
+        out.append(tok.decode(row, skip_special_tokens=True))
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def stream(url: str, prompt: str, max_tokens: int, stop_after: int = 0) -> str:
+    """One streamed chat completion; stop_after > 0: the client goes away after that many chunks."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True}
+    text, chunks = [], 0
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                text += [c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"]]
+                chunks += 1
+                if stop_after and chunks >= stop_after:
+                    break
+    return "".join(text)
+
+
+def test_serve_eight_streams_equal_plain_generate_and_a_gone_client_stops(tmp_path):
+    """The slots engine (CUDA graphs) on the default model in fp32: 8 concurrent streams each get their
+    own answer, token for token the greedy answer of plain `generate`; a client that goes away stops its
+    generation, and the server stays healthy."""
+    import httpx
+
+    expected = plain_greedy(PROMPTS, 48)
+    with served("--dtype", "fp32") as url:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: stream(url, p, 48), PROMPTS))
+        for prompt, got, want in zip(PROMPTS, answers, expected):
+            assert got.strip() == want.strip(), (prompt, got, want)
+        health = httpx.get(url + "/health", timeout=10).json()
+        print(f"[gpu] serve after 8 streams: {health}")
+        assert health["engine"] == "slots" and health["max_in_flight"] >= 4 and health["in_flight"] == 0
+        steps = health["steps"]
+        stream(url, "Write a very long story about the sea.", 1000, stop_after=3)
+        deadline = time.time() + 10
+        while time.time() < deadline and httpx.get(url + "/health", timeout=10).json()["in_flight"]:
+            time.sleep(0.05)
+        health = httpx.get(url + "/health", timeout=10).json()
+        assert health["status"] == "ok" and health["in_flight"] == 0 and health["cancelled"] >= 1, health
+        assert health["steps"] - steps < 700, health  # stopped long before its 1,000 tokens
+        assert stream(url, PROMPTS[1], 48).strip() == expected[1].strip()

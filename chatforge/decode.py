@@ -1,0 +1,346 @@
+"""Fast decoding for Llama-shaped models (Llama, Mistral, Qwen2; InternLM2 loads as Llama).
+
+Why our own loop instead of `model.generate`: on a GPU, a decoding step of a small model is launch-bound
+(hundreds of small kernels from Python per token). Here each row of a fixed set of slots keeps its own
+position in a preallocated KV cache, so one decoding step has one shape for the whole session, and on
+CUDA that step (all layers, the head and the sampling) is captured once as a CUDA graph and replayed,
+with no Python per layer and no compilation. Figures: docs/speed.md ("Generation"). The layers are
+called as modules (PEFT's LoRA layers and quantised linears work as they are); models of other shapes
+use `model.generate` (`supports`).
+
+A slot is a row of the cache: `prefill` puts prompts into free slots (one batched forward) and returns
+their first tokens, `step` advances every active slot by one token, `release` frees a slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = {"llama", "mistral", "qwen2"}
+
+
+def inner_model(model):
+    """The *ForCausalLM under a PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model) -> bool:
+    """True for a Llama-shaped decoder whose layers this loop can call (no sliding window in use)."""
+    inner = inner_model(model)
+    cfg = getattr(inner, "config", None)
+    if getattr(cfg, "model_type", None) not in SUPPORTED or not hasattr(inner, "lm_head"):
+        return False
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return False
+    layer = inner.model.layers[0]
+    attn = layer.self_attn
+    return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")) and not hasattr(attn, "q_norm")
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+@torch.no_grad()
+def rope_table(base, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] from the model's own rotary module, once: the step only gathers
+    (dynamic RoPE syncs with the host). Dynamic RoPE as `generate` applies it: original frequencies up
+    to the trained length, then rescaled for each position from its own sequence length."""
+    rope, x = base.rotary_emb, base.embed_tokens.weight[:1][None]
+    at = lambda positions: rope(x, torch.as_tensor(positions, device=device)[None])  # noqa: E731
+    limit = getattr(rope, "original_max_seq_len", None)
+    if getattr(rope, "rope_type", None) != "dynamic" or not limit or length < limit:
+        cos, sin = at(range(length))
+        return cos[0], sin[0]
+    parts = [at(range(limit - 1))] + [at([p]) for p in range(limit - 1, length)]  # the first resets a grown one
+    return torch.cat([c[0] for c, _ in parts]), torch.cat([s[0] for _, s in parts])
+
+
+def pick(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, sample: bool) -> torch.Tensor:
+    """Next tokens [rows] from logits [rows, vocab]: argmax, or (sample) nucleus sampling per row where
+    the row's temperature > 0. No host sync, so it can live inside a CUDA graph."""
+    logits = logits.float()
+    best = logits.argmax(-1)
+    if not sample:
+        return best
+    probs = (logits / temperature.clamp_min(1e-5)[:, None]).softmax(-1)
+    probs, order = probs.sort(-1, descending=True)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p[:, None], 0.0)  # always keeps the first
+    choice = (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True)  # ~ probs
+    return torch.where(temperature > 0, order.gather(1, choice)[:, 0], best)
+
+
+def fit_rows(model, rows: int, max_len: int, share: float = 0.25) -> int:
+    """Slots whose KV cache takes at most `share` of the GPU memory free now (all of them on a CPU)."""
+    inner = inner_model(model)
+    device = inner.lm_head.weight.device
+    if device.type != "cuda":
+        return rows
+    cfg = inner.config
+    heads = cfg.num_attention_heads
+    per_token = (2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or heads)
+                 * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * inner.lm_head.weight.element_size())
+    fit = int(torch.cuda.mem_get_info(device)[0] * share // (per_token * max_len))
+    if fit < rows:
+        log.warning("%d slots of %d tokens take more than %.0f%% of the free GPU memory: %d slots",
+                    rows, max_len, share * 100, max(fit, 1))
+    return max(1, min(rows, fit))
+
+
+class Decoder:
+    """`rows` slots of at most `max_len` tokens each (prompt + reply) over `model`.
+
+    Args:
+        model: a model for which `supports(model)` holds, in eval mode.
+        rows: slots (the batch of the decoding step).
+        max_len: the longest prompt + reply a slot can hold.
+        graphs: capture the step as a CUDA graph (default: on CUDA).
+    """
+
+    def __init__(self, model, rows: int, max_len: int, graphs: bool | None = None):
+        inner = inner_model(model)
+        self.model, self.base, self.head, cfg = model, inner.model, inner.lm_head, inner.config
+        self.rows, self.max_len = rows, max_len
+        p = self.head.weight
+        self.device = p.device
+        self.dtype = self.base.embed_tokens.weight.dtype
+        heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.groups = heads // self.kv_heads
+        shape = (rows, self.kv_heads, max_len, self.head_dim)
+        layers = self.base.layers[:cfg.num_hidden_layers]
+        self.layers = list(layers)
+        self.cache = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                       torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        # the step's inputs and state, at fixed addresses (the graph reads and writes these)
+        z = dict(device=self.device)
+        self.tok = torch.zeros(rows, dtype=torch.long, **z)  # last token, not yet in the cache
+        self.pos = torch.zeros(rows, dtype=torch.long, **z)  # its position
+        self.active = torch.zeros(rows, dtype=torch.bool, **z)
+        self.valid = torch.zeros(rows, max_len, dtype=torch.bool, **z)  # keys a row may attend to
+        self.temperature = torch.zeros(rows, **z)
+        self.top_p = torch.ones(rows, **z)
+        if graphs is None:  # autocast's weight-cast cache would be freed under a captured graph: eager then
+            graphs = self.device.type == "cuda" and not (torch.is_autocast_enabled(self.device.type)
+                                                         and torch.is_autocast_cache_enabled())
+        self.graphs, self.pool = ({} if graphs else None), None
+        self.free = list(range(rows))
+        self.at: list = [None] * rows  # host copy of pos for active slots (picks the attention span), None if idle
+        self.sampling = [False] * rows  # host copy of temperature > 0
+        self.lock = threading.Lock()
+        self.cos, self.sin = rope_table(self.base, max_len, self.device)
+
+    # ------------------------------------------------------------------ the model, layer by layer
+    def _forward(self, ids, positions, write, mask, decode: int = 0, n: int = 0):
+        """Hidden states for ids [n, t] at positions [n, t]; writes keys/values via `write`. decode: the
+        cache positions a one-token step of slots [0, n) attends to (0: a prefill, which attends to its
+        own keys)."""
+        h = self.base.embed_tokens(ids)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        n, t = ids.shape
+        for layer, (kc, vc) in zip(self.layers, self.cache):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(n, t, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(n, t, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(n, t, -1, self.head_dim).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            write(kc, k), write(vc, v)
+            scale = getattr(attn, "scaling", None)
+            if decode:  # each key/value head serves its query group as a short "sequence" (no repeat)
+                q = q.reshape(n, self.kv_heads, self.groups, self.head_dim)
+                o = F.scaled_dot_product_attention(q, kc[:n, :, :decode], vc[:n, :, :decode], attn_mask=mask,
+                                                   scale=scale)
+            else:
+                k, v = k.repeat_interleave(self.groups, 1), v.repeat_interleave(self.groups, 1)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            o = o.reshape(n, -1, t, self.head_dim).transpose(1, 2).reshape(n, t, -1)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.base.norm(h)
+
+    def _step(self, sample: bool, span: int, n: int) -> None:
+        """One token for slots [0, n): in place on tok/pos/valid (what a graph records). Attention reads
+        the first `span` cache positions only (every active row's position lies below it)."""
+        rows, pos, active = torch.arange(n, device=self.device), self.pos[:n], self.active[:n]
+        self.valid[rows, pos] |= active
+        mask = self.valid[:n, None, None, :span]
+
+        def write(cache, new):  # new: [n, kv, 1, d] at each row's own position
+            cache[rows, :, pos] = new[:, :, 0]
+
+        h = self._forward(self.tok[:n, None], pos[:, None], write, mask, decode=span, n=n)
+        nxt = pick(self.head(h[:, -1]), self.temperature[:n], self.top_p[:n], sample)
+        self.tok[:n] = torch.where(active, nxt, self.tok[:n])
+        pos.add_(active.long()).clamp_(max=self.max_len - 1)
+
+    # ------------------------------------------------------------------ the slots
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], temperature: list[float] | None = None,
+                top_p: list[float] | None = None) -> tuple[list[int], list[int]]:
+        """Put prompts into free slots; returns (their slots, their first tokens).
+
+        Raises:
+            ValueError: more prompts than free slots, or a prompt that leaves no room to answer.
+        """
+        if len(prompts) > len(self.free):
+            raise ValueError(f"{len(prompts)} prompts for {len(self.free)} free slots")
+        if any(len(p) >= self.max_len for p in prompts):
+            raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room (max_len {self.max_len})")
+        self.free.sort()  # the lowest slots: a step runs over slots [0, highest busy one]
+        slots = [self.free.pop(0) for _ in prompts]
+        n, width = len(prompts), max(map(len, prompts))
+        s = torch.tensor(slots, device=self.device)
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        keys = torch.arange(width, device=self.device)
+        real = keys[None, :] < lengths[:, None]  # right padding: positions are the plain indices
+        mask = (keys[None, :, None] >= keys[None, None, :]) & real[:, None, :]
+        positions = keys.expand(n, width)
+
+        def write(cache, new):
+            cache[s, :, :width] = new
+
+        h = self._forward(ids, positions, write, mask[:, None])
+        last = h[torch.arange(n, device=self.device), lengths - 1]
+        temp = torch.tensor(temperature or [0.0] * n, device=self.device, dtype=torch.float)
+        tp = torch.tensor(top_p or [1.0] * n, device=self.device, dtype=torch.float)
+        first = pick(self.head(last), temp, tp, bool((temp > 0).any()))
+        self.valid[s] = False
+        self.valid[s, :width] = real
+        self.tok[s], self.pos[s], self.active[s] = first, lengths, True
+        self.temperature[s], self.top_p[s] = temp, tp
+        for slot, p, t in zip(slots, prompts, temp.tolist()):
+            self.at[slot], self.sampling[slot] = len(p), t > 0
+        return slots, first.tolist()
+
+    @torch.inference_mode()
+    def step(self) -> list[int]:
+        """Advance every active slot by one token; returns each slot's newest token."""
+        live = [a for a in self.at if a is not None]
+        span, n = 256, 1
+        while span <= max(live, default=0):
+            span *= 2
+        while n < 1 + max((i for i, a in enumerate(self.at) if a is not None), default=0):
+            n *= 2
+        sample = any(self.sampling[i] for i, a in enumerate(self.at) if a is not None)
+        key = (sample, min(span, self.max_len), min(n, self.rows))  # one graph per bucket, made on first use
+        if self.graphs is not None and key not in self.graphs:
+            self._capture(key)
+        if self.graphs is None:
+            self._step(*key)
+        else:
+            self.graphs[key].replay()
+        self.at = [None if a is None else min(a + 1, self.max_len - 1) for a in self.at]
+        return self.tok.tolist()
+
+    def release(self, slot: int) -> None:
+        """The slot's request is done: it stops decoding and takes the next prompt."""
+        self.active[slot] = False
+        self.temperature[slot] = 0.0
+        self.at[slot] = None
+        if slot not in self.free:
+            self.free.append(slot)
+
+    def room(self, slot: int) -> int:
+        """Tokens the slot can still take."""
+        return self.max_len - 1 - (self.at[slot] or 0)
+
+    def release_all(self) -> None:
+        for slot in range(self.rows):
+            self.release(slot)
+
+    def _capture(self, key: tuple) -> None:
+        """Record the step as a CUDA graph (warm-up runs on a side stream first, as CUDA requires); where
+        a layer cannot be captured (a host sync inside, say), steps run eagerly instead."""
+        saved = [t.clone() for t in (self.tok, self.pos, self.active, self.valid)]
+        try:
+            self._record(key)
+        except Exception as e:
+            log.warning("decoding step not captured as a CUDA graph (%s: %s); running it eagerly",
+                        type(e).__name__, str(e).splitlines()[0][:200])
+            self.graphs = None
+        for t, old in zip((self.tok, self.pos, self.active, self.valid), saved):
+            t.copy_(old)
+
+    def _record(self, key: tuple) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(*key)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()  # graphs run one at a time: one pool
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # web: 2 streams
+            self._step(*key)
+        self.graphs[key] = graph
+
+
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_kept_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def borrowed(model, rows: int, max_len: int):
+    """A Decoder for a chat or a server: the one kept for `model` when it is free and large enough (its
+    graphs are captured already: first token in ~20 ms instead of ~70), else a new one, kept after."""
+    with _kept_lock:
+        dec = _kept.get(model)
+        if dec is None or dec.rows < rows or dec.max_len < max_len or not dec.lock.acquire(blocking=False):
+            size = 512
+            while size < max_len:
+                size *= 2
+            dec = Decoder(model, rows, size)
+            dec.lock.acquire()
+            _kept[model] = dec
+    try:
+        yield dec
+    finally:
+        dec.release_all()
+        dec.lock.release()
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int], rows: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+    """Replies (token ids, stop token excluded) to many prompts; a finished slot takes the next prompt."""
+    rows = max(1, min(rows, len(prompts)))
+    dec = Decoder(model, rows, max(map(len, prompts)) + max_new_tokens + 1)
+    out: list[list[int]] = [[] for _ in prompts]
+    owner: dict[int, int] = {}  # slot -> prompt index
+    waiting, stop_set = list(range(len(prompts))), set(stops)
+
+    def admit():
+        take, waiting[:] = waiting[:len(dec.free)], waiting[len(dec.free):]
+        if take:
+            slots, first = dec.prefill([prompts[i] for i in take], [temperature] * len(take), [top_p] * len(take))
+            for slot, i, tok in zip(slots, take, first):
+                owner[slot] = i
+                accept(slot, tok)
+
+    def accept(slot, tok):
+        i = owner[slot]
+        if tok not in stop_set:
+            out[i].append(tok)
+        if tok in stop_set or len(out[i]) >= max_new_tokens:
+            del owner[slot]
+            dec.release(slot)
+
+    admit()
+    while owner or waiting:
+        if owner:
+            toks = dec.step()
+            for slot in list(owner):
+                accept(slot, toks[slot])
+        admit()
+    return out
