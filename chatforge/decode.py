@@ -38,7 +38,8 @@ def supports(model) -> bool:
     cfg = getattr(inner, "config", None)
     if getattr(cfg, "model_type", None) not in SUPPORTED or not hasattr(inner, "lm_head"):
         return False
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and window < getattr(cfg, "max_position_embeddings", 0):  # Mistral v0.1's 4,096 of 32,768
         return False
     layer = inner.model.layers[0]
     attn = layer.self_attn
@@ -115,7 +116,7 @@ class Decoder:
         self.dtype = self.base.embed_tokens.weight.dtype
         heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        self.head_dim = getattr(self.base.layers[0].self_attn, "head_dim", None) or cfg.hidden_size // heads
         self.groups = heads // self.kv_heads
         shape = (rows, self.kv_heads, max_len, self.head_dim)
         layers = self.base.layers[:cfg.num_hidden_layers]

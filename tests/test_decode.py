@@ -86,5 +86,11 @@ def test_other_shapes_use_plain_generate(tmp_path, smol_tokenizer):
                       eos_token_id=smol_tokenizer.eos_token_id)
     model = Qwen3ForCausalLM(cfg).eval()
     assert not decode.supports(model)  # q_norm/k_norm: not the Llama shape
+    from transformers import MistralConfig, MistralForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=256)
+    assert not decode.supports(MistralForCausalLM(MistralConfig(sliding_window=16, **small)))  # a window in use
+    assert decode.supports(MistralForCausalLM(MistralConfig(sliding_window=None, **small)))
     replies = generate_batch(model, smol_tokenizer, [[{"role": "user", "content": "hi"}]], max_new_tokens=4)
     assert len(replies) == 1 and isinstance(replies[0], str)
