@@ -3,7 +3,8 @@
 Compared in the same run with plain transformers `generate` on the same model (one request after another
 with a streamer, as a naive server would; and one static batch of all requests), and across the
 server's engines: slots (the default for Llama-shaped models: own KV-cache slots, CUDA graphs on a GPU),
-continuous batching, static batches. Each client's answer is compared with plain greedy `generate`'s
+continuous batching, static batches. Each server is `chatforge serve` in its own process, as a user runs
+it; the clients (threads here) each build their HTTP client before the clock starts, as an application does. Each client's answer is compared with plain greedy `generate`'s
 answer to the same prompt alone ("equal"; bf16 kernels may part ways on random weights).
 
     python bench/serve_latency.py [--model FOLDER] [--max-tokens 128] [--clients 1 8 32] [--json out.json]
@@ -17,7 +18,6 @@ import os
 import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,15 +94,46 @@ def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int, batch: boo
     return out
 
 
-def api_clients(url: str, prompts: list[str], max_tokens: int) -> list[dict]:
-    """Concurrent streamed requests to the API; each records its first content chunk and token count."""
+def start_server(model: str | None, engine: str, max_batch: int, device: str):
+    """`chatforge serve` as a user starts it, in its own process (its own GIL, as in production);
+    returns (process, URL, seconds until /health answered)."""
+    import subprocess
+    import tempfile
+
     import httpx
 
-    def one(prompt: str, t0: float) -> dict:
+    port = free_port()
+    cmd = [sys.executable, "-m", "chatforge", "serve", *([model] if model else []), "--port", str(port),
+           "--engine", engine, "--max-batch", str(max_batch)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"serve_{engine}_", suffix=".log", delete=False)
+    t0, url = time.perf_counter(), f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    while time.perf_counter() - t0 < 900:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chatforge serve --engine {engine} exited: {Path(log.name).read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"chatforge serve --engine {engine} did not answer in 900 s ({log.name})")
+
+
+def api_clients(url: str, prompts: list[str], max_tokens: int) -> list[dict]:
+    """Concurrent streamed requests to the API, one client each (made before the clock starts, as an
+    application makes its client once: building an httpx client takes ~50 ms); each records its first
+    content chunk, its token count and its text."""
+    import httpx
+
+    def one(client, prompt: str, t0: float) -> dict:
         first, tokens, text = None, 0, []
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -115,9 +146,14 @@ def api_clients(url: str, prompts: list[str], max_tokens: int) -> list[dict]:
                     first = time.perf_counter()
         return {"ttft": first - t0, "end": time.perf_counter() - t0, "tokens": tokens, "text": "".join(text).strip()}
 
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        t0 = time.perf_counter()
-        return list(pool.map(lambda p: one(p, t0), prompts))
+    clients = [httpx.Client(timeout=600) for _ in prompts]
+    try:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            t0 = time.perf_counter()
+            return list(pool.map(lambda cp: one(*cp, t0), zip(clients, prompts)))
+    finally:
+        for c in clients:
+            c.close()
 
 
 def summary(name: str, clients: int, rows: list[dict], reference: dict[int, str]) -> dict:
@@ -149,7 +185,6 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from chatforge.api import Limits, create_app, http_server
     from chatforge.models import load_model, load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -168,21 +203,19 @@ def main() -> None:
                                    plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True), reference))
             print(json.dumps(results[-1]), flush=True)
     for engine in sorted(a.engines, key=lambda e: e == "continuous"):  # one server at a time
-        t = time.perf_counter()
-        app = create_app(model, tokenizer, "bench", limits=Limits(max_batch=max(a.clients), engine=engine))
-        srv = http_server(app, "127.0.0.1", port := free_port())
-        threading.Thread(target=srv.run, daemon=True).start()
-        while not srv.started:
-            time.sleep(0.05)
-        label = f"chatforge serve --engine {app.state.engine.stats['engine']}"
-        print(f"{label}: ready in {time.perf_counter() - t:.1f} s", flush=True)
-        for n in a.clients:
-            api_clients(f"http://127.0.0.1:{port}", prompts[:n], 8)  # warm-up: graphs of this batch size
-            results.append(summary(label, n, api_clients(f"http://127.0.0.1:{port}", prompts[:n], a.max_tokens),
-                                   reference))
-            print(json.dumps(results[-1]), flush=True)
-        srv.should_exit = True
-        app.state.engine.close()
+        proc, url, ready = start_server(a.model, engine, max(a.clients), a.device)
+        try:
+            import httpx
+
+            label = f"chatforge serve --engine {httpx.get(url + '/health', timeout=10).json()['engine']}"
+            print(f"{label}: ready in {ready:.1f} s", flush=True)
+            for n in a.clients:
+                api_clients(url, prompts[:n], 8)  # warm-up: graphs of this batch size
+                results.append(summary(label, n, api_clients(url, prompts[:n], a.max_tokens), reference))
+                print(json.dumps(results[-1]), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\n{a.model or 'SmolLM2-135M-Instruct'}, {name}, {next(model.parameters()).dtype}, prompts of "
