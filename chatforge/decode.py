@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import weakref
 
@@ -81,19 +82,21 @@ def pick(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, s
 
 
 def fit_rows(model, rows: int, max_len: int, share: float = 0.25) -> int:
-    """Slots whose KV cache takes at most `share` of the GPU memory free now (all of them on a CPU)."""
+    """Slots whose KV cache takes at most `share` of the memory free now (the GPU's, or the host's)."""
     inner = inner_model(model)
     device = inner.lm_head.weight.device
-    if device.type != "cuda":
-        return rows
     cfg = inner.config
     heads = cfg.num_attention_heads
     per_token = (2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or heads)
                  * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * inner.lm_head.weight.element_size())
-    fit = int(torch.cuda.mem_get_info(device)[0] * share // (per_token * max_len))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    fit = int(free * share // (per_token * max_len))
     if fit < rows:
-        log.warning("%d slots of %d tokens take more than %.0f%% of the free GPU memory: %d slots",
-                    rows, max_len, share * 100, max(fit, 1))
+        log.warning("%d slots of %d tokens take more than %.0f%% of the free %s memory: %d slots",
+                    rows, max_len, share * 100, device.type, max(fit, 1))
     return max(1, min(rows, fit))
 
 
