@@ -81,14 +81,21 @@ def pick(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, s
     return torch.where(temperature > 0, order.gather(1, choice)[:, 0], best)
 
 
+def kv_layout(inner) -> tuple[list, int, int]:
+    """A *ForCausalLM's decoder layers, key/value heads and head size."""
+    cfg = inner.config
+    heads = cfg.num_attention_heads
+    layers = list(inner.model.layers[:cfg.num_hidden_layers])
+    head_dim = getattr(layers[0].self_attn, "head_dim", None) or cfg.hidden_size // heads
+    return layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
+
+
 def fit_rows(model, rows: int, max_len: int, share: float = 0.25) -> int:
     """Slots whose KV cache takes at most `share` of the memory free now (the GPU's, or the host's)."""
     inner = inner_model(model)
     device = inner.lm_head.weight.device
-    cfg = inner.config
-    heads = cfg.num_attention_heads
-    per_token = (2 * cfg.num_hidden_layers * (getattr(cfg, "num_key_value_heads", None) or heads)
-                 * (getattr(cfg, "head_dim", None) or cfg.hidden_size // heads) * inner.lm_head.weight.element_size())
+    layers, kv_heads, head_dim = kv_layout(inner)
+    per_token = 2 * len(layers) * kv_heads * head_dim * inner.model.embed_tokens.weight.element_size()
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -112,20 +119,14 @@ class Decoder:
 
     def __init__(self, model, rows: int, max_len: int, graphs: bool | None = None):
         inner = inner_model(model)
-        self.model, self.base, self.head, cfg = model, inner.model, inner.lm_head, inner.config
+        self.base, self.head = inner.model, inner.lm_head
         self.rows, self.max_len = rows, max_len
-        p = self.head.weight
-        self.device = p.device
-        self.dtype = self.base.embed_tokens.weight.dtype
-        heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(self.base.layers[0].self_attn, "head_dim", None) or cfg.hidden_size // heads
-        self.groups = heads // self.kv_heads
-        shape = (rows, self.kv_heads, max_len, self.head_dim)
-        layers = self.base.layers[:cfg.num_hidden_layers]
-        self.layers = list(layers)
-        self.cache = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                       torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        self.device = self.head.weight.device
+        self.layers, self.kv_heads, self.head_dim = kv_layout(inner)
+        self.groups = inner.config.num_attention_heads // self.kv_heads
+        shape, dtype = (rows, self.kv_heads, max_len, self.head_dim), self.base.embed_tokens.weight.dtype
+        self.cache = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                       torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.layers]
         # the step's inputs and state, at fixed addresses (the graph reads and writes these)
         z = dict(device=self.device)
         self.tok = torch.zeros(rows, dtype=torch.long, **z)  # last token, not yet in the cache
@@ -145,10 +146,9 @@ class Decoder:
         self.cos, self.sin = rope_table(self.base, max_len, self.device)
 
     # ------------------------------------------------------------------ the model, layer by layer
-    def _forward(self, ids, positions, write, mask, decode: int = 0, n: int = 0):
+    def _forward(self, ids, positions, write, mask, decode: int = 0):
         """Hidden states for ids [n, t] at positions [n, t]; writes keys/values via `write`. decode: the
-        cache positions a one-token step of slots [0, n) attends to (0: a prefill, which attends to its
-        own keys)."""
+        cache positions a one-token step attends to (0: a prefill, which attends to its own keys)."""
         h = self.base.embed_tokens(ids)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         n, t = ids.shape
@@ -183,7 +183,7 @@ class Decoder:
         def write(cache, new):  # new: [n, kv, 1, d] at each row's own position
             cache[rows, :, pos] = new[:, :, 0]
 
-        h = self._forward(self.tok[:n, None], pos[:, None], write, mask, decode=span, n=n)
+        h = self._forward(self.tok[:n, None], pos[:, None], write, mask, decode=span)
         nxt = pick(self.head(h[:, -1]), self.temperature[:n], self.top_p[:n], sample)
         self.tok[:n] = torch.where(active, nxt, self.tok[:n])
         pos.add_(active.long()).clamp_(max=self.max_len - 1)
