@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh bench [SCENARIO ...]  bench/recipe_speed.py on Huatuo and the 1.8B checkpoint
 #   bash bench/gpu_session.sh gen [ARGS ...]         bench/gen_options.py on the 1.8B checkpoint (generation set-ups)
 #   bash bench/gpu_session.sh serve [ARGS ...]       bench/serve_latency.py (--model $CHATFORGE_TEST_IL2: the 1.8B one)
+#   bash bench/gpu_session.sh sh CMD [ARGS ...]      any command after the set-up (a probe)
 # Prepares what the image lacks, kept in /root/keep while the machine stays warm: wheels from .whl/
 # (carried), the default model's GGUF (93 MB, more than one call may carry: .dev1/smol.part1 and
 # .dev2/smol.part2 in two calls), an InternLM2-1.8B official-format checkpoint (random weights).
@@ -57,5 +58,6 @@ case $stage in
          | tee "$OUT/serve_latency.log" | grep -v Warning ;;
   gen) python3 bench/gen_options.py --model $keep/il2 --json "$OUT/gen_options.json" "$@" 2>&1 \
          | tee "$OUT/gen_options.log" | grep -v Warning ;;
+  sh) "$@" ;;  # any command, after the set-up above (probes)
   *) echo "unknown stage $stage"; exit 2 ;;
 esac

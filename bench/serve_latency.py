@@ -105,7 +105,8 @@ def start_server(model: str | None, engine: str, max_batch: int, device: str):
     port = free_port()
     cmd = [sys.executable, "-m", "chatforge", "serve", *([model] if model else []), "--port", str(port),
            "--engine", engine, "--max-batch", str(max_batch)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log = tempfile.NamedTemporaryFile("w+", prefix=f"serve_{engine}_", suffix=".log", delete=False)
@@ -232,8 +233,14 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    rc = 0
     try:
         main()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        rc = 1
     finally:
         sys.stdout.flush()
-        os._exit(0)  # engine threads (transformers' continuous batching) must not keep the process alive
+        sys.stderr.flush()
+        os._exit(rc)  # engine threads (transformers' continuous batching) must not keep the process alive

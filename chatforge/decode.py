@@ -144,6 +144,21 @@ class Decoder:
         self.sampling = [False] * rows  # host copy of temperature > 0
         self.lock = threading.Lock()
         self.cos, self.sin = rope_table(self.base, max_len, self.device)
+        if self.device.type == "cuda":  # see `_host`
+            self.pinned = torch.zeros(rows, dtype=torch.long, pin_memory=True)
+            self.copied = torch.cuda.Event()
+
+    def _host(self, t: torch.Tensor) -> list[int]:
+        """t's values on the host. On CUDA an async copy to pinned memory and a wait on an event, which
+        releases the GIL while the step runs (tolist() holds it throughout): a server's event loop streams
+        the previous tokens in that time."""
+        if self.device.type != "cuda":
+            return t.tolist()
+        out = self.pinned[:t.numel()]
+        out.copy_(t, non_blocking=True)
+        self.copied.record()
+        self.copied.synchronize()
+        return out.tolist()
 
     # ------------------------------------------------------------------ the model, layer by layer
     def _forward(self, ids, positions, write, mask, decode: int = 0):
@@ -224,9 +239,9 @@ class Decoder:
         self.valid[s, :width] = real
         self.tok[s], self.pos[s], self.active[s] = first, lengths, True
         self.temperature[s], self.top_p[s] = temp, tp
-        for slot, p, t in zip(slots, prompts, temp.tolist()):
+        for slot, p, t in zip(slots, prompts, temperature or [0.0] * n):
             self.at[slot], self.sampling[slot] = len(p), t > 0
-        return slots, first.tolist()
+        return slots, self._host(first)
 
     @torch.inference_mode()
     def step(self) -> list[int]:
@@ -246,7 +261,7 @@ class Decoder:
         else:
             self.graphs[key].replay()
         self.at = [None if a is None else min(a + 1, self.max_len - 1) for a in self.at]
-        return self.tok.tolist()
+        return self._host(self.tok)
 
     def release(self, slot: int) -> None:
         """The slot's request is done: it stops decoding and takes the next prompt."""
