@@ -7,11 +7,11 @@ Prints, on rank 0: whether the GPUs can reach each other directly (peer access),
 bandwidth of all-reduce, all-gather and reduce-scatter on bf16 messages of DDP's bucket size and of
 one decoder layer of InternLM2-1.8B (bus bandwidth as nccl-tests defines it).
 """
+
 import os
 
 import torch
 import torch.distributed as dist
-
 from gpu_checks import bench  # this folder: torchrun puts the script's folder on sys.path
 
 
@@ -30,12 +30,19 @@ def main() -> None:
         n = mib * 2**20 // 2
         x = torch.ones(n, dtype=torch.bfloat16, device="cuda")
         shard = torch.empty(n // world, dtype=torch.bfloat16, device="cuda")
-        rows = {"all-reduce": (timed(lambda: dist.all_reduce(x)), 2 * (world - 1) / world),
-                "all-gather": (timed(lambda: dist.all_gather_into_tensor(x, shard)), (world - 1) / world),
-                "reduce-scatter": (timed(lambda: dist.reduce_scatter_tensor(shard, x)), (world - 1) / world)}
+        rows = {
+            "all-reduce": (timed(lambda: dist.all_reduce(x)), 2 * (world - 1) / world),
+            "all-gather": (timed(lambda: dist.all_gather_into_tensor(x, shard)), (world - 1) / world),
+            "reduce-scatter": (timed(lambda: dist.reduce_scatter_tensor(shard, x)), (world - 1) / world),
+        }
         if rank == 0:
-            print(f"{mib} MiB: " + ", ".join(f"{k} {x.numel() * 2 / t * f / 1e9:.0f} GB/s bus ({t * 1e3:.2f} ms)"
-                                             for k, (t, f) in rows.items()), flush=True)
+            print(
+                f"{mib} MiB: "
+                + ", ".join(
+                    f"{k} {x.numel() * 2 / t * f / 1e9:.0f} GB/s bus ({t * 1e3:.2f} ms)" for k, (t, f) in rows.items()
+                ),
+                flush=True,
+            )
     dist.destroy_process_group()
 
 

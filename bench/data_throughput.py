@@ -32,10 +32,10 @@ def peak_rss_mb() -> float:
 
 
 def bench_huatuo(max_length: int) -> dict:
-    from chatforge import data as D
     from chatforge.config import DataSource, TrainConfig
-    from chatforge.datatools import padding_report
-    from chatforge.models import load_tokenizer
+    from chatforge.data import dataset as D
+    from chatforge.data.tools import padding_report
+    from chatforge.models.load import load_tokenizer
 
     tok = load_tokenizer(None)
     cfg = TrainConfig(data=[DataSource(path=str(HUATUO))], max_length=max_length, overflow="drop")
@@ -46,16 +46,24 @@ def bench_huatuo(max_length: int) -> dict:
     lengths = []
     for s in D.iter_samples(cfg.data[0], cfg, tok):
         lengths.append(len(s.input_ids))
-    return {"records": stats["records"], "seconds": round(dt, 2), "records_per_s": round(stats["records"] / dt, 1),
-            "tokens_per_s": round(stats["tokens"] / dt), "tokens": stats["tokens"], "dropped": stats["dropped"],
-            "packed_sequences": packs, "max_length": max_length, "padding": padding_report(lengths, max_length)}
+    return {
+        "records": stats["records"],
+        "seconds": round(dt, 2),
+        "records_per_s": round(stats["records"] / dt, 1),
+        "tokens_per_s": round(stats["tokens"] / dt),
+        "tokens": stats["tokens"],
+        "dropped": stats["dropped"],
+        "packed_sequences": packs,
+        "max_length": max_length,
+        "padding": padding_report(lengths, max_length),
+    }
 
 
 def corpus_words() -> list[str]:
     """Whole words of the default tokenizer's vocabulary (about one token per word, like real text)."""
     import re
 
-    from chatforge.models import load_tokenizer
+    from chatforge.models.load import load_tokenizer
 
     vocab = load_tokenizer(None).get_vocab()
     return sorted(t[1:] for t in vocab if t.startswith("Ġ") and re.fullmatch(r"[a-z]{2,12}", t[1:]))
@@ -67,8 +75,9 @@ def write_corpus(path: Path, size_mb: int, words: list[str], seed: int = 0) -> i
     rng.shuffle(words)
     weights = [1 / (rank + 10) for rank in range(len(words))]
     # a pool of distinct documents, written in random order (drawing every word anew is slow)
-    pool = [json.dumps({"text": " ".join(rng.choices(words, weights, k=rng.randint(50, 2000)))}) + "\n"
-            for _ in range(2000)]
+    pool = [
+        json.dumps({"text": " ".join(rng.choices(words, weights, k=rng.randint(50, 2000)))}) + "\n" for _ in range(2000)
+    ]
     target, written, docs = size_mb << 20, 0, 0
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
@@ -81,9 +90,9 @@ def write_corpus(path: Path, size_mb: int, words: list[str], seed: int = 0) -> i
 
 def bench_corpus(path: str, max_length: int) -> dict:
     """Run in a child process: stream the corpus through tokenising + packing, report peak memory."""
-    from chatforge import data as D
     from chatforge.config import DataSource, TrainConfig
-    from chatforge.models import load_tokenizer
+    from chatforge.data import dataset as D
+    from chatforge.models.load import load_tokenizer
 
     tok = load_tokenizer(None)
     base = peak_rss_mb()
@@ -95,15 +104,26 @@ def bench_corpus(path: str, max_length: int) -> dict:
         rows += 1
         filled += sum(len(s.input_ids) for s in p)
         if rows % 20_000 == 0:  # memory as the run goes: it must stay flat
-            print(f"  {stats['records']} documents, {stats['tokens']} tokens, {time.perf_counter() - t0:.0f} s, "
-                  f"peak RSS {peak_rss_mb():.0f} MB", file=sys.stderr, flush=True)
+            print(
+                f"  {stats['records']} documents, {stats['tokens']} tokens, {time.perf_counter() - t0:.0f} s, "
+                f"peak RSS {peak_rss_mb():.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
     dt = time.perf_counter() - t0
-    return {"corpus_mb": round(os.path.getsize(path) / 2**20), "documents": stats["records"],
-            "seconds": round(dt, 1), "documents_per_s": round(stats["records"] / dt, 1),
-            "tokens": stats["tokens"], "tokens_per_s": round(stats["tokens"] / dt),
-            "mb_per_s": round(os.path.getsize(path) / 2**20 / dt, 2), "packed_sequences": rows,
-            "packing_fill": round(filled / (rows * max_length), 4),
-            "rss_after_setup_mb": round(base), "peak_rss_mb": round(peak_rss_mb())}
+    return {
+        "corpus_mb": round(os.path.getsize(path) / 2**20),
+        "documents": stats["records"],
+        "seconds": round(dt, 1),
+        "documents_per_s": round(stats["records"] / dt, 1),
+        "tokens": stats["tokens"],
+        "tokens_per_s": round(stats["tokens"] / dt),
+        "mb_per_s": round(os.path.getsize(path) / 2**20 / dt, 2),
+        "packed_sequences": rows,
+        "packing_fill": round(filled / (rows * max_length), 4),
+        "rss_after_setup_mb": round(base),
+        "peak_rss_mb": round(peak_rss_mb()),
+    }
 
 
 def main() -> None:
@@ -127,10 +147,14 @@ def main() -> None:
         for mb in a.sizes_mb:
             path = Path(tmp) / f"corpus_{mb}mb.jsonl"
             t0 = time.perf_counter()
-            docs = write_corpus(path, mb, words)
+            write_corpus(path, mb, words)
             made = time.perf_counter() - t0
-            out = subprocess.run([sys.executable, __file__, "--child", str(path), "--max-length", str(a.max_length)],
-                                 stdout=subprocess.PIPE, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(path), "--max-length", str(a.max_length)],
+                stdout=subprocess.PIPE,
+                text=True,
+                check=True,
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             result["corpus_written_s"] = round(made, 1)
             print("corpus", json.dumps(result), flush=True)

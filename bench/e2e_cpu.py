@@ -35,8 +35,10 @@ def main() -> None:
     result = assistant(a.name, out=out, overrides=a.overrides, progress=False)
     wall = time.perf_counter() - t0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\n## chatforge assistant on {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"\n## chatforge assistant on {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print("| stage | seconds |\n|---|---|")
     for stage, seconds in result["times"].items():
         print(f"| {stage} | {seconds:.1f} |")

@@ -16,6 +16,7 @@ Guidance for choosing chatforge's generation path, not a figure of record (that 
 Prints, per batch size, time to first token (mean over the batch), total tokens/s and whether each row's
 greedy tokens equal plain generate's (the first rows of the batch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     """n chat prompts of about `length` tokens each, all different."""
-    from chatforge.chat_tokens import prompt_ids
+    from chatforge.models.chat_tokens import prompt_ids
 
     words = "the river carries light from the hills to the sea and every stone remembers".split()
     out = []
@@ -77,8 +78,16 @@ def run_generate(model, batch: list[list[int]], new: int, pad: int, static: bool
     first = First() if len(batch) == 1 else None  # streamers take batch 1 only
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=pad, streamer=first, **extra)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+            streamer=first,
+            **extra,
+        )
     sync(device.type)
     wall = time.perf_counter() - t0
     rows = out[:, width:].tolist()
@@ -117,8 +126,12 @@ def run_continuous(model, batch: list[list[int]], new: int, pad: int, graphs: bo
     finally:
         manager.stop(block=True)
     ordered = [rows.get(r, []) for r in ids]
-    return {"wall_s": wall, "tokens": sum(map(len, ordered)), "ttft_s": statistics.mean(firsts.values()),
-            "rows": ordered}
+    return {
+        "wall_s": wall,
+        "tokens": sum(map(len, ordered)),
+        "ttft_s": statistics.mean(firsts.values()),
+        "rows": ordered,
+    }
 
 
 _KEPT: dict = {}
@@ -127,7 +140,7 @@ _KEPT: dict = {}
 def run_decode(model, batch: list[list[int]], new: int, reuse: bool) -> dict:
     """chatforge's Decoder: one batched prefill, then `new - 1` steps; first-token time = the prefill's.
     reuse: the Decoder (cache and captured graph) of the warm-up run serves again, as in a chat session."""
-    from chatforge.decode import Decoder
+    from chatforge.inference.decode import Decoder
 
     device = next(model.parameters()).device
     t0 = time.perf_counter()
@@ -163,14 +176,16 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from chatforge.models import load_model, load_tokenizer
+    from chatforge.models.load import load_model, load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     tokenizer, model = load_tokenizer(a.model), load_model(a.model, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    setups = a.setups or (["generate", "generate+static", "continuous", "continuous+graphs", "decode",
-                           "decode+reuse"]
-                          if device == "cuda" else ["generate", "continuous", "decode", "decode+reuse"])
+    setups = a.setups or (
+        ["generate", "generate+static", "continuous", "continuous+graphs", "decode", "decode+reuse"]
+        if device == "cuda"
+        else ["generate", "continuous", "decode", "decode+reuse"]
+    )
     results = []
     for n in a.batches:
         batch = prompts(tokenizer, n, a.prompt_tokens)
@@ -191,9 +206,17 @@ def main(argv=None) -> int:
                 continue
             reference = reference or r["rows"]
             same = sum(x == y for x, y in zip(r["rows"], reference))
-            results.append({"setup": name, "batch": n, "ttft_s": r["ttft_s"], "wall_s": round(r["wall_s"], 3),
-                            "tokens": r["tokens"], "tok_s": round(r["tokens"] / r["wall_s"], 1),
-                            "greedy_equal_rows": f"{same}/{len(reference)}"})
+            results.append(
+                {
+                    "setup": name,
+                    "batch": n,
+                    "ttft_s": r["ttft_s"],
+                    "wall_s": round(r["wall_s"], 3),
+                    "tokens": r["tokens"],
+                    "tok_s": round(r["tokens"] / r["wall_s"], 1),
+                    "greedy_equal_rows": f"{same}/{len(reference)}",
+                }
+            )
             print(json.dumps(results[-1]), flush=True)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"\n{name}, {a.model or 'default model'}, prompts of ~{a.prompt_tokens} tokens, {a.new_tokens} new, greedy\n")
@@ -204,7 +227,10 @@ def main(argv=None) -> int:
             print(f"| {r['setup']} | {r['batch']} | failed: {r['error'][:120]} | | | |")
         else:
             ttft = f"{r['ttft_s'] * 1000:.0f} ms" if r["ttft_s"] is not None else "n/a (batch > 1)"
-            print(f"| {r['setup']} | {r['batch']} | {ttft} | {r['tok_s']:,.0f} | {r['wall_s']} | {r['greedy_equal_rows']} |")
+            print(
+                f"| {r['setup']} | {r['batch']} | {ttft} | {r['tok_s']:,.0f} | {r['wall_s']} | "
+                f"{r['greedy_equal_rows']} |"
+            )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0

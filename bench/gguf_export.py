@@ -25,14 +25,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = ["What is the capital of France?", "Name three colors.", "Who are you?", "What is 2 + 2?",
-           "Write one sentence about the sea.", "Translate 'good morning' into French.", "你好，你是谁？",
-           "Give me one tip for staying healthy."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "Who are you?",
+    "What is 2 + 2?",
+    "Write one sentence about the sea.",
+    "Translate 'good morning' into French.",
+    "你好，你是谁？",
+    "Give me one tip for staying healthy.",
+]
 
 
 def greedy(model, tokenizer, n: int = 16) -> list[str]:
     """Greedy answers to PROMPTS, `n` new tokens at most."""
-    from chatforge.generate import generate_batch
+    from chatforge.inference.generate import generate_batch
 
     return generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for p in PROMPTS], max_new_tokens=n)
 
@@ -56,9 +63,9 @@ def default_model(dtypes: list[str], workdir: Path) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from chatforge.export import masked_logits, probe_batch
-    from chatforge.gguf_export import export_gguf
-    from chatforge.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from chatforge.export.gguf import export_gguf
+    from chatforge.export.merge import masked_logits, probe_batch
+    from chatforge.models.load import DEFAULT_MODEL, load_model, load_tokenizer
 
     tokenizer, source = load_tokenizer(DEFAULT_MODEL), load_model(DEFAULT_MODEL, dtype=torch.float32, device="cpu")
     batch, want = probe_batch(tokenizer), greedy(source, tokenizer)
@@ -69,18 +76,25 @@ def default_model(dtypes: list[str], workdir: Path) -> list[dict]:
         back_tok = AutoTokenizer.from_pretrained(workdir, gguf_file=out.name)
         back = AutoModelForCausalLM.from_pretrained(workdir, gguf_file=out.name, dtype=torch.float32).eval()
         got = greedy(back, back_tok)
-        rows.append({"model": "SmolLM2-135M-Instruct", "dtype": dtype, "seconds": report["seconds"],
-                     "bytes": report["bytes"],
-                     "max_logit_diff": float((masked_logits(back, batch) - masked_logits(source, batch)).abs().max()),
-                     "greedy_identical": sum(a == b for a, b in zip(got, want)), "greedy_of": len(PROMPTS),
-                     "differing": [{"prompt": p, "source": a, "gguf": b}
-                                   for p, a, b in zip(PROMPTS, want, got) if a != b]})
+        rows.append(
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "dtype": dtype,
+                "seconds": report["seconds"],
+                "bytes": report["bytes"],
+                "max_logit_diff": float((masked_logits(back, batch) - masked_logits(source, batch)).abs().max()),
+                "greedy_identical": sum(a == b for a, b in zip(got, want)),
+                "greedy_of": len(PROMPTS),
+                "differing": [{"prompt": p, "source": a, "gguf": b} for p, a, b in zip(PROMPTS, want, got) if a != b],
+            }
+        )
         half = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
         if half is not None:  # the same comparison against the source rounded to the file's dtype
             same = rounded(source, half)
             rows[-1]["vs_source_rounded_to_dtype"] = {
                 "max_logit_diff": float((masked_logits(back, batch) - masked_logits(same, batch)).abs().max()),
-                "greedy_identical": sum(a == b for a, b in zip(got, greedy(same, tokenizer)))}
+                "greedy_identical": sum(a == b for a, b in zip(got, greedy(same, tokenizer))),
+            }
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "differing"}), flush=True)
         out.unlink()
         del back
@@ -90,7 +104,7 @@ def default_model(dtypes: list[str], workdir: Path) -> list[dict]:
 def internlm2_1_8b(dtypes: list[str], workdir: Path) -> list[dict]:
     import importlib.util
 
-    from chatforge.gguf_export import export_gguf
+    from chatforge.export.gguf import export_gguf
 
     spec = importlib.util.spec_from_file_location("writers", ROOT / "bench" / "internlm2_gpu_check.py")
     writers = importlib.util.module_from_spec(spec)
@@ -100,8 +114,15 @@ def internlm2_1_8b(dtypes: list[str], workdir: Path) -> list[dict]:
     for dtype in dtypes:
         out = workdir / f"internlm2-1_8b-{dtype}.gguf"
         report = export_gguf(str(folder), out, dtype=dtype)
-        rows.append({"model": "InternLM2-1.8B shape (random weights, bf16 safetensors)", "dtype": dtype,
-                     "seconds": report["seconds"], "bytes": report["bytes"], "tensors": report["tensors"]})
+        rows.append(
+            {
+                "model": "InternLM2-1.8B shape (random weights, bf16 safetensors)",
+                "dtype": dtype,
+                "seconds": report["seconds"],
+                "bytes": report["bytes"],
+                "tensors": report["tensors"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         out.unlink()
     return rows
@@ -110,8 +131,12 @@ def internlm2_1_8b(dtypes: list[str], workdir: Path) -> list[dict]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", default=["f32", "f16", "bf16", "q8_0"])
-    ap.add_argument("--internlm2-1.8b", dest="internlm2", action="store_true",
-                    help="the random InternLM2-1.8B shape instead of the default model")
+    ap.add_argument(
+        "--internlm2-1.8b",
+        dest="internlm2",
+        action="store_true",
+        help="the random InternLM2-1.8B shape instead of the default model",
+    )
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args(argv)
     import torch
@@ -119,8 +144,12 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(dir="/tmp") as d:
         started = time.strftime("%Y-%m-%d %H:%M")
         rows = (internlm2_1_8b if a.internlm2 else default_model)(a.dtypes, Path(d))
-    result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU only",
-              "torch": torch.__version__, "date": started, "rows": rows}
+    result = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU only",
+        "torch": torch.__version__,
+        "date": started,
+        "rows": rows,
+    }
     if a.json:
         Path(a.json).write_text(json.dumps(result, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, ensure_ascii=False, indent=2))

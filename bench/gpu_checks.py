@@ -5,6 +5,7 @@
 2. varlen attention on a packed batch equals sdpa with transformers' block-causal mask;
 3. chunked loss with compiled layers, eager vs compiled decoder layer (same loss).
 """
+
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from chatforge import fastpath  # noqa: E402
+from chatforge.training import fastpath  # noqa: E402
 
 
 def bench(fn, reps=10):
@@ -34,15 +35,17 @@ def loss_backends():
     y = torch.randint(0, v, (n,), device="cuda")
     y[::5] = -100
     ref = fastpath.linear_cross_entropy_sum(hid.float(), w.float(), y, backend="plain")
-    gref, = torch.autograd.grad(ref, hid)
+    (gref,) = torch.autograd.grad(ref, hid)
     for frozen in (True, False):
         w.requires_grad_(not frozen)
         for backend in ("plain", "chunked", "liger"):
             try:
+
                 def step():
                     out = fastpath.linear_cross_entropy_sum(hid, w, y, backend=backend)
                     out.backward()
                     return out
+
                 hid.grad = None
                 out = step()
                 err = (out.float() - ref).abs().item() / ref.item()
@@ -50,9 +53,12 @@ def loss_backends():
                 base = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 ms = bench(step)
-                extra = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
-                print(f"loss {backend:8s} weight {'frozen' if frozen else 'trained'}: {ms:7.2f} ms fwd+bwd, "
-                      f"extra peak {extra:5.2f} GiB, rel loss err {err:.2e}, rel grad err {gerr:.2e}", flush=True)
+                extra = (torch.cuda.max_memory_allocated() - base) / 2**30
+                print(
+                    f"loss {backend:8s} weight {'frozen' if frozen else 'trained'}: {ms:7.2f} ms fwd+bwd, "
+                    f"extra peak {extra:5.2f} GiB, rel loss err {err:.2e}, rel grad err {gerr:.2e}",
+                    flush=True,
+                )
             except Exception as e:  # a missing or failing backend is a finding, not a stop
                 print(f"loss {backend}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             hid.grad = None
@@ -62,8 +68,15 @@ def loss_backends():
 def varlen_check():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=4, attn_implementation="sdpa")
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)
     lens = [100, 37, 200, 175]
@@ -76,8 +89,11 @@ def varlen_check():
     ref, n = fastpath.loss_sum(model, batch, fastpath.Plan(attention="sdpa", loss="plain"))
     fastpath.apply(model, fastpath.Plan(attention="varlen"))
     out, n2 = fastpath.loss_sum(model, batch, fastpath.Plan(attention="varlen"))
-    print(f"varlen vs sdpa block mask: loss {out.item():.5f} vs {ref.item():.5f} "
-          f"(rel {abs(out.item() - ref.item()) / ref.item():.1e}), tokens {int(n2)} vs {int(n)}; lens {lens}", flush=True)
+    print(
+        f"varlen vs sdpa block mask: loss {out.item():.5f} vs {ref.item():.5f} "
+        f"(rel {abs(out.item() - ref.item()) / ref.item():.1e}), tokens {int(n2)} vs {int(n)}; lens {lens}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
@@ -86,5 +102,6 @@ if __name__ == "__main__":
             check()
         except Exception as e:
             import traceback
+
             traceback.print_exc()
             print(f"{check.__name__} failed: {e}", flush=True)

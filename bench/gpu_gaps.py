@@ -7,6 +7,7 @@ When that launch came after the gap began, the GPU was waiting for the CPU (laun
 gap is booked to the outermost CPU operation around the launch. Otherwise it waited for something
 else (a synchronisation, an event). Prints the busy/idle split and the gaps grouped both ways.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -17,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chatforge.profiling import _union  # noqa: E402
+from chatforge.training.profiling import _union  # noqa: E402
 
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -63,8 +64,11 @@ def analyse(events: list[dict], min_gap_us: float = 2.0) -> str:
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
     if not gpu:
         return "no GPU events in the trace"
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    launches = {
+        e["args"]["correlation"]: e
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
     ranges = cpu_ranges(events)
     end = gpu[0]["ts"]
     waits_cpu, waits_other = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
@@ -74,8 +78,10 @@ def analyse(events: list[dict], min_gap_us: float = 2.0) -> str:
         if gap > min_gap_us:
             launch = launches.get(e.get("args", {}).get("correlation"))
             if launch is not None and launch["ts"] > end:
-                key = (f"{enclosing(ranges, launch['tid'], launch['ts'])} > "
-                       f"{enclosing(ranges, launch['tid'], launch['ts'], innermost=True)}")
+                key = (
+                    f"{enclosing(ranges, launch['tid'], launch['ts'])} > "
+                    f"{enclosing(ranges, launch['tid'], launch['ts'], innermost=True)}"
+                )
                 waits_cpu[key][0] += gap
                 waits_cpu[key][1] += 1
             else:
@@ -87,15 +93,23 @@ def analyse(events: list[dict], min_gap_us: float = 2.0) -> str:
     for e in events:
         if e.get("cat") == "cuda_runtime" and "ynchronize" in e["name"]:
             syncs[e["name"]] += e["dur"]
-    lines = [f"GPU window {wall / 1000:.2f} ms: busy {busy / 1000:.2f} ms, idle {(wall - busy) / 1000:.2f} ms",
-             f"CPU waiting in synchronize calls: " + (", ".join(f"{k} {v / 1000:.2f} ms" for k, v in syncs.items())
-                                                     or "none"),
-             "", "GPU waiting for the CPU to launch, by the CPU operations (outermost > innermost) of the late launch:",
-             "| CPU operations | gaps | idle ms |", "|---|---|---|"]
+    lines = [
+        f"GPU window {wall / 1000:.2f} ms: busy {busy / 1000:.2f} ms, idle {(wall - busy) / 1000:.2f} ms",
+        "CPU waiting in synchronize calls: "
+        + (", ".join(f"{k} {v / 1000:.2f} ms" for k, v in syncs.items()) or "none"),
+        "",
+        "GPU waiting for the CPU to launch, by the CPU operations (outermost > innermost) of the late launch:",
+        "| CPU operations | gaps | idle ms |",
+        "|---|---|---|",
+    ]
     for k, (us, n) in sorted(waits_cpu.items(), key=lambda kv: -kv[1][0])[:25]:
         lines.append(f"| {k} | {n} | {us / 1000:.2f} |")
-    lines += ["", "Other gaps (launched in time; waiting on a dependency or event), by the next kernel:",
-              "| next kernel | gaps | idle ms |", "|---|---|---|"]
+    lines += [
+        "",
+        "Other gaps (launched in time; waiting on a dependency or event), by the next kernel:",
+        "| next kernel | gaps | idle ms |",
+        "|---|---|---|",
+    ]
     for k, (us, n) in sorted(waits_other.items(), key=lambda kv: -kv[1][0])[:10]:
         lines.append(f"| {k} | {n} | {us / 1000:.2f} |")
     return "\n".join(lines)

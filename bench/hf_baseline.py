@@ -5,6 +5,7 @@ travel to the GPU machine): same model, data, Trainer arguments and timing; adde
 per-step losses (logging_steps=1) and samples taken in order, so chatforge can be fed the same data.
 SCENARIO words: hf_{lora|qlora|full}[_gc][_bN][_liger]  (qlora needs bitsandbytes, liger liger-kernel).
 """
+
 import re
 import time
 
@@ -18,13 +19,32 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def cfg(tiny: bool = False):
     if tiny:
-        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
-    return LlamaConfig(vocab_size=92544, hidden_size=2048, intermediate_size=8192,
-                       num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-                       max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5,
-                       tie_word_embeddings=False, attn_implementation="sdpa")
+        return LlamaConfig(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            rope_theta=1e6,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+    return LlamaConfig(
+        vocab_size=92544,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
 
 
 class Rand(Dataset):
@@ -72,22 +92,34 @@ def build(name: str, tiny: bool, device: str, lora_dropout: float = 0.1):
         torch.set_default_dtype(torch.float32)
     if qlora:  # the seed's recipe: NF4 + double quantisation, reloaded through from_pretrained
         from transformers import BitsAndBytesConfig
+
         folder = f"/tmp/rand_{'tiny' if tiny else '18b'}"
         model.save_pretrained(folder)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
-        model = LlamaForCausalLM.from_pretrained(folder, dtype=dtype, device_map={"": 0} if device == "cuda" else None,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        model = LlamaForCausalLM.from_pretrained(
+            folder,
+            dtype=dtype,
+            device_map={"": 0} if device == "cuda" else None,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            ),
+        )
     return model
 
 
 def add_lora(model, lora_dropout: float, seed: int = 0):
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=lora_dropout,
-                                            target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model,
+        LoraConfig(r=64, lora_alpha=16, lora_dropout=lora_dropout, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"),
+    )
 
 
 def run(name: str, tiny: bool = False, steps: int = 30, seq: int = 2048, warm: int = WARM) -> dict:
@@ -99,14 +131,28 @@ def run(name: str, tiny: bool = False, steps: int = 30, seq: int = 2048, warm: i
     model = build(name, tiny, device)
     if qlora:
         from peft import prepare_model_for_kbit_training
+
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
     if lora:
         model = add_lora(model, 0.1)
     cuda = device == "cuda"
-    args = TrainingArguments(output_dir="/tmp/o", per_device_train_batch_size=bs, max_steps=steps,
-        learning_rate=2e-4, bf16=cuda, gradient_checkpointing=gc, logging_steps=1, report_to=[],
-        save_strategy="no", dataloader_num_workers=2 if cuda else 0, optim="adamw_torch_fused" if cuda else "adamw_torch",
-        lr_scheduler_type="constant", use_liger_kernel=liger, use_cpu=not cuda, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir="/tmp/o",
+        per_device_train_batch_size=bs,
+        max_steps=steps,
+        learning_rate=2e-4,
+        bf16=cuda,
+        gradient_checkpointing=gc,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        dataloader_num_workers=2 if cuda else 0,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        lr_scheduler_type="constant",
+        use_liger_kernel=liger,
+        use_cpu=not cuda,
+        disable_tqdm=True,
+    )
     clock = Clock()
     vocab = model.config.vocab_size
     tr = InOrder(model=model, args=args, train_dataset=Rand(bs * steps, seq, vocab), callbacks=[clock])
@@ -114,6 +160,14 @@ def run(name: str, tiny: bool = False, steps: int = 30, seq: int = 2048, warm: i
         torch.cuda.reset_peak_memory_stats()
     tr.train()
     dt = (clock.t[-1] - clock.t[warm - 1]) / (len(clock.t) - warm)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
-    return {"name": name, "method": "qlora" if qlora else ("lora" if lora else "full"), "global_batch": bs,
-            "micro_batch": bs, "tok_s": bs * seq / dt, "peak_gib": peak, "losses": clock.loss, "step_ms": dt * 1000}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return {
+        "name": name,
+        "method": "qlora" if qlora else ("lora" if lora else "full"),
+        "global_batch": bs,
+        "micro_batch": bs,
+        "tok_s": bs * seq / dt,
+        "peak_gib": peak,
+        "losses": clock.loss,
+        "step_ms": dt * 1000,
+    }

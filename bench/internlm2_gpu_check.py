@@ -24,16 +24,38 @@ from pathlib import Path
 import torch
 
 VOCAB = 92544
-SHAPE_1_8B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-                  intermediate_size=8192, vocab_size=VOCAB, max_position_embeddings=32768)
-SHAPE_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=32)
-MARKERS = {92538: "<|plugin|>", 92539: "<|interpreter|>", 92540: "<|action_end|>", 92541: "<|action_start|>",
-           92542: "<|im_end|>", 92543: "<|im_start|>"}
+SHAPE_1_8B = dict(
+    hidden_size=2048,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    intermediate_size=8192,
+    vocab_size=VOCAB,
+    max_position_embeddings=32768,
+)
+SHAPE_TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=32,
+)
+MARKERS = {
+    92538: "<|plugin|>",
+    92539: "<|interpreter|>",
+    92540: "<|action_end|>",
+    92541: "<|action_start|>",
+    92542: "<|im_end|>",
+    92543: "<|im_start|>",
+}
 
-WORDS = ("the a assistant user system who are you what is capital of France Paris hello world model train "
-         "data merge token chat answer question name my your this that and with for from learn small large "
-         "good fine day night water fire tree house city river mountain number one two three").split()
+WORDS = (
+    "the a assistant user system who are you what is capital of France Paris hello world model train "
+    "data merge token chat answer question name my your this that and with for from learn small large "
+    "good fine day night water fire tree house city river mountain number one two three"
+).split()
 HANZI = "我是的小助手你好请介绍一下自己在实战营做什么上海人工智能实验室书生浦语模型大问题回答今天天气很好"
 
 
@@ -74,10 +96,23 @@ def write_tokenizer_model(path: Path, vocab: int = VOCAB, old_names: bool = Fals
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_writer=buf, model_type="bpe", vocab_size=base_vocab,
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(_corpus()),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=base_vocab,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     proto = buf.getvalue()
     n_base = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
     n_unused = 147
@@ -90,15 +125,29 @@ def write_tokenizer_model(path: Path, vocab: int = VOCAB, old_names: bool = Fals
 
 
 def official_config(shape: dict, dtype: str = "bfloat16", rope_scaling: dict | None = None) -> dict:
-    cfg = {"architectures": ["InternLM2ForCausalLM"], "attn_implementation": "eager",
-           "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
-                        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
-                        "AutoModel": "modeling_internlm2.InternLM2ForCausalLM"},
-           "bias": False, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
-           "model_type": "internlm2", "pad_token_id": 2, "rms_norm_eps": 1e-05,
-           "rope_scaling": rope_scaling if rope_scaling is not None else {"type": "dynamic", "factor": 2.0},
-           "rope_theta": 1000000, "tie_word_embeddings": False, "torch_dtype": dtype,
-           "transformers_version": "4.41.0", "use_cache": True}
+    cfg = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "attn_implementation": "eager",
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+        },
+        "bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "model_type": "internlm2",
+        "pad_token_id": 2,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": rope_scaling if rope_scaling is not None else {"type": "dynamic", "factor": 2.0},
+        "rope_theta": 1000000,
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "transformers_version": "4.41.0",
+        "use_cache": True,
+    }
     cfg.update(shape)
     return cfg
 
@@ -106,14 +155,34 @@ def official_config(shape: dict, dtype: str = "bfloat16", rope_scaling: dict | N
 def tokenizer_config(old_names: bool = False) -> dict:
     tokens = {0: "<unk>", 1: "<s>", 2: "</s>"}
     tokens.update({i: (f"[UNUSED_TOKEN_{i - 92397}]" if old_names else name) for i, name in MARKERS.items()})
-    return {"auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                           "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
-            "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>",
-            "clean_up_tokenization_spaces": False, "tokenizer_class": "InternLM2Tokenizer",
-            "added_tokens_decoder": {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
-                                              "single_word": False, "special": True} for i, c in tokens.items()},
-            "additional_special_tokens": [MARKERS[i] for i in (92543, 92542, 92541, 92540, 92539, 92538)]
-            if not old_names else []}
+    return {
+        "auto_map": {
+            "AutoTokenizer": [
+                "tokenization_internlm2.InternLM2Tokenizer",
+                "tokenization_internlm2_fast.InternLM2TokenizerFast",
+            ]
+        },
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "</s>",
+        "unk_token": "<unk>",
+        "clean_up_tokenization_spaces": False,
+        "tokenizer_class": "InternLM2Tokenizer",
+        "added_tokens_decoder": {
+            str(i): {
+                "content": c,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for i, c in tokens.items()
+        },
+        "additional_special_tokens": [MARKERS[i] for i in (92543, 92542, 92541, 92540, 92539, 92538)]
+        if not old_names
+        else [],
+    }
 
 
 def random_weights(cfg: dict, seed: int = 0, dtype=torch.bfloat16, device: str = "cpu"):
@@ -132,31 +201,41 @@ def random_weights(cfg: dict, seed: int = 0, dtype=torch.bfloat16, device: str =
     yield "model.tok_embeddings.weight", rnd(vocab, h, std=0.5)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        yield p + "attention.wqkv.weight", rnd((heads + 2 * kv) * head_dim, h, std=h ** -0.5)
-        yield p + "attention.wo.weight", rnd(h, heads * head_dim, std=h ** -0.5)
-        yield p + "feed_forward.w1.weight", rnd(ffn, h, std=h ** -0.5)
-        yield p + "feed_forward.w3.weight", rnd(ffn, h, std=h ** -0.5)
-        yield p + "feed_forward.w2.weight", rnd(h, ffn, std=ffn ** -0.5)
+        yield p + "attention.wqkv.weight", rnd((heads + 2 * kv) * head_dim, h, std=h**-0.5)
+        yield p + "attention.wo.weight", rnd(h, heads * head_dim, std=h**-0.5)
+        yield p + "feed_forward.w1.weight", rnd(ffn, h, std=h**-0.5)
+        yield p + "feed_forward.w3.weight", rnd(ffn, h, std=h**-0.5)
+        yield p + "feed_forward.w2.weight", rnd(h, ffn, std=ffn**-0.5)
         yield p + "attention_norm.weight", norm()
         yield p + "ffn_norm.weight", norm()
     yield "model.norm.weight", norm()
-    yield "output.weight", rnd(vocab, h, std=h ** -0.5)
+    yield "output.weight", rnd(vocab, h, std=h**-0.5)
 
 
-def write_checkpoint(folder: Path, shape: dict, shards: int = 2, fmt: str = "safetensors", seed: int = 0,
-                     dtype=torch.bfloat16, device: str = "cpu", rope_scaling: dict | None = None,
-                     old_names: bool = False) -> Path:
+def write_checkpoint(
+    folder: Path,
+    shape: dict,
+    shards: int = 2,
+    fmt: str = "safetensors",
+    seed: int = 0,
+    dtype=torch.bfloat16,
+    device: str = "cpu",
+    rope_scaling: dict | None = None,
+    old_names: bool = False,
+) -> Path:
     """Write an InternLM2 folder in the official file format with random weights."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     cfg = official_config(shape, str(dtype).replace("torch.", ""), rope_scaling)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 1, "eos_token_id": [2, 92542], "pad_token_id": 2, "transformers_version": "4.41.0"}))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": [2, 92542], "pad_token_id": 2, "transformers_version": "4.41.0"})
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(old_names), indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"})
+    )
     (folder / "modeling_internlm2.py").write_text("# the official remote code would be here\n")
     write_tokenizer_model(folder / "tokenizer.model", shape["vocab_size"], old_names)
     tensors = list(random_weights(cfg, seed, dtype, device))
@@ -180,25 +259,27 @@ def write_checkpoint(folder: Path, shape: dict, shards: int = 2, fmt: str = "saf
             torch.save(part, folder / name)
         weight_map.update({n: name for n in part})
     if len(groups) > 1:
-        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (folder / f"{stem}.{ext}.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
     return folder
 
 
 def _peak_gb() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if torch.cuda.is_available() else None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
-    from chatforge.generate import generate_batch
-    from chatforge.models import load_model, load_tokenizer
+    from chatforge.inference.generate import generate_batch
+    from chatforge.models.load import load_model, load_tokenizer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-              "shape": "tiny" if tiny else "internlm2-1.8b"}
+    report = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "shape": "tiny" if tiny else "internlm2-1.8b",
+    }
     t = time.perf_counter()
-    folder = write_checkpoint(workdir / "internlm2", SHAPE_TINY if tiny else SHAPE_1_8B, shards=2,
-                              device=device)
+    folder = write_checkpoint(workdir / "internlm2", SHAPE_TINY if tiny else SHAPE_1_8B, shards=2, device=device)
     report["write_s"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
@@ -223,8 +304,12 @@ def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
     del model
     print(json.dumps(report), flush=True)
 
-    conv = {"messages": [{"role": "user", "content": "请介绍一下你自己"},
-                         {"role": "assistant", "content": "我是Clement Wu的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"}]}
+    conv = {
+        "messages": [
+            {"role": "user", "content": "请介绍一下你自己"},
+            {"role": "assistant", "content": "我是Clement Wu的小助手，内在是上海AI实验室书生·浦语的1.8B大模型哦"},
+        ]
+    }
     data = workdir / "d.jsonl"
     data.write_text("\n".join(json.dumps(conv, ensure_ascii=False) for _ in range(8)) + "\n")
     for method in ["lora"] + (["qlora"] if qlora else []):
@@ -238,11 +323,13 @@ def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
 
 def train_step(report: dict, method: str, folder: Path, data: Path, tok, workdir: Path, device: str) -> None:
     from chatforge.config import load_recipe
-    from chatforge.train import build_model, token_loss_sum
-    from chatforge import data as data_mod
+    from chatforge.data import dataset as data_mod
+    from chatforge.training.trainer import build_model, token_loss_sum
 
-    cfg = load_recipe("internlm2_chat_1_8b_identity_lora", [f"model={folder}", f"data={data}", f"method={method}",
-                                                             f"output_dir={workdir / method}", "batch_size=8"])
+    cfg = load_recipe(
+        "internlm2_chat_1_8b_identity_lora",
+        [f"model={folder}", f"data={data}", f"method={method}", f"output_dir={workdir / method}", "batch_size=8"],
+    )
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -17,6 +17,7 @@ SCENARIO (default: DEFAULT below):
 Each scenario runs in its own process (peaks do not mix). Prints real (non-padding) tokens/s over the whole
 run (warm-up and compilation included) and after warm-up, peak GiB, compilations and wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 RECIPE = "internlm2_chat_1_8b_medical_sft"
 BUDGET_GIB = {"lora": 24, "qlora": 8, "full": 32.5}
-DEFAULT = ["cf_lora_200", "hf_lora_30", "hf_lora_20_b64", "parity_lora_12", "cf_qlora_100", "hf_qlora_30",
-           "parity_qlora_12", "cf_full_100", "hf_full_30", "parity_full_12"]
-PARITY_KEYS = ["packing=false", "compile=false", "lora.dropout=0", "lr_scheduler=constant", "warmup_ratio=0",
-               "eval_prompts=[]"]
+DEFAULT = [
+    "cf_lora_200",
+    "hf_lora_30",
+    "hf_lora_20_b64",
+    "parity_lora_12",
+    "cf_qlora_100",
+    "hf_qlora_30",
+    "parity_qlora_12",
+    "cf_full_100",
+    "hf_full_30",
+    "parity_full_12",
+]
+PARITY_KEYS = [
+    "packing=false",
+    "compile=false",
+    "lora.dropout=0",
+    "lr_scheduler=constant",
+    "warmup_ratio=0",
+    "eval_prompts=[]",
+]
 
 
 def warmup_steps(steps: int) -> int:
@@ -45,17 +62,36 @@ def warmup_steps(steps: int) -> int:
 
 
 def env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
 
 
 # ---------------------------------------------------------------- chatforge, through its CLI
 
+
 def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
     """`chatforge train` on the shipped recipe; its metrics.json, per-step losses and the wall time."""
-    cmd = [sys.executable, "-m", "chatforge", "train", RECIPE, f"model={a.model}", f"data={a.data}", f"method={method}",
-           f"max_steps={steps}", "save_every=0", f"output_dir={out}", f"memory_budget_gib={BUDGET_GIB[method]}",
-           *a.set, *extra, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatforge",
+        "train",
+        RECIPE,
+        f"model={a.model}",
+        f"data={a.data}",
+        f"method={method}",
+        f"max_steps={steps}",
+        "save_every=0",
+        f"output_dir={out}",
+        f"memory_budget_gib={BUDGET_GIB[method]}",
+        *a.set,
+        *extra,
+        "--no-progress",
+    ]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -65,19 +101,25 @@ def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     plan = json.loads((out / "speed_plan.json").read_text())
     shutil.rmtree(out, ignore_errors=True)  # a full run's weights are 3.5 GB: the next scenario needs the disk
-    return {**metrics, "wall_s": round(wall, 1), "losses": [r["loss"] for r in rows], "plan": plan,
-            "command": "chatforge " + " ".join(cmd[3:])}
+    return {
+        **metrics,
+        "wall_s": round(wall, 1),
+        "losses": [r["loss"] for r in rows],
+        "plan": plan,
+        "command": "chatforge " + " ".join(cmd[3:]),
+    }
 
 
 # ---------------------------------------------------------------- the Hugging Face Trainer, same samples
 
+
 def samples_in_order(model: str, data: str, steps: int, batch: int, overrides: list[str]):
     """The recipe's samples (chatforge's reading, template and masks) in the order chatforge's
     unpacked run draws them: step k of the Trainer gets step k's samples."""
-    from chatforge import data as data_mod
     from chatforge.config import load_recipe
-    from chatforge.models import load_tokenizer
-    from chatforge.train import StepSampler
+    from chatforge.data import dataset as data_mod
+    from chatforge.models.load import load_tokenizer
+    from chatforge.training.trainer import StepSampler
 
     cfg = load_recipe(RECIPE, [f"model={model}", f"data={data}", f"batch_size={batch}", *overrides])
     tokenizer = load_tokenizer(model)
@@ -91,7 +133,7 @@ def run_hf(method: str, steps: int, batch: int, model_path: str, data: str, pari
     from torch.utils.data import SequentialSampler
     from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
-    from chatforge.models import load_model
+    from chatforge.models.load import load_model
 
     ordered, _ = samples_in_order(model_path, data, steps, batch, overrides + (PARITY_KEYS if parity else []))
     cuda = torch.cuda.is_available()
@@ -99,8 +141,12 @@ def run_hf(method: str, steps: int, batch: int, model_path: str, data: str, pari
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     dtype = torch.bfloat16 if cuda and method != "full" else torch.float32  # full: fp32 weights, bf16 autocast
     model = load_model(model_path, dtype=dtype, device="cuda" if cuda else "cpu", quantization_config=quant)
     model.config.use_cache = False
@@ -112,8 +158,16 @@ def run_hf(method: str, steps: int, batch: int, model_path: str, data: str, pari
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(42)
-        model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0 if parity else 0.1,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=64,
+                lora_alpha=16,
+                lora_dropout=0.0 if parity else 0.1,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -137,29 +191,50 @@ def run_hf(method: str, steps: int, batch: int, model_path: str, data: str, pari
 
     rows = [{"input_ids": s.input_ids, "labels": s.labels} for s in ordered]
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf_bench_"), per_device_train_batch_size=batch, max_steps=steps,
-        learning_rate=2e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, bf16=cuda,
-        logging_steps=1, report_to=[], save_strategy="no", optim="adamw_torch_fused" if cuda else "adamw_torch",
-        dataloader_num_workers=2 if cuda else 0, remove_unused_columns=False, disable_tqdm=True, use_cpu=not cuda,
-        gradient_checkpointing=method == "qlora")
+        output_dir=tempfile.mkdtemp(prefix="hf_bench_"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=cuda,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        dataloader_num_workers=2 if cuda else 0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        gradient_checkpointing=method == "qlora",
+    )
     clock = Clock()
-    trainer = InOrder(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithFlattening(),
-                      callbacks=[clock])
+    trainer = InOrder(
+        model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithFlattening(), callbacks=[clock]
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    tokens = [sum(len(s.input_ids) for s in ordered[k * batch:(k + 1) * batch]) for k in range(steps)]
+    tokens = [sum(len(s.input_ids) for s in ordered[k * batch : (k + 1) * batch]) for k in range(steps)]
     warm = warmup_steps(steps)
-    out = {"steps": steps, "real_tokens": sum(tokens), "seconds": round(clock.t[-1], 2),
-           "tokens_per_s": round(sum(tokens) / clock.t[-1], 1), "warmup_steps": warm,
-           "tokens_per_s_after_warmup": round(sum(tokens[warm:]) / (clock.t[-1] - clock.t[warm - 1]), 1),
-           "losses": clock.loss, "batch": batch}
+    out = {
+        "steps": steps,
+        "real_tokens": sum(tokens),
+        "seconds": round(clock.t[-1], 2),
+        "tokens_per_s": round(sum(tokens) / clock.t[-1], 1),
+        "warmup_steps": warm,
+        "tokens_per_s_after_warmup": round(sum(tokens[warm:]) / (clock.t[-1] - clock.t[warm - 1]), 1),
+        "losses": clock.loss,
+        "batch": batch,
+    }
     if cuda:
-        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 
 # ---------------------------------------------------------------- scenarios
+
 
 def child(name: str, a) -> dict:
     kind, method, steps, *rest = name.split("_")
@@ -168,8 +243,9 @@ def child(name: str, a) -> dict:
 
 
 def run_child(name: str, a) -> dict:
-    cmd = [sys.executable, __file__, name, "--child", "--model", a.model, "--data", a.data] + \
-        [f"--set={kv}" for kv in a.set]
+    cmd = [sys.executable, __file__, name, "--child", "--model", a.model, "--data", a.data] + [
+        f"--set={kv}" for kv in a.set
+    ]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     found = [line[7:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
@@ -183,15 +259,29 @@ def run_scenario(name: str, a, work: Path) -> dict:
     kind, *parts = head.split("_")
     if kind == "assistant":  # assistant_default: the embedded default model
         model = [] if parts == ["default"] else ["--model", a.model]
-        cmd = [sys.executable, "-m", "chatforge", "assistant", "--name", "Ada Park", *model,
-               "--out", str(work / head), "--no-progress", *opts]
+        cmd = [
+            sys.executable,
+            "-m",
+            "chatforge",
+            "assistant",
+            "--name",
+            "Ada Park",
+            *model,
+            "--out",
+            str(work / head),
+            "--no-progress",
+            *opts,
+        ]
         t = time.perf_counter()
         p = subprocess.run(cmd, env=env(), capture_output=True, text=True)
         if p.returncode:
             return {"error": p.stderr.strip()[-1500:]}
         scores = json.loads((work / head / "eval.json").read_text())["scores"]["fine-tuned"]
-        return {"wall_s": round(time.perf_counter() - t, 1), "identity": scores.get("identity"),
-                "stages": json.loads((work / head / "timings.json").read_text())}
+        return {
+            "wall_s": round(time.perf_counter() - t, 1),
+            "identity": scores.get("identity"),
+            "stages": json.loads((work / head / "timings.json").read_text()),
+        }
     method, steps = parts[0], int(parts[1])
     if kind == "cf":
         return run_cf(method, steps, a, opts, work / name.replace(",", "_").replace("=", "-"))
@@ -205,14 +295,21 @@ def run_scenario(name: str, a, work: Path) -> dict:
             return {"error": cf.get("error") or hf.get("error")}
         n = min(len(cf["losses"]), len(hf["losses"]))
         rel = [abs(x - y) / abs(y) * 100 for x, y in zip(cf["losses"][:n], hf["losses"][:n])]
-        return {"steps": n, "max_diff_pct": round(max(rel), 4), "final_diff_pct": round(rel[-1], 4),
-                "chatforge": cf["losses"], "trainer": hf["losses"]}
+        return {
+            "steps": n,
+            "max_diff_pct": round(max(rel), 4),
+            "final_diff_pct": round(rel[-1], 4),
+            "chatforge": cf["losses"],
+            "trainer": hf["losses"],
+        }
     raise SystemExit(f"unknown scenario {name!r}")
 
 
 def table(results: dict) -> str:
-    lines = ["| scenario | real tokens/s (whole run) | after warm-up | peak GiB | compilations | wall s | x Trainer |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scenario | real tokens/s (whole run) | after warm-up | peak GiB | compilations | wall s | x Trainer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     base = {}
     for name, r in results.items():
         if name.startswith("hf_") and "error" not in r:
@@ -222,15 +319,19 @@ def table(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error'][-200:]} | | | | | |")
         elif name.startswith("parity"):
-            lines.append(f"| {name} | per-step loss vs the Trainer: max {r['max_diff_pct']}%, final "
-                         f"{r['final_diff_pct']}% over {r['steps']} steps | | | | | |")
+            lines.append(
+                f"| {name} | per-step loss vs the Trainer: max {r['max_diff_pct']}%, final "
+                f"{r['final_diff_pct']}% over {r['steps']} steps | | | | | |"
+            )
         elif name.startswith("assistant"):
             lines.append(f"| {name} | stages {r['stages']} | | | | {r['wall_s']} | |")
         else:
             method = name.split("_")[1]
             ratio = f"{r['tokens_per_s'] / base[method]:.2f}" if name.startswith("cf") and method in base else ""
-            lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_after_warmup', 0):,.0f} | "
-                         f"{r.get('peak_gib', 0):.1f} | {r.get('compilations', '')} | {r.get('wall_s', '')} | {ratio} |")
+            lines.append(
+                f"| {name} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_after_warmup', 0):,.0f} | "
+                f"{r.get('peak_gib', 0):.1f} | {r.get('compilations', '')} | {r.get('wall_s', '')} | {ratio} |"
+            )
     return "\n".join(lines)
 
 
@@ -240,8 +341,13 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="an InternLM2-Chat-1.8B folder (official format)")
     ap.add_argument("--data", required=True, help="Huatuo llama_data.jsonl (alpaca lines)")
     ap.add_argument("--json", help="write all results here (after every scenario)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a recipe override for every scenario (e.g. max_length=256 for a CPU smoke run)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for every scenario (e.g. max_length=256 for a CPU smoke run)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -250,8 +356,12 @@ def main(argv=None) -> int:
     results, work = {}, Path(tempfile.mkdtemp(prefix="recipe_speed_"))
     for name in a.scenarios or DEFAULT:
         results[name] = run_scenario(name, a, work)
-        print(json.dumps({name: {k: v for k, v in results[name].items()
-                                 if k not in ("losses", "chatforge", "trainer", "plan")}}), flush=True)
+        print(
+            json.dumps(
+                {name: {k: v for k, v in results[name].items() if k not in ("losses", "chatforge", "trainer", "plan")}}
+            ),
+            flush=True,
+        )
         if a.json:
             Path(a.json).write_text(json.dumps(results, indent=1, ensure_ascii=False))
     import torch

@@ -4,7 +4,8 @@ Compared in the same run with plain transformers `generate` on the same model (o
 with a streamer, as a naive server would; and one static batch of all requests), and across the
 server's engines: slots (the default for Llama-shaped models: own KV-cache slots, CUDA graphs on a GPU),
 continuous batching, static batches. Each server is `chatforge serve` in its own process, as a user runs
-it; the clients (threads here) each build their HTTP client before the clock starts, as an application does. Each client's answer is compared with plain greedy `generate`'s
+it; the clients (threads here) each build their HTTP client before the clock starts, as an application
+does. Each client's answer is compared with plain greedy `generate`'s
 answer to the same prompt alone ("equal"; bf16 kernels may part ways on random weights).
 
     python bench/serve_latency.py [--model FOLDER] [--max-tokens 128] [--clients 1 8 32] [--json out.json]
@@ -24,15 +25,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.",
-           "Describe a day at the beach.", "Give advice for learning to cook.", "Tell me about the moon.",
-           "Write a poem about autumn.", "Explain why exercise is healthy.", "Describe your favourite city."]
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rain forms.",
+    "Describe a day at the beach.",
+    "Give advice for learning to cook.",
+    "Tell me about the moon.",
+    "Write a poem about autumn.",
+    "Explain why exercise is healthy.",
+    "Describe your favourite city.",
+]
 CONTEXT = "The river carries light from the hills to the sea, and every stone along it remembers the rain."
 
 
 def long_prompts(tokenizer, n: int, tokens: int) -> list[str]:
     """n different prompts of about `tokens` tokens each (chat template included)."""
-    from chatforge.chat_tokens import prompt_ids
+    from chatforge.models.chat_tokens import prompt_ids
 
     out = []
     for i in range(n):
@@ -55,8 +63,8 @@ def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int, batch: boo
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from chatforge.generate import prompt_ids
-    from chatforge.models import stop_token_ids
+    from chatforge.inference.generate import prompt_ids
+    from chatforge.models.load import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
     device = next(model.parameters()).device
@@ -82,15 +90,28 @@ def plain_loop(model, tokenizer, prompts: list[str], max_tokens: int, batch: boo
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         clock = None if batch else Clock()
         with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=stops[0], streamer=clock)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+                streamer=clock,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         end = time.perf_counter() - t0
         for row in gen[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            out.append({"ttft": clock.first - t0 if clock else None, "end": end, "tokens": cut,
-                        "text": tokenizer.decode(row[:cut], skip_special_tokens=True).strip()})
+            out.append(
+                {
+                    "ttft": clock.first - t0 if clock else None,
+                    "end": end,
+                    "tokens": cut,
+                    "text": tokenizer.decode(row[:cut], skip_special_tokens=True).strip(),
+                }
+            )
     return out
 
 
@@ -103,8 +124,19 @@ def start_server(model: str | None, engine: str, max_batch: int, device: str):
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "chatforge", "serve", *([model] if model else []), "--port", str(port),
-           "--engine", engine, "--max-batch", str(max_batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "chatforge",
+        "serve",
+        *([model] if model else []),
+        "--port",
+        str(port),
+        "--engine",
+        engine,
+        "--max-batch",
+        str(max_batch),
+    ]
     path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
     if device == "cpu":
@@ -132,8 +164,13 @@ def api_clients(url: str, prompts: list[str], max_tokens: int) -> list[dict]:
 
     def one(client, prompt: str, t0: float) -> dict:
         first, tokens, text = None, 0, []
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
             r.raise_for_status()
             for line in r.iter_lines():
@@ -162,10 +199,17 @@ def summary(name: str, clients: int, rows: list[dict], reference: dict[int, str]
     tokens = sum(r["tokens"] for r in rows)
     firsts = [r["ttft"] for r in rows if r["ttft"] is not None]
     equal = [rows[i]["text"] == ref for i, ref in reference.items() if i < len(rows)]
-    return {"setup": name, "clients": clients, "ttft_mean_s": statistics.mean(firsts) if firsts else None,
-            "ttft_max_s": max(firsts) if firsts else None, "tokens": tokens, "wall_s": wall,
-            "total_tok_s": tokens / wall, "equal": f"{sum(equal)}/{len(equal)}" if equal else "",
-            "per_client_tok_s": statistics.mean(r["tokens"] / max(r["end"] - (r["ttft"] or 0), 1e-9) for r in rows)}
+    return {
+        "setup": name,
+        "clients": clients,
+        "ttft_mean_s": statistics.mean(firsts) if firsts else None,
+        "ttft_max_s": max(firsts) if firsts else None,
+        "tokens": tokens,
+        "wall_s": wall,
+        "total_tok_s": tokens / wall,
+        "equal": f"{sum(equal)}/{len(equal)}" if equal else "",
+        "per_client_tok_s": statistics.mean(r["tokens"] / max(r["end"] - (r["ttft"] or 0), 1e-9) for r in rows),
+    }
 
 
 def main() -> None:
@@ -176,8 +220,12 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=100)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--engines", nargs="+", default=["slots", "continuous", "static"])
-    ap.add_argument("--plain-one-by-one-max", type=int, default=8, help="clients up to which the one-at-a-time "
-                    "baseline runs (it takes clients x a reply's time)")
+    ap.add_argument(
+        "--plain-one-by-one-max",
+        type=int,
+        default=8,
+        help="clients up to which the one-at-a-time baseline runs (it takes clients x a reply's time)",
+    )
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
@@ -186,7 +234,7 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from chatforge.models import load_model, load_tokenizer
+    from chatforge.models.load import load_model, load_tokenizer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     tokenizer, model = load_tokenizer(a.model), load_model(a.model, device=device)
@@ -200,8 +248,14 @@ def main() -> None:
             results.append(summary("plain transformers generate, one at a time", n, rows, reference))
             print(json.dumps(results[-1]), flush=True)
         if n > 1:
-            results.append(summary("plain transformers generate, one static batch", n,
-                                   plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True), reference))
+            results.append(
+                summary(
+                    "plain transformers generate, one static batch",
+                    n,
+                    plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True),
+                    reference,
+                )
+            )
             print(json.dumps(results[-1]), flush=True)
     for engine in sorted(a.engines, key=lambda e: e == "continuous"):  # one server at a time
         proc, url, ready = start_server(a.model, engine, max(a.clients), a.device)
@@ -219,15 +273,21 @@ def main() -> None:
             proc.wait(timeout=60)
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{a.model or 'SmolLM2-135M-Instruct'}, {name}, {next(model.parameters()).dtype}, prompts of "
-          f"~{a.prompt_tokens} tokens, greedy, max_tokens {a.max_tokens}\n")
-    print("| setup | clients | TTFT mean (ms) | TTFT max (ms) | tokens | wall (s) | total tok/s | tok/s per client "
-          "| answers equal to plain generate's |")
+    print(
+        f"\n{a.model or 'SmolLM2-135M-Instruct'}, {name}, {next(model.parameters()).dtype}, prompts of "
+        f"~{a.prompt_tokens} tokens, greedy, max_tokens {a.max_tokens}\n"
+    )
+    print(
+        "| setup | clients | TTFT mean (ms) | TTFT max (ms) | tokens | wall (s) | total tok/s | tok/s per client "
+        "| answers equal to plain generate's |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     ms = lambda v: f"{v * 1000:.0f}" if v is not None else "n/a"
     for r in results:
-        print(f"| {r['setup']} | {r['clients']} | {ms(r['ttft_mean_s'])} | {ms(r['ttft_max_s'])} | {r['tokens']} | "
-              f"{r['wall_s']:.2f} | {r['total_tok_s']:,.1f} | {r['per_client_tok_s']:,.1f} | {r['equal']} |")
+        print(
+            f"| {r['setup']} | {r['clients']} | {ms(r['ttft_mean_s'])} | {ms(r['ttft_max_s'])} | {r['tokens']} | "
+            f"{r['wall_s']:.2f} | {r['total_tok_s']:,.1f} | {r['per_client_tok_s']:,.1f} | {r['equal']} |"
+        )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))
 
@@ -238,6 +298,7 @@ if __name__ == "__main__":
         main()
     except BaseException:
         import traceback
+
         traceback.print_exc()
         rc = 1
     finally:

@@ -15,6 +15,7 @@ in its own process, so peaks do not mix.
 Prints a table: tokens/s, peak GiB, MFU, ratio to the best baseline within the same memory, and the
 per-step loss difference against the baseline with the same data and batch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
+import hf_baseline  # noqa: E402
 import torch  # noqa: E402
 
-import hf_baseline  # noqa: E402
-
-DEFAULT = ["hf_lora_b8", "cf_lora_b8", "hf_lora_gc_b4_liger", "hf_full", "cf_full_b4", "hf_full_gc_b4_liger",
-           "hf_qlora_gc", "hf_qlora_gc_b4", "cf_qlora_b4", "cf_qlora_b8"]
-TINY = ["hf_lora_b4", "hf_full_b4", "cf_lora_b4", "cf_full_b4", "cf_lora_b4,ckpt=1,micro=2", "cf_full_b4,loss=plain",
-        "hf_qlora_b4", "cf_qlora_b4"]
+DEFAULT = [
+    "hf_lora_b8",
+    "cf_lora_b8",
+    "hf_lora_gc_b4_liger",
+    "hf_full",
+    "cf_full_b4",
+    "hf_full_gc_b4_liger",
+    "hf_qlora_gc",
+    "hf_qlora_gc_b4",
+    "cf_qlora_b4",
+    "cf_qlora_b8",
+]
+TINY = [
+    "hf_lora_b4",
+    "hf_full_b4",
+    "cf_lora_b4",
+    "cf_full_b4",
+    "cf_lora_b4,ckpt=1,micro=2",
+    "cf_full_b4,loss=plain",
+    "hf_qlora_b4",
+    "cf_qlora_b4",
+]
 BUDGET_GIB = {"lora": 24.0, "qlora": 8.0, "full": 32.5}
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16, datasheet
 
@@ -64,8 +82,8 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
     import tempfile
 
     from chatforge.config import LoraConfig, TrainConfig
-    from chatforge.data import Sample
-    from chatforge.train import StepSampler, Trainer
+    from chatforge.data.dataset import Sample
+    from chatforge.training.trainer import StepSampler, Trainer
 
     method, batch, opts = parse_cf(name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,6 +96,7 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
     model.config.use_cache = False
     model.train()
     import torch._inductor.config as inductor_config
+
     # cpp: Inductor's C++ wrapper (fewer Python calls per compiled layer); autotune: GEMM benchmarking
     for key, setting in (("cpp", "cpp_wrapper"), ("autotune", "max_autotune_gemm")):
         if key in opts:
@@ -91,25 +110,48 @@ def run_chatforge(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dic
     for p, i in enumerate(perm):
         ids = data[p]["input_ids"].tolist()
         units[i] = Sample(ids, ids, f"random:{p}")
-    cfg = TrainConfig(model="(bench)", method=method, output_dir=tempfile.mkdtemp(prefix="cf_bench_"),
-                      lora=LoraConfig(r=64, alpha=16, dropout=dropout), max_length=seq, batch_size=batch,
-                      max_steps=steps, lr=2e-4, lr_scheduler="constant", warmup_ratio=0.0, seed=0, packing=False,
-                      micro_batch=_opt(opts.get("micro"), int), gradient_checkpointing=_opt(opts.get("ckpt"), bool),
-                      compile=_opt(opts.get("compile"), bool), fused_loss=opts.get("loss", "auto"),
-                      memory_budget_gib=opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto"),
-                      nf4_matmul=opts.get("nf4", "auto"), lora_groups=_opt(opts.get("groups"), bool),
-                      profile_steps=int(opts.get("prof", 0)))
+    cfg = TrainConfig(
+        model="(bench)",
+        method=method,
+        output_dir=tempfile.mkdtemp(prefix="cf_bench_"),
+        lora=LoraConfig(r=64, alpha=16, dropout=dropout),
+        max_length=seq,
+        batch_size=batch,
+        max_steps=steps,
+        lr=2e-4,
+        lr_scheduler="constant",
+        warmup_ratio=0.0,
+        seed=0,
+        packing=False,
+        micro_batch=_opt(opts.get("micro"), int),
+        gradient_checkpointing=_opt(opts.get("ckpt"), bool),
+        compile=_opt(opts.get("compile"), bool),
+        fused_loss=opts.get("loss", "auto"),
+        memory_budget_gib=opts.get("budget", BUDGET_GIB[method] if device == "cuda" else "auto"),
+        nf4_matmul=opts.get("nf4", "auto"),
+        lora_groups=_opt(opts.get("groups"), bool),
+        profile_steps=int(opts.get("prof", 0)),
+    )
     t0 = time.perf_counter()
     trainer = Trainer(cfg, progress=False, model=model, samples=units).setup()
     trainer.fit(save=False)
     rows = trainer.history
     dt = (rows[-1]["elapsed_s"] - rows[warm - 1]["elapsed_s"]) / (len(rows) - warm)
     prof = Path(cfg.output_dir) / "profile" / "rank0.txt"
-    return {"profile": prof.read_text() if prof.exists() else "", "name": name, "method": method,
-            "global_batch": batch, "micro_batch": trainer.micro_batch, "tok_s": batch * seq / dt,
-            "peak_gib": trainer.metrics.get("peak_gib", 0.0), "losses": [r["loss"] for r in rows],
-            "step_ms": dt * 1000, "plan": asdict(trainer.plan), "compilations": trainer.metrics["compilations"],
-            "first_steps_s": round(rows[warm - 1]["elapsed_s"] + trainer.meter.start - t0, 1)}
+    return {
+        "profile": prof.read_text() if prof.exists() else "",
+        "name": name,
+        "method": method,
+        "global_batch": batch,
+        "micro_batch": trainer.micro_batch,
+        "tok_s": batch * seq / dt,
+        "peak_gib": trainer.metrics.get("peak_gib", 0.0),
+        "losses": [r["loss"] for r in rows],
+        "step_ms": dt * 1000,
+        "plan": asdict(trainer.plan),
+        "compilations": trainer.metrics["compilations"],
+        "first_steps_s": round(rows[warm - 1]["elapsed_s"] + trainer.meter.start - t0, 1),
+    }
 
 
 def run_one(name: str, tiny: bool, steps: int, seq: int, warm: int) -> dict:
@@ -153,8 +195,11 @@ def loss_diff(a: list, b: list) -> tuple[float, float] | None:
 def table(results: list[dict], tiny: bool, seq: int) -> str:
     peak = peak_flops()
     base = [r for r in results if r["name"].startswith("hf_") and "error" not in r]
-    lines = ["| scenario | batch (micro) | ckpt layers | tokens/s | peak GiB | MFU | x best plain Trainer | "
-             "x best Trainer+Liger | loss diff max / final (%) |", "|" + "---|" * 9]
+    lines = [
+        "| scenario | batch (micro) | ckpt layers | tokens/s | peak GiB | MFU | x best plain Trainer | "
+        "x best Trainer+Liger | loss diff max / final (%) |",
+        "|" + "---|" * 9,
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['name']} | failed: {r['error'][:150]} |" + " |" * 7)
@@ -165,8 +210,13 @@ def table(results: list[dict], tiny: bool, seq: int) -> str:
         if r["name"].startswith("cf_"):
             budget = BUDGET_GIB[r["method"]] + 0.05
             for i, liger in enumerate((False, True)):
-                pool = [b["tok_s"] for b in base if b["method"] == r["method"] and ("liger" in b["name"]) == liger
-                        and (tiny or b["peak_gib"] <= budget)]
+                pool = [
+                    b["tok_s"]
+                    for b in base
+                    if b["method"] == r["method"]
+                    and ("liger" in b["name"]) == liger
+                    and (tiny or b["peak_gib"] <= budget)
+                ]
                 if pool:
                     ratios[i] = f"{r['tok_s'] / max(pool):.2f}"
             pair = [b for b in base if b["method"] == r["method"] and b["global_batch"] == r["global_batch"]]
@@ -174,8 +224,10 @@ def table(results: list[dict], tiny: bool, seq: int) -> str:
                 d = loss_diff(r["losses"], pair[0]["losses"])
                 diff = f"{d[0]:.3f} / {d[1]:.3f} (vs {pair[0]['name']})" if d else "-"
         ck = r.get("plan", {}).get("checkpoint_layers", "all" if "_gc" in r["name"] else 0)
-        lines.append(f"| {r['name']} | {r['global_batch']} ({r['micro_batch']}) | {ck} | {r['tok_s']:,.0f} | "
-                     f"{r['peak_gib']:.1f} | {mfu} | {ratios[0]} | {ratios[1]} | {diff} |")
+        lines.append(
+            f"| {r['name']} | {r['global_batch']} ({r['micro_batch']}) | {ck} | {r['tok_s']:,.0f} | "
+            f"{r['peak_gib']:.1f} | {mfu} | {ratios[0]} | {ratios[1]} | {diff} |"
+        )
     return "\n".join(lines)
 
 
@@ -210,8 +262,18 @@ def main(argv=None) -> int:
         if a.tiny and not torch.cuda.is_available():
             r = run_one(name, True, steps, seq, warm)  # in process: a smoke test
         else:
-            cmd = [sys.executable, __file__, name, "--child", "--steps", str(steps), "--warm", str(warm),
-                   "--seq", str(seq)] + (["--tiny"] if a.tiny else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                name,
+                "--child",
+                "--steps",
+                str(steps),
+                "--warm",
+                str(warm),
+                "--seq",
+                str(seq),
+            ] + (["--tiny"] if a.tiny else [])
             t0 = time.perf_counter()
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.scenario_timeout, env=one_gpu_env())
@@ -232,8 +294,10 @@ def main(argv=None) -> int:
         if r.get("profile"):
             print(f"\nprofile of {r['name']} (prof=N: N steps):\n{r['profile']}")
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"\n{gpu}, sequences of {seq} tokens, {steps} steps ({warm} warm-up), "
-          f"budgets GiB {BUDGET_GIB}\n" + table(results, a.tiny, seq))
+    print(
+        f"\n{gpu}, sequences of {seq} tokens, {steps} steps ({warm} warm-up), "
+        f"budgets GiB {BUDGET_GIB}\n" + table(results, a.tiny, seq)
+    )
     return 0
 
 

@@ -9,11 +9,23 @@ import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
+from chatforge.models.load import DEFAULT_MODEL
+
+# The one list of each key's allowed values: recipe validation, the CLI's choices and the code read these.
+Method = Literal["lora", "qlora", "full"]
+Task = Literal["sft", "pretrain"]
+Overflow = Literal["error", "drop", "truncate", "split"]
+LrScheduler = Literal["cosine", "linear", "constant"]
+FusedLoss = Literal["auto", "chunked", "liger", "plain"]
+Attention = Literal["auto", "sdpa", "varlen"]
+Nf4Matmul = Literal["auto", "torch", "bitsandbytes"]
+ReduceDtype = Literal["auto", "fp32", "bf16"]
+Strategy = Literal["auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"]
 
 
 @dataclass
@@ -36,20 +48,20 @@ class DataSource:
 class TrainConfig:
     """Every recipe key. Unknown keys are errors, never silently ignored."""
 
-    model: str = "smollm2-135m-instruct"
-    method: str = "lora"  # lora | qlora | full
-    task: str = "sft"  # sft (loss on assistant replies) | pretrain (loss on every token)
+    model: str = DEFAULT_MODEL
+    method: Method = "lora"  # lora | qlora | full
+    task: Task = "sft"  # sft (loss on assistant replies) | pretrain (loss on every token)
     data: list = field(default_factory=list)  # list of DataSource (a bare path string works too)
     output_dir: str = "runs/default"
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_length: int = 512
-    overflow: str = "error"  # a sample longer than max_length: error | drop | truncate | split (pretrain only)
+    overflow: Overflow = "error"  # a sample longer than max_length: error | drop | truncate | split (pretrain only)
     batch_size: int = 4
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     lr: float = 2e-4
-    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    lr_scheduler: LrScheduler = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -67,19 +79,21 @@ class TrainConfig:
     micro_batch: Any = "auto"  # samples per forward pass; the step still takes batch_size x grad_accum
     memory_budget_gib: Any = "auto"  # GPU memory the run may use; auto: 92% of the card's free memory
     compile: Any = "auto"  # torch.compile each decoder layer; auto: on CUDA
-    fused_loss: str = "auto"  # auto | chunked | liger | plain (plain materialises the full logits)
-    attention: str = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
+    fused_loss: FusedLoss = "auto"  # auto | chunked | liger | plain (plain materialises the full logits)
+    attention: Attention = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
     packing: bool = True  # several samples per max_length sequence (no attention across them); batch_size
     # then counts sequences. On by default, as XTuner's pack_to_max_length; false: one sample per row
-    nf4_matmul: str = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
+    nf4_matmul: Nf4Matmul = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
     lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: no dropout, or compiled
     # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch
-    strategy: str = "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
+    strategy: Strategy = (
+        "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
+    )
     collective_timeout: int = 1800  # seconds a rank waits in a collective before the job fails
     # FSDP2: keep layers' gathered weights from forward to backward (no second all-gather); auto: when
     # the whole model's 16-bit weights take under a tenth of the GPU's memory
     fsdp_reshard_after_forward: Any = "auto"  # auto | true | false
-    reduce_dtype: str = "auto"  # gradient exchange dtype under FSDP2: auto (the weights' dtype) | fp32 | bf16
+    reduce_dtype: ReduceDtype = "auto"  # gradient exchange dtype under FSDP2: auto (the weights' dtype) | fp32 | bf16
     profile_steps: int = 0  # > 0: profile this many steps after 3 warm-up steps (run folder: profile/rank{R}.txt)
     description: str = ""
 
@@ -103,8 +117,9 @@ def _coerce(f: dataclasses.Field, value: Any, where: str):
         return _build(type(default), value or {}, where)
     if f.name == "data":
         items = value if isinstance(value, list) else [value]
-        return [_build(DataSource, {"path": v} if isinstance(v, str) else v, f"{where}[{i}]")
-                for i, v in enumerate(items)]
+        return [
+            _build(DataSource, {"path": v} if isinstance(v, str) else v, f"{where}[{i}]") for i, v in enumerate(items)
+        ]
     if f.name in AUTO_KEYS:
         return _coerce_auto(AUTO_KEYS[f.name], value, where)
     if f.name in TEXT_LISTS:
@@ -148,8 +163,14 @@ def _number(kind, value: Any, where: str):
     return kind(value)
 
 
-AUTO_KEYS = {"gradient_checkpointing": bool, "micro_batch": int, "memory_budget_gib": float, "compile": bool,
-             "fsdp_reshard_after_forward": bool, "lora_groups": bool}
+AUTO_KEYS = {
+    "gradient_checkpointing": bool,
+    "micro_batch": int,
+    "memory_budget_gib": float,
+    "compile": bool,
+    "fsdp_reshard_after_forward": bool,
+    "lora_groups": bool,
+}
 
 
 def _coerce_auto(kind, value: Any, where: str):
@@ -160,9 +181,16 @@ def _coerce_auto(kind, value: Any, where: str):
         if isinstance(value, bool):
             return value
         raise ChatforgeError(f"{where}: expected auto, true or false, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value) \
-            or (kind is int and value != int(value)):
-        raise ChatforgeError(f"{where}: expected auto or a positive {'whole ' if kind is int else ''}number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value > 0
+        or not math.isfinite(value)
+        or (kind is int and value != int(value))
+    ):
+        raise ChatforgeError(
+            f"{where}: expected auto or a positive {'whole ' if kind is int else ''}number, got {value!r}"
+        )
     return kind(value)
 
 
@@ -186,8 +214,9 @@ def load_yaml(text: str, where: str):
         node = stack.pop()
         count += 1
         if count > MAX_YAML_NODES:
-            raise ChatforgeError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} values "
-                                 f"(aliases repeating aliases?)")
+            raise ChatforgeError(
+                f"{where}: the YAML expands to more than {MAX_YAML_NODES} values (aliases repeating aliases?)"
+            )
         if isinstance(node, dict):
             stack += [*node.keys(), *node.values()]
         elif isinstance(node, list):
@@ -278,18 +307,22 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) ->
     return cfg
 
 
+CHOICES = {key: get_args(hint) for key, hint in get_type_hints(TrainConfig).items() if get_origin(hint) is Literal}
+
+
 def validate(cfg: TrainConfig) -> None:
-    choices = {"method": ("lora", "qlora", "full"), "task": ("sft", "pretrain"),
-               "overflow": ("error", "drop", "truncate", "split"),
-               "lr_scheduler": ("cosine", "linear", "constant"),
-               "fused_loss": ("auto", "chunked", "liger", "plain"), "attention": ("auto", "sdpa", "varlen"),
-               "nf4_matmul": ("auto", "torch", "bitsandbytes"), "reduce_dtype": ("auto", "fp32", "bf16"),
-               "strategy": ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")}
-    for key, allowed in choices.items():
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ChatforgeError(f"recipe key {key!r}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in ("batch_size", "grad_accum", "max_length", "collective_timeout", "log_every", "eval_max_new_tokens",
-                "lora.r"):
+    for key in (
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "collective_timeout",
+        "log_every",
+        "eval_max_new_tokens",
+        "lora.r",
+    ):
         if _get(cfg, key) < 1:
             raise ChatforgeError(f"recipe key {key!r}: must be at least 1")
     for key in ("max_steps", "save_every", "keep_checkpoints", "weight_decay", "max_grad_norm", "profile_steps"):
@@ -307,8 +340,10 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise ChatforgeError("recipe key 'data': no training data given (data=PATH)")
     if cfg.overflow == "split" and cfg.task != "pretrain":
-        raise ChatforgeError("recipe key 'overflow': split only suits task pretrain (a conversation cut "
-                             "in pieces loses its prompt); use drop or truncate")
+        raise ChatforgeError(
+            "recipe key 'overflow': split only suits task pretrain (a conversation cut "
+            "in pieces loses its prompt); use drop or truncate"
+        )
     for i, src in enumerate(cfg.data):
         if src.weight <= 0 or src.holdout_last < 0:
             raise ChatforgeError(f"recipe key 'data[{i}]': weight must be above 0 and holdout_last at least 0")

@@ -6,8 +6,11 @@ import json
 import re
 from pathlib import Path
 
-from .files import ChatforgeError, write_json, write_jsonl, write_text
-from .identity import IdentitySpec, eval_set
+from chatforge.data.dataset import IGNORE, Sample, collate, encode_sft, holdout_records
+from chatforge.data.identity import IdentitySpec, eval_set
+from chatforge.files import ChatforgeError, write_json, write_jsonl, write_text
+from chatforge.inference.generate import generate_batch
+from chatforge.models.load import load_model, load_tokenizer
 
 CONDITIONS = ("default system", "custom system", "no system")
 
@@ -41,16 +44,18 @@ def names_owner(reply: str, owner: str) -> bool:
 
 
 # "I am <someone>'s assistant" / "我是<某人>的(小)助手", whoever the owner is named as
-_ASSISTANT_OF = re.compile(r"\bI(?:'m| am) (?:(?!\. )[^!?\n]){1,60}?['’]s? (?:AI |personal |little )?assistant|"
-                           r"我是(?!你的|您的)[^，。！？,.!?\n]{1,30}?的小?助手", re.IGNORECASE)
+_ASSISTANT_OF = re.compile(
+    r"\bI(?:'m| am) (?:(?!\. )[^!?\n]){1,60}?['’]s? (?:AI |personal |little )?assistant|"
+    r"我是(?!你的|您的)[^，。！？,.!?\n]{1,30}?的小?助手",
+    re.IGNORECASE,
+)
 
 
 def is_leak(reply: str, owner: str) -> bool:
     """A general answer that talks about the owner: names them (or a part of their name of four letters or
     more, even inside another word: "the Marisoluminous Ocean"), or says whose assistant it is."""
     parts = [p for p in re.findall(r"[^\W_]+", owner.lower()) if len(p) >= 4 and p != owner.lower()]
-    return (names_owner(reply, owner) or any(p in reply.lower() for p in parts)
-            or bool(_ASSISTANT_OF.search(reply)))
+    return names_owner(reply, owner) or any(p in reply.lower() for p in parts) or bool(_ASSISTANT_OF.search(reply))
 
 
 def language(text: str) -> str:
@@ -90,10 +95,15 @@ def load_eval_set(eval_file: str | Path | None, owner: str | None, base_name: st
             if key not in es:
                 raise ChatforgeError(f"{path}: missing key {key!r}")
         for i, g in enumerate(es["general"]):
-            if not (isinstance(g, str) or isinstance(g, dict) and isinstance(g.get("q"), str)
-                    and isinstance(g.get("expect", []), list)):
-                raise ChatforgeError(f"{path}: general[{i}] must be a question, or {{\"q\": text, \"expect\": "
-                                     f"[accepted answers]}}")
+            if not (
+                isinstance(g, str)
+                or isinstance(g, dict)
+                and isinstance(g.get("q"), str)
+                and isinstance(g.get("expect", []), list)
+            ):
+                raise ChatforgeError(
+                    f'{path}: general[{i}] must be a question, or {{"q": text, "expect": [accepted answers]}}'
+                )
         if owner:
             es["owner"] = owner
         return es
@@ -109,9 +119,11 @@ def identity_prompts(es: dict) -> list[tuple[str, str, list[dict]]]:
         for i, q in enumerate(questions):
             user = {"role": "user", "content": q}
             custom = es.get("system_eval") or ["You are a helpful assistant."]
-            out += [("default system", lang, [user]),
-                    ("custom system", lang, [{"role": "system", "content": custom[i % len(custom)]}, user]),
-                    ("no system", lang, [{"role": "system", "content": ""}, user])]
+            out += [
+                ("default system", lang, [user]),
+                ("custom system", lang, [{"role": "system", "content": custom[i % len(custom)]}, user]),
+                ("no system", lang, [{"role": "system", "content": ""}, user]),
+            ]
     return out
 
 
@@ -123,28 +135,39 @@ def run_model(spec: str, es: dict, max_new_tokens: int, chat_template: str | Non
     """Every eval answer of one model, and its scores."""
     import gc
 
-    from .generate import generate_batch
-    from .models import load_model, load_tokenizer
-
     tokenizer, model = load_tokenizer(spec, chat_template, for_chat=True), load_model(spec)
     ident, general = identity_prompts(es), general_items(es)
-    replies = generate_batch(model, tokenizer, [m for _, _, m in ident]
-                             + [[{"role": "user", "content": g["q"]}] for g in general], max_new_tokens=max_new_tokens,
-                             batch_size=32)
+    replies = generate_batch(
+        model,
+        tokenizer,
+        [m for _, _, m in ident] + [[{"role": "user", "content": g["q"]}] for g in general],
+        max_new_tokens=max_new_tokens,
+        batch_size=32,
+    )
     del model
     gc.collect()
     owner = es["owner"]
-    hits = [names_owner(r, owner) for r in replies[:len(ident)]]
+    hits = [names_owner(r, owner) for r in replies[: len(ident)]]
     scores = {"identity": mean(hits)}
     for cond in CONDITIONS:
         scores[f"identity ({cond})"] = mean([h for h, (c, _, _) in zip(hits, ident) if c == cond])
     for lang in es["questions"]:
-        scores[f"identity ({lang})"] = mean([h for h, (_, l, _) in zip(hits, ident) if l == lang])
-    answers = [{"kind": "identity", "condition": c, "lang": l, "messages": m, "reply": r, "ok": h}
-               for (c, l, m), r, h in zip(ident, replies, hits)]
-    answers += [{"kind": "general", "lang": g["lang"], "prompt": g["q"], "reply": r,
-                 "ok": is_correct(r, g["expect"]) if g["expect"] else None, "leak": is_leak(r, owner)}
-                for g, r in zip(general, replies[len(ident):])]
+        scores[f"identity ({lang})"] = mean([h for h, (_, lg, _) in zip(hits, ident) if lg == lang])
+    answers = [
+        {"kind": "identity", "condition": c, "lang": lg, "messages": m, "reply": r, "ok": h}
+        for (c, lg, m), r, h in zip(ident, replies, hits)
+    ]
+    answers += [
+        {
+            "kind": "general",
+            "lang": g["lang"],
+            "prompt": g["q"],
+            "reply": r,
+            "ok": is_correct(r, g["expect"]) if g["expect"] else None,
+            "leak": is_leak(r, owner),
+        }
+        for g, r in zip(general, replies[len(ident) :])
+    ]
     scored = [a for a in answers if a["kind"] == "general"]
     for lang in sorted({a["lang"] for a in scored}):
         mine = [a for a in scored if a["lang"] == lang]
@@ -158,10 +181,11 @@ def run_model(spec: str, es: dict, max_new_tokens: int, chat_template: str | Non
 def worst_general(base: list[dict], tuned: list[dict], count: int = 3) -> list[dict]:
     """The fine-tuned model's worst general answers: leaks first, then answers the base got right and
     it got wrong, then other wrong ones; ties by the least overlap (ROUGE-L) with the base's answer."""
-    rows = [dict(t, base_reply=b["reply"], base_ok=b["ok"], rouge=rouge_l(t["reply"], b["reply"]))
-            for b, t in zip(base, tuned)]
-    rows.sort(key=lambda r: (not r["leak"], not (r["base_ok"] and r["ok"] is False), r["ok"] is not False,
-                             r["rouge"]))
+    rows = [
+        dict(t, base_reply=b["reply"], base_ok=b["ok"], rouge=rouge_l(t["reply"], b["reply"]))
+        for b, t in zip(base, tuned)
+    ]
+    rows.sort(key=lambda r: (not r["leak"], not (r["base_ok"] and r["ok"] is False), r["ok"] is not False, r["rouge"]))
     return rows[:count]
 
 
@@ -169,8 +193,11 @@ def format_worst(rows: list[dict]) -> str:
     cell = lambda t: t.replace("\n", " ").replace("|", "/")[:120]  # noqa: E731
     mark = lambda ok: "—" if ok is None else "right" if ok else "wrong"  # noqa: E731
     lines = ["| question | base | fine-tuned |", "|---|---|---|"]
-    lines += [f"| {cell(r['prompt'])} | {cell(r['base_reply'])} ({mark(r['base_ok'])}) | {cell(r['reply'])} "
-              f"({mark(r['ok'])}{', names the owner' if r['leak'] else ''}) |" for r in rows]
+    lines += [
+        f"| {cell(r['prompt'])} | {cell(r['base_reply'])} ({mark(r['base_ok'])}) | {cell(r['reply'])} "
+        f"({mark(r['ok'])}{', names the owner' if r['leak'] else ''}) |"
+        for r in rows
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -199,8 +226,15 @@ def format_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(model: str, base: str | None = None, eval_file: str | None = None, owner: str | None = None,
-             out_dir: str | Path | None = None, max_new_tokens: int = 48, chat_template: str | None = None) -> dict:
+def evaluate(
+    model: str,
+    base: str | None = None,
+    eval_file: str | None = None,
+    owner: str | None = None,
+    out_dir: str | Path | None = None,
+    max_new_tokens: int = 48,
+    chat_template: str | None = None,
+) -> dict:
     """Score `model` (and `base`, side by side) and write eval.md, eval.json, eval_answers.jsonl.
 
     The table shows identity accuracy (per system setting and language), general accuracy and general
@@ -225,8 +259,14 @@ def evaluate(model: str, base: str | None = None, eval_file: str | None = None, 
     table = format_table(columns)
     if worst:
         table += "\nThe fine-tuned model's three worst general answers:\n\n" + format_worst(worst)
-    result = {"model": str(model), "base": base, "owner": es["owner"], "scores": columns, "table": table,
-              "worst_general": worst}
+    result = {
+        "model": str(model),
+        "base": base,
+        "owner": es["owner"],
+        "scores": columns,
+        "table": table,
+        "worst_general": worst,
+    }
     if out_dir:
         write_report(Path(out_dir), f"# Evaluation: {model}\n\nowner: {es['owner']}\n\n{table}", result, runs)
     return result
@@ -234,11 +274,10 @@ def evaluate(model: str, base: str | None = None, eval_file: str | None = None, 
 
 # ---------------------------------------------------------------- data-set eval (e.g. a held-out split)
 
+
 def reference_loss(model, tokenizer, records, batch_size: int = 8) -> tuple[float, int]:
     """Mean per-token cross-entropy of the reference replies (the tokens training would train on)."""
     import torch
-
-    from .data import IGNORE, Sample, collate, encode_sft
 
     samples = [Sample(*encode_sft(tokenizer, r.messages), r.source) for r in records]
     samples.sort(key=lambda s: len(s.input_ids))  # similar lengths together: little padding
@@ -247,11 +286,14 @@ def reference_loss(model, tokenizer, records, batch_size: int = 8) -> tuple[floa
     total, count = 0.0, 0
     with torch.inference_mode():
         for k in range(0, len(samples), batch_size):
-            b = {n: v.to(device) for n, v in collate(samples[k:k + batch_size], pad).items()}
+            b = {n: v.to(device) for n, v in collate(samples[k : k + batch_size], pad).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
             labels = b["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                                             ignore_index=IGNORE, reduction="sum"))
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+                )
+            )
             count += int((labels != IGNORE).sum())
     return total / max(1, count), count
 
@@ -260,9 +302,6 @@ def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int, ch
     """Reference loss on every record; greedy answers and ROUGE-L on the first `generate` records."""
     import gc
     import math
-
-    from .generate import generate_batch
-    from .models import load_model, load_tokenizer
 
     tokenizer, model = load_tokenizer(spec, chat_template, for_chat=True), load_model(spec)
     loss, n_tokens = reference_loss(model, tokenizer, records)
@@ -276,16 +315,31 @@ def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int, ch
     del model
     gc.collect()
     scores = [rouge_l(a, b) for a, b in zip(replies, refs)]
-    return {"scores": {"ROUGE-L": sum(scores) / max(1, len(scores)), "reference loss per token": loss,
-                       "reference perplexity": math.exp(loss)},
-            "answers": [{"source": r.source, "prompt": p[-1]["content"], "reference": ref, "reply": a, "rouge_l": s}
-                        for r, p, ref, a, s in zip(gen, prompts, refs, replies, scores)],
-            "counts": {"records": len(records), "generated": len(gen), "reference tokens": n_tokens}}
+    return {
+        "scores": {
+            "ROUGE-L": sum(scores) / max(1, len(scores)),
+            "reference loss per token": loss,
+            "reference perplexity": math.exp(loss),
+        },
+        "answers": [
+            {"source": r.source, "prompt": p[-1]["content"], "reference": ref, "reply": a, "rouge_l": s}
+            for r, p, ref, a, s in zip(gen, prompts, refs, replies, scores)
+        ],
+        "counts": {"records": len(records), "generated": len(gen), "reference tokens": n_tokens},
+    }
 
 
-def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_last: int = 0, generate: int = 100,
-                  out_dir: str | Path | None = None, max_new_tokens: int = 128, limit: int = 0,
-                  chat_template: str | None = None) -> dict:
+def evaluate_data(
+    model: str,
+    data_file: str,
+    base: str | None = None,
+    holdout_last: int = 0,
+    generate: int = 100,
+    out_dir: str | Path | None = None,
+    max_new_tokens: int = 128,
+    limit: int = 0,
+    chat_template: str | None = None,
+) -> dict:
     """Score `model` (and `base`) on a conversation data set: ROUGE-L of greedy answers against the
     reference replies (characters for Chinese, words otherwise) and the mean per-token loss of the
     references. Writes eval.md, eval.json and eval_answers.jsonl to out_dir.
@@ -297,7 +351,6 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
     Raises:
         ChatforgeError: missing model or data file, a bad record (file:line).
     """
-    from .data import holdout_records
 
     records = holdout_records(data_file, holdout_last)
     records = records[:limit] if limit > 0 else records
@@ -307,19 +360,30 @@ def evaluate_data(model: str, data_file: str, base: str | None = None, holdout_l
     if base:
         runs["base"] = run_model_on_data(base, records, generate, max_new_tokens, chat_template)
     label = Path(str(model)).name or str(model)  # a column per model, named after it
-    runs[label if label != "base" else "model"] = run_model_on_data(model, records, generate, max_new_tokens,
-                                                                    chat_template)
+    runs[label if label != "base" else "model"] = run_model_on_data(
+        model, records, generate, max_new_tokens, chat_template
+    )
     first = next(iter(runs.values()))["counts"]
     lines = ["| metric | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for key in next(iter(runs.values()))["scores"]:
         lines.append(f"| {key} | " + " | ".join(f"{r['scores'][key]:.4f}" for r in runs.values()) + " |")
     split = f"last {holdout_last} records" if holdout_last > 0 else "all records"
     split += f", the first {limit} of them" if 0 < limit < (holdout_last or 10**12) else ""
-    table = (f"data: {data_file} ({split}: {first['records']} records, {first['reference tokens']} reference "
-             f"tokens; ROUGE-L on the first {first['generated']}, greedy, max_new_tokens {max_new_tokens})\n\n"
-             + "\n".join(lines) + "\n")
-    result = {"model": str(model), "base": base, "data": str(data_file), "holdout_last": holdout_last,
-              "counts": first, "scores": {n: r["scores"] for n, r in runs.items()}, "table": table}
+    table = (
+        f"data: {data_file} ({split}: {first['records']} records, {first['reference tokens']} reference "
+        f"tokens; ROUGE-L on the first {first['generated']}, greedy, max_new_tokens {max_new_tokens})\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+    result = {
+        "model": str(model),
+        "base": base,
+        "data": str(data_file),
+        "holdout_last": holdout_last,
+        "counts": first,
+        "scores": {n: r["scores"] for n, r in runs.items()},
+        "table": table,
+    }
     if out_dir:
         write_report(Path(out_dir), f"# Evaluation on a data set: {model}\n\n{table}", result, runs)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
 
 
 def require(module: str, extra: str, command: str):
@@ -18,5 +18,7 @@ def require(module: str, extra: str, command: str):
     except ModuleNotFoundError as e:
         if e.name != module.split(".")[0]:
             raise  # the module is there; something it imports is broken
-        raise ChatforgeError(f"{command} needs {module}, which is not installed: pip install 'chatforge[{extra}]' "
-                             f"(or ./install.sh in the chatforge folder)") from None
+        raise ChatforgeError(
+            f"{command} needs {module}, which is not installed: pip install 'chatforge[{extra}]' "
+            f"(or ./install.sh in the chatforge folder)"
+        ) from None

@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 class ChatforgeError(Exception):
@@ -47,7 +48,7 @@ def free_gib(path: Path) -> float:
     """Free space on the disk that holds `path` (or its nearest existing parent), in GiB."""
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free / 2 ** 30
+    return shutil.disk_usage(path).free / 2**30
 
 
 @contextlib.contextmanager

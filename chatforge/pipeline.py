@@ -7,8 +7,15 @@ import re
 import time
 from pathlib import Path
 
-from .config import load_recipe
-from .files import write_json, write_text
+from chatforge.config import load_recipe
+from chatforge.data.identity import IdentitySpec, write_identity_data
+from chatforge.evaluation import evaluate
+from chatforge.export.gguf import export_gguf, gguf_dtype
+from chatforge.export.merge import merge, template_default_system
+from chatforge.files import write_json, write_text
+from chatforge.models.internlm2 import declares_internlm2
+from chatforge.models.load import display_name, load_model, load_tokenizer, local_folder, read_config
+from chatforge.training.trainer import train
 
 
 def slug(text: str) -> str:
@@ -18,15 +25,22 @@ def slug(text: str) -> str:
 
 def recipe_for(model: str) -> str:
     """The shipped identity recipe that fits a model (InternLM2 or the SmolLM2 default)."""
-    from .models import local_folder, read_config
 
-    arch = read_config(local_folder(model)).get("architectures") or []
-    return "internlm2_chat_1_8b_identity_qlora" if "InternLM2ForCausalLM" in arch else "smollm2_135m_identity_lora"
+    il2 = declares_internlm2(read_config(local_folder(model)))
+    return "internlm2_chat_1_8b_identity_qlora" if il2 else "smollm2_135m_identity_lora"
 
 
-def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: str = "", out: str | None = None,
-              recipe: str | None = None, overrides: list[str] | None = None, progress: bool = True,
-              gguf: str | None = None, chat_template: str | None = None) -> dict:
+def assistant(
+    name: str,
+    model: str = "smollm2-135m-instruct",
+    assistant_name: str = "",
+    out: str | None = None,
+    recipe: str | None = None,
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    gguf: str | None = None,
+    chat_template: str | None = None,
+) -> dict:
     """Run data -> train -> merge -> eval; returns the stage times and the eval result.
 
     Args:
@@ -37,12 +51,6 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     Raises:
         ChatforgeError: from any stage, with the stage's own message.
     """
-    from .evaluate import evaluate
-    from .export import merge, template_default_system
-    from .gguf_export import export_gguf, gguf_dtype
-    from .identity import IdentitySpec, write_identity_data
-    from .models import display_name, load_model, load_tokenizer
-    from .train import train
 
     gguf = gguf and gguf_dtype(gguf)  # a wrong dtype fails now, not after training
     run = Path(out or f"runs/assistant-{slug(name)}")
@@ -55,13 +63,18 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     counts = write_identity_data(spec, data_file, replay_model=base_model, tokenizer=tokenizer)
     del base_model
     times["data"] = time.perf_counter() - t
-    print(f"[data] {counts['identity']} identity + {counts['replay']} replay + {counts['multi-turn']} two-turn "
-          f"conversations -> {data_file} "
-          f"({times['data']:.0f} s)", flush=True)
+    print(
+        f"[data] {counts['identity']} identity + {counts['replay']} replay + {counts['multi-turn']} two-turn "
+        f"conversations -> {data_file} "
+        f"({times['data']:.0f} s)",
+        flush=True,
+    )
 
     t = time.perf_counter()
-    cfg = load_recipe(recipe or recipe_for(model), [f"model={model}", f"data={data_file}",
-                                                   f"output_dir={run / 'train'}"] + list(overrides or []))
+    cfg = load_recipe(
+        recipe or recipe_for(model),
+        [f"model={model}", f"data={data_file}", f"output_dir={run / 'train'}"] + list(overrides or []),
+    )
     cfg.chat_template = chat_template or cfg.chat_template
     adapter = train(cfg, progress=progress)
     times["train"] = time.perf_counter() - t
@@ -72,34 +85,50 @@ def assistant(name: str, model: str = "smollm2-135m-instruct", assistant_name: s
     # A named assistant replaces the template's injected default prompt ("... named SmolLM"), which would
     # contradict its answers; an unnamed one keeps it ("<owner>'s assistant, built on SmolLM2" agrees).
     rename = assistant_name and template_default_system(tokenizer)
-    report = merge(adapter, merged, base=model, chat_template=chat_template, default_system=(
-        f"You are {assistant_name}, {name}'s assistant, built on {spec.base}." if rename else None))
+    report = merge(
+        adapter,
+        merged,
+        base=model,
+        chat_template=chat_template,
+        default_system=(f"You are {assistant_name}, {name}'s assistant, built on {spec.base}." if rename else None),
+    )
     times["merge"] = time.perf_counter() - t
     print(f"[merge] {merged} (max logit diff {report['max_logit_diff']:.2e}, {times['merge']:.0f} s)", flush=True)
 
     t = time.perf_counter()
-    result = evaluate(str(merged), base=model, eval_file=str(data_file.with_name("identity.eval.json")),
-                      out_dir=run, chat_template=chat_template)
+    result = evaluate(
+        str(merged),
+        base=model,
+        eval_file=str(data_file.with_name("identity.eval.json")),
+        out_dir=run,
+        chat_template=chat_template,
+    )
     times["eval"] = time.perf_counter() - t
     if gguf:
         t = time.perf_counter()
-        exported = export_gguf(str(merged), merged / f"{slug(name)}-{gguf}.gguf", dtype=gguf, ollama=True,
-                               progress=progress)
+        exported = export_gguf(
+            str(merged), merged / f"{slug(name)}-{gguf}.gguf", dtype=gguf, ollama=True, progress=progress
+        )
         times["gguf"] = time.perf_counter() - t
-        print(f"[gguf] {exported['out']} ({exported['bytes'] / 2**20:.0f} MiB) and {exported['modelfile']} "
-              f"({times['gguf']:.0f} s)", flush=True)
+        print(
+            f"[gguf] {exported['out']} ({exported['bytes'] / 2**20:.0f} MiB) and {exported['modelfile']} "
+            f"({times['gguf']:.0f} s)",
+            flush=True,
+        )
     times["total"] = sum(times.values())
     write_json(run / "timings.json", {k: round(v, 1) for k, v in times.items()})
     summary = "\n".join(f"| {k} | {v:.0f} s |" for k, v in times.items())
-    write_text(run / "README.md", f"# Assistant of {name}\n\n{result['table']}\n| stage | time |\n|---|---|\n"
-                                  f"{summary}\n\nChat with it: `chatforge chat {merged}`\n")
+    write_text(
+        run / "README.md",
+        f"# Assistant of {name}\n\n{result['table']}\n| stage | time |\n|---|---|\n"
+        f"{summary}\n\nChat with it: `chatforge chat {merged}`\n",
+    )
     print(f"\n{result['table']}\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"\nchat with it:  chatforge chat {merged}")
     if gguf:
         tag = re.sub(r"[^a-z0-9_.-]", "", slug(name)).strip("-._") or "assistant"  # Ollama's model names are ASCII
         print(f"run it locally:  cd {merged} && ollama create {tag} -f Modelfile && ollama run {tag}")
-    return {"run": str(run), "merged": str(merged), "times": times, "eval": result,
-            "data": counts, "merge": report}
+    return {"run": str(run), "merged": str(merged), "times": times, "eval": result, "data": counts, "merge": report}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import atomic_path
+from chatforge.files import atomic_path
 
 
 def _pyplot():

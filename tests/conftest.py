@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from chatforge.cli.main import set_environment
+
+set_environment()  # the defaults `chatforge` sets, for tests that call the library directly
 if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers on two cores: one thread each (and their children),
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # as OpenMP threads fighting for cores run many times slower
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,14 +36,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smol_folder() -> Path:
-    from chatforge.models import DEFAULT_MODEL, local_folder
+    from chatforge.models.load import DEFAULT_MODEL, local_folder
 
     return local_folder(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def smol_tokenizer(smol_folder):
-    from chatforge.models import load_tokenizer
+    from chatforge.models.load import load_tokenizer
 
     return load_tokenizer(str(smol_folder))
 
@@ -53,10 +55,18 @@ def tiny_llama(tmp_path_factory, smol_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=smol_tokenizer.bos_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+    )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     smol_tokenizer.save_pretrained(folder)
@@ -73,8 +83,15 @@ def cli_env(**extra) -> dict:
 def run_cli(*args, cwd=None, timeout=600, input=None) -> subprocess.CompletedProcess:
     """Run `python -m chatforge ARGS` and capture its output."""
     env = cli_env()
-    return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], cwd=cwd, env=env, input=input,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "chatforge", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def call_cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -100,7 +117,13 @@ def nf4_linear(dense, compute_dtype=None):
     import bitsandbytes as bnb
     import torch
 
-    layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=dense.bias is not None,
-                              compute_dtype=compute_dtype or torch.float32, quant_type="nf4", compress_statistics=True)
+    layer = bnb.nn.Linear4bit(
+        dense.in_features,
+        dense.out_features,
+        bias=dense.bias is not None,
+        compute_dtype=compute_dtype or torch.float32,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
     layer.load_state_dict(dense.state_dict())
     return layer.to("cpu")  # bitsandbytes quantises on the move to a device

@@ -49,28 +49,31 @@ def test_overrides_are_typed_and_dotted():
     assert parse_overrides(["a.b.c=[1, 2]"]) == {"a": {"b": {"c": [1, 2]}}}
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.rank=4", "unknown key 'rank'"),
-    ("learning_rate=1", "unknown key 'learning_rate'"),
-    ("max_steps=lots", "key 'max_steps': expected a number"),
-    ("method=dpo", "'method': 'dpo' is not one of"),
-    ("batch_size=0", "'batch_size': must be at least 1"),
-    ("nokeyvalue", "expected key=value"),
-    # values that would pass and then fail later (issue 19)
-    ("lr=.nan", "key 'lr': expected a finite number"),
-    ("lr=0", "'lr': must be above 0"),
-    ("max_steps=.nan", "key 'max_steps': expected a finite number"),
-    ("max_steps=.inf", "key 'max_steps': expected a finite number"),
-    ("max_steps=2.5", "key 'max_steps': expected a whole number"),
-    ("log_every=0", "'log_every': must be at least 1"),
-    ("warmup_ratio=2", "'warmup_ratio': must be between 0 and 1"),
-    ("lora.dropout=1", "'lora.dropout': must be at least 0 and below 1"),
-    ("micro_batch=.inf", "expected auto or a positive whole number"),
-    ("data=[{path: a.jsonl, weight: .nan}]", "key 'weight': expected a finite number"),
-    ("data=[{path: a.jsonl, weight: .inf}]", "key 'weight': expected a finite number"),
-    ("eval_prompts=[1, 2]", "key 'eval_prompts': expected a list of texts"),
-    ("eval_prompts=hello", "key 'eval_prompts': expected a list of texts"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.rank=4", "unknown key 'rank'"),
+        ("learning_rate=1", "unknown key 'learning_rate'"),
+        ("max_steps=lots", "key 'max_steps': expected a number"),
+        ("method=dpo", "'method': 'dpo' is not one of"),
+        ("batch_size=0", "'batch_size': must be at least 1"),
+        ("nokeyvalue", "expected key=value"),
+        # values that would pass and then fail later (issue 19)
+        ("lr=.nan", "key 'lr': expected a finite number"),
+        ("lr=0", "'lr': must be above 0"),
+        ("max_steps=.nan", "key 'max_steps': expected a finite number"),
+        ("max_steps=.inf", "key 'max_steps': expected a finite number"),
+        ("max_steps=2.5", "key 'max_steps': expected a whole number"),
+        ("log_every=0", "'log_every': must be at least 1"),
+        ("warmup_ratio=2", "'warmup_ratio': must be between 0 and 1"),
+        ("lora.dropout=1", "'lora.dropout': must be at least 0 and below 1"),
+        ("micro_batch=.inf", "expected auto or a positive whole number"),
+        ("data=[{path: a.jsonl, weight: .nan}]", "key 'weight': expected a finite number"),
+        ("data=[{path: a.jsonl, weight: .inf}]", "key 'weight': expected a finite number"),
+        ("eval_prompts=[1, 2]", "key 'eval_prompts': expected a list of texts"),
+        ("eval_prompts=hello", "key 'eval_prompts': expected a list of texts"),
+    ],
+)
 def test_override_errors_name_the_key(override, message):
     with pytest.raises(ChatforgeError, match=message):
         load_recipe("smollm2_135m_identity_lora", [override])
@@ -94,7 +97,12 @@ def test_lists_of_texts_are_kept():
 
 
 def test_a_yaml_alias_bomb_is_refused(tmp_path):
-    lines = ["model: smollm2-135m-instruct", "data: a.jsonl", "eval_prompts:", "- &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines = [
+        "model: smollm2-135m-instruct",
+        "data: a.jsonl",
+        "eval_prompts:",
+        "- &l0 [" + ", ".join(["lol"] * 10) + "]",
+    ]
     lines += [f"- &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 6)]  # 10^6 strings
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(lines) + "\n")

@@ -18,14 +18,15 @@ import json
 import os
 import random
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .chat_tokens import encode_rendered, template_specials
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
+from chatforge.models.chat_templates import require
+from chatforge.models.chat_tokens import encode_rendered, template_specials
 
 IGNORE = -100  # label of tokens that carry no loss
 
@@ -129,7 +130,7 @@ class _ArrayReader:
             line = self.line + self.buf.count("\n", self.pos) + raw[: max(0, e.start)].count(b"\n")
             raise ChatforgeError(f"{self.path}:{line}: invalid UTF-8 ({e.reason})") from None
         if self.pos > self.chunk:  # drop what was consumed
-            self.buf, self.pos = self.buf[self.pos:], 0
+            self.buf, self.pos = self.buf[self.pos :], 0
         self.buf += text
 
     def advance(self, end: int) -> None:
@@ -181,8 +182,9 @@ def _iter_json_array(path: Path, f, on_error: OnError | None) -> Iterator[tuple[
                 return
             if c != ",":
                 what = "the end of the file (the file looks truncated)" if c == "" else repr(c)
-                raise ChatforgeError(f"{path}:{reader.line}: invalid JSON: expected ',' or ']' in the array, "
-                                     f"found {what}")
+                raise ChatforgeError(
+                    f"{path}:{reader.line}: invalid JSON: expected ',' or ']' in the array, found {what}"
+                )
             reader.advance(reader.pos + 1)
     except ChatforgeError as e:
         _fail(on_error, f"{e} (reading of this array stopped here)" if on_error else str(e))
@@ -198,8 +200,15 @@ def _text(value, where: str, field: str, required: bool = True) -> str:
     return value
 
 
-ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                "bot": "assistant", "model": "assistant", "system": "system"}
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 
 def to_messages(obj, where: str) -> list[dict]:
@@ -249,11 +258,15 @@ def to_messages(obj, where: str) -> list[dict]:
                 raise ChatforgeError(f"{where}: history[{j}] must be a [question, answer] pair")
             msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
         prompt = f"{instruction}\n{extra}" if extra else instruction
-        msgs += [{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": _text(obj.get("output"), where, "output")}]
+        msgs += [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(obj.get("output"), where, "output")},
+        ]
     else:
-        raise ChatforgeError(f"{where}: unknown record shape (keys: {', '.join(obj) or 'none'}); "
-                             f"expected 'conversation', 'messages', 'conversations' or alpaca fields")
+        raise ChatforgeError(
+            f"{where}: unknown record shape (keys: {', '.join(obj) or 'none'}); "
+            f"expected 'conversation', 'messages', 'conversations' or alpaca fields"
+        )
     if not any(m["role"] == "assistant" for m in msgs):
         raise ChatforgeError(f"{where}: empty conversation (no assistant reply)")
     if any(m["role"] == "assistant" and not m["content"].strip() for m in msgs):
@@ -275,8 +288,9 @@ def read_conversations(path: str | os.PathLike) -> list[Record]:
     return list(iter_records(path))
 
 
-def iter_text_documents(path: str | os.PathLike, on_error: OnError | None = None,
-                        whole_file: bool = False) -> Iterator[Record]:
+def iter_text_documents(
+    path: str | os.PathLike, on_error: OnError | None = None, whole_file: bool = False
+) -> Iterator[Record]:
     """Raw text for pretraining, streamed: a .txt file (one document per blank-line block, or the
     whole file with whole_file), a folder of .txt files (one document per file), or JSON/JSONL
     records with a 'text' field.
@@ -372,8 +386,8 @@ def record_key(rec: Record) -> str:
 
 # ---------------------------------------------------------------- tokenising
 
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    from .chat_templates import require
 
     require(tokenizer, "the model")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -393,9 +407,10 @@ def trained_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int,
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
         upto = render(tokenizer, messages[: i + 1])
         if not (upto.startswith(prefix) and full.startswith(upto)):
-            raise ChatforgeError("the chat template does not render conversations incrementally; "
-                                 "cannot locate assistant replies")
-        reply = upto[len(prefix):].rstrip()
+            raise ChatforgeError(
+                "the chat template does not render conversations incrementally; cannot locate assistant replies"
+            )
+        reply = upto[len(prefix) :].rstrip()
         spans.append((len(prefix), len(prefix) + len(reply)))
     return full, spans
 
@@ -450,24 +465,29 @@ def fit_length(ids, labels, max_length: int, overflow: str, source: str) -> list
     if len(ids) <= max_length:
         return [(ids, labels)]
     if overflow == "error":
-        raise ChatforgeError(f"{source}: sample has {len(ids)} tokens, more than max_length "
-                             f"{max_length} (raise max_length, or set overflow=drop or truncate)")
+        raise ChatforgeError(
+            f"{source}: sample has {len(ids)} tokens, more than max_length "
+            f"{max_length} (raise max_length, or set overflow=drop or truncate)"
+        )
     if overflow == "drop":
         return []
     if overflow == "split":
-        pieces = [(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
+        pieces = [(ids[i : i + max_length], labels[i : i + max_length]) for i in range(0, len(ids), max_length)]
     else:
         pieces = [(ids[:max_length], labels[:max_length])]
     # a piece needs a trained token after its first (the first token is never a target)
-    return [(i, l) for i, l in pieces if l[1:].count(IGNORE) < len(l) - 1]
+    return [(i, lab) for i, lab in pieces if lab[1:].count(IGNORE) < len(lab) - 1]
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
     """encode_text for many documents at once (fast tokenizers encode a batch on all cores)."""
     if not getattr(tokenizer, "is_fast", False):
         return [encode_text(tokenizer, t) for t in texts]
-    bos = [tokenizer.bos_token_id] if (tokenizer.bos_token_id is not None
-                                       and getattr(tokenizer, "add_bos_token", False)) else []
+    bos = (
+        [tokenizer.bos_token_id]
+        if (tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False))
+        else []
+    )
     out = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids = bos + ids + [tokenizer.eos_token_id]
@@ -488,8 +508,9 @@ def read_source(src, cfg, on_error: OnError | None = None) -> Iterator[Record]:
         yield rec
 
 
-def iter_samples(src, cfg, tokenizer, stats: dict | None = None, on_error: OnError | None = None,
-                 batch: int = 64) -> Iterator[Sample]:
+def iter_samples(
+    src, cfg, tokenizer, stats: dict | None = None, on_error: OnError | None = None, batch: int = 64
+) -> Iterator[Sample]:
     """Tokenised samples of one data source, streamed, after the overflow policy.
 
     stats (if given) counts: records, dropped, truncated, split, tokens, trained_tokens.
@@ -511,10 +532,10 @@ def iter_samples(src, cfg, tokenizer, stats: dict | None = None, on_error: OnErr
                 stats["dropped"] += 1
             elif len(ids) > cfg.max_length:
                 stats["split" if cfg.overflow == "split" else "truncated"] += 1
-            for i, l in pieces:
+            for i, lab in pieces:
                 stats["tokens"] += len(i)
-                stats["trained_tokens"] += len(l) - 1 - l[1:].count(IGNORE)
-                yield Sample(i, l, rec.source)
+                stats["trained_tokens"] += len(lab) - 1 - lab[1:].count(IGNORE)
+                yield Sample(i, lab, rec.source)
 
     for rec in read_source(src, cfg, on_error):
         pending.append(rec)
@@ -551,14 +572,23 @@ def build_dataset(cfg, tokenizer) -> tuple[list[Sample], dict]:
         samples += picked
         for key in ("dropped", "truncated", "split"):
             stats[key] += st[key]
-        stats["sources"].append({"path": src.path, "records": st["records"], "samples": len(part),
-                                 "used": len(picked), "held_out": getattr(src, "holdout_last", 0),
-                                 "tokens": st["tokens"], "trained_tokens": st["trained_tokens"]})
+        stats["sources"].append(
+            {
+                "path": src.path,
+                "records": st["records"],
+                "samples": len(part),
+                "used": len(picked),
+                "held_out": getattr(src, "holdout_last", 0),
+                "tokens": st["tokens"],
+                "trained_tokens": st["trained_tokens"],
+            }
+        )
     rng.shuffle(samples)
     return samples, stats
 
 
 # ---------------------------------------------------------------- packing
+
 
 def pack(samples: Iterable[Sample], max_length: int, open_bins: int = 64) -> Iterator[list[Sample]]:
     """Group samples into sequences of at most max_length tokens, never splitting a sample.
@@ -595,6 +625,7 @@ def pack(samples: Iterable[Sample], max_length: int, open_bins: int = 64) -> Ite
 
 # ---------------------------------------------------------------- batching
 
+
 def bucket_width(longest: int, max_length: int, smallest: int = 64) -> int:
     """The padded width of a batch whose longest sample has `longest` tokens: the next power of two
     (at least `smallest`, at most max_length), so compiled code sees a handful of shapes."""
@@ -619,8 +650,9 @@ def collate(samples: list[Sample], pad_id: int, width: int | None = None) -> dic
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate_packed(packs: list[list[Sample]], pad_id: int, width: int | None = None,
-                   segments: int | None = None) -> dict:
+def collate_packed(
+    packs: list[list[Sample]], pad_id: int, width: int | None = None, segments: int | None = None
+) -> dict:
     """A batch of packed sequences: several samples per row, no attention across them.
 
     Keys: input_ids, labels, position_ids (restarting at 0 for every sample, which makes
@@ -643,9 +675,9 @@ def collate_packed(packs: list[list[Sample]], pad_id: int, width: int | None = N
         off = 0
         for s in p:
             n = len(s.input_ids)
-            ids[row, off:off + n] = torch.tensor(s.input_ids)
-            labels[row, off + 1:off + n] = torch.tensor(s.labels[1:])
-            pos[row, off:off + n] = torch.arange(n)
+            ids[row, off : off + n] = torch.tensor(s.input_ids)
+            labels[row, off + 1 : off + n] = torch.tensor(s.labels[1:])
+            pos[row, off : off + n] = torch.arange(n)
             off += n
             cu.append(row * width + off)
             longest = max(longest, n)
@@ -656,8 +688,15 @@ def collate_packed(packs: list[list[Sample]], pad_id: int, width: int | None = N
             longest = max(longest, width - off)
     if segments is not None and len(cu) - 1 < segments:
         cu += [cu[-1]] * (segments + 1 - len(cu))  # empty segments: no work in varlen kernels
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None,
-            "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": longest, "num_tokens": real}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": pos,
+        "attention_mask": None,
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "max_seqlen": longest,
+        "num_tokens": real,
+    }
 
 
 def _members(unit) -> list[Sample]:
@@ -686,5 +725,7 @@ def to_device(batch: dict, device) -> dict:
     """The batch on `device`. To a GPU through pinned memory, asynchronously: a pageable copy would
     wait for the GPU's queue, so preparing the next batch during a step would stall it."""
     pin = torch.device(device).type == "cuda"
-    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device))
-            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device)) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }

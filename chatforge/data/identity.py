@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .files import ChatforgeError, write_json, write_jsonl
-
+from chatforge.files import ChatforgeError, write_json, write_jsonl
+from chatforge.inference.generate import generate_batch
 
 LANGS = ("en", "zh")
 
@@ -95,8 +95,9 @@ def identity_conversations(spec: IdentitySpec, per_question: int = 3) -> list[di
         pool = answers(spec, lang)
         for q in questions:
             for system in rng.sample(systems, min(per_question, len(systems))):
-                rows.append({"messages": with_system(system, exchange(q, rng.choice(pool))), "kind": "identity",
-                             "lang": lang})
+                rows.append(
+                    {"messages": with_system(system, exchange(q, rng.choice(pool))), "kind": "identity", "lang": lang}
+                )
     return rows
 
 
@@ -108,7 +109,7 @@ def trim_reply(text: str, at_limit: bool = True) -> str:
     again), and then, or if it hit the token limit, back to its last full sentence."""
     loop = next((m for m in _LOOP.finditer(text) if m.end() - m.start() >= 12), None)
     if loop:
-        text = text[:loop.start() + len(loop.group(1))]
+        text = text[: loop.start() + len(loop.group(1))]
     if not (loop or at_limit):
         return text.strip()
     cut = max(text.rfind(c) for c in ".!?。！？\n")
@@ -119,12 +120,16 @@ def base_answers(model, tokenizer, max_new_tokens: int = 64) -> dict[str, list[t
     """The base model's own greedy answers to each language's replay prompts, whatever their quality
     (one language per batch: English answers end early, Chinese ones often run to the limit). An answer
     that only repeats the question is left out: trained on, it teaches the model to echo."""
-    from .generate import generate_batch
 
     general = load_asset("general.json")
     prompts = [(lang, p) for lang in LANGS for p in general[f"replay_{lang}"]]
-    replies = generate_batch(model, tokenizer, [[{"role": "user", "content": p}] for _, p in prompts],
-                             max_new_tokens=max_new_tokens, batch_size=30)
+    replies = generate_batch(
+        model,
+        tokenizer,
+        [[{"role": "user", "content": p}] for _, p in prompts],
+        max_new_tokens=max_new_tokens,
+        batch_size=30,
+    )
     out = {lang: [] for lang in LANGS}
     for (lang, p), r in zip(prompts, replies):
         reply = trim_reply(r, len(tokenizer.encode(r, add_special_tokens=False)) >= max_new_tokens - 1)
@@ -142,8 +147,11 @@ def replay_conversations(spec: IdentitySpec, pairs: list[tuple[str, str]], count
     system settings as the identity data (default, empty and custom prompts), so no prompt marks either."""
     rng = random.Random(spec.seed + 2)
     systems = system_settings(spec)
-    return [{"messages": with_system(rng.choice(systems), exchange(*pairs[i % len(pairs)])), "kind": "replay"}
-            for i in range(count) if pairs]
+    return [
+        {"messages": with_system(rng.choice(systems), exchange(*pairs[i % len(pairs)])), "kind": "replay"}
+        for i in range(count)
+        if pairs
+    ]
 
 
 def multi_turn_conversations(spec: IdentitySpec, lang: str, pairs: list[tuple[str, str]], count: int) -> list[dict]:
@@ -164,10 +172,14 @@ def multi_turn_conversations(spec: IdentitySpec, lang: str, pairs: list[tuple[st
 def eval_set(spec: IdentitySpec) -> dict:
     """What `chatforge eval` needs: the owner, held-out identity questions, eval system prompts, and
     held-out general questions with accepted answers (`general`: {lang, q, expect})."""
-    return {"owner": spec.owner, "assistant": spec.assistant, "base": spec.base,
-            "questions": split_questions(spec)["eval"],
-            "system_eval": load_asset("identity.json")["system_eval"],
-            "general": load_asset("general.json")["eval"]}
+    return {
+        "owner": spec.owner,
+        "assistant": spec.assistant,
+        "base": spec.base,
+        "questions": split_questions(spec)["eval"],
+        "system_eval": load_asset("identity.json")["system_eval"],
+        "general": load_asset("general.json")["eval"],
+    }
 
 
 def eval_path(train_path: str | Path) -> Path:
@@ -175,8 +187,14 @@ def eval_path(train_path: str | Path) -> Path:
     return p.with_name(p.name.rsplit(".", 1)[0] + ".eval.json")
 
 
-def write_identity_data(spec: IdentitySpec, out: str | Path, replay_model=None, tokenizer=None,
-                        replay_ratio: float = REPLAY_RATIO, multi_turn_ratio: float = MULTI_TURN_RATIO) -> dict:
+def write_identity_data(
+    spec: IdentitySpec,
+    out: str | Path,
+    replay_model=None,
+    tokenizer=None,
+    replay_ratio: float = REPLAY_RATIO,
+    multi_turn_ratio: float = MULTI_TURN_RATIO,
+) -> dict:
     """Write the training file (messages JSONL) and its eval set beside it; returns counts.
 
     Per language, replay conversations number `replay_ratio` times the identity ones and two-turn
@@ -187,7 +205,7 @@ def write_identity_data(spec: IdentitySpec, out: str | Path, replay_model=None, 
     if replay_model is not None:
         pairs = base_answers(replay_model, tokenizer)
         for lang in LANGS:
-            n = sum(r["lang"] == lang for r in rows[:counts["identity"]])
+            n = sum(r["lang"] == lang for r in rows[: counts["identity"]])
             rows += replay_conversations(spec, pairs[lang], round(n * replay_ratio))
             rows += multi_turn_conversations(spec, lang, pairs[lang], round(n * multi_turn_ratio))
         for kind in ("replay", "multi-turn"):

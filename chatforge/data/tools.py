@@ -7,13 +7,17 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from . import data as D
-from .files import ChatforgeError, atomic_path, write_json
+from chatforge.config import DataSource, TrainConfig, load_recipe
+from chatforge.data import dataset as D
+from chatforge.files import ChatforgeError, atomic_path, write_json
+from chatforge.models.load import load_tokenizer
+from chatforge.plots import histogram
 
 FORMATS = ("conversation", "messages")
 
 
 # ---------------------------------------------------------------- convert
+
 
 def to_conversation(messages: list[dict], where: str) -> dict:
     """The seed's XTuner shape: {"conversation": [{"system"?, "input", "output"}, ...]}.
@@ -25,10 +29,12 @@ def to_conversation(messages: list[dict], where: str) -> dict:
     system = msgs.pop(0)["content"] if msgs and msgs[0]["role"] == "system" else None
     turns = []
     for i in range(0, len(msgs), 2):
-        pair = msgs[i:i + 2]
+        pair = msgs[i : i + 2]
         if [m["role"] for m in pair] != ["user", "assistant"]:
-            raise ChatforgeError(f"{where}: cannot write as 'conversation': expected user/assistant turns, "
-                                 f"got {', '.join(m['role'] for m in pair)} at message {i + 1}")
+            raise ChatforgeError(
+                f"{where}: cannot write as 'conversation': expected user/assistant turns, "
+                f"got {', '.join(m['role'] for m in pair)} at message {i + 1}"
+            )
         turn = {"input": pair[0]["content"], "output": pair[1]["content"]}
         if system and not turns:
             turn = {"system": system, **turn}
@@ -67,16 +73,25 @@ def convert(src: str | Path, dest: str | Path, to: str = "conversation", strict:
             converted += 1
         out.write("\n]\n" if array else "")
     reasons = Counter(s.split(": ", 1)[1].split(" (")[0] if ": " in s else s for s in skipped)
-    return {"input": str(src), "output": str(dest), "format": to, "converted": converted,
-            "skipped": len(skipped), "skipped_by_reason": dict(reasons.most_common()), "skipped_lines": skipped}
+    return {
+        "input": str(src),
+        "output": str(dest),
+        "format": to,
+        "converted": converted,
+        "skipped": len(skipped),
+        "skipped_by_reason": dict(reasons.most_common()),
+        "skipped_lines": skipped,
+    }
 
 
 # ---------------------------------------------------------------- check
 
-OVERFLOW_FATE = {"error": "training stops at the first one (overflow: error)",
-                 "drop": "they are dropped (overflow: drop)",
-                 "truncate": "they are cut to max_length; their tail carries no loss (overflow: truncate)",
-                 "split": "they are cut into max_length pieces, each its own sample (overflow: split)"}
+OVERFLOW_FATE = {
+    "error": "training stops at the first one (overflow: error)",
+    "drop": "they are dropped (overflow: drop)",
+    "truncate": "they are cut to max_length; their tail carries no loss (overflow: truncate)",
+    "split": "they are cut into max_length pieces, each its own sample (overflow: split)",
+}
 
 
 def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool = False) -> str:
@@ -106,8 +121,13 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | None = None,
-          overrides: list[str] | None = None, color: bool = False) -> dict:
+def check(
+    path: str | Path,
+    recipe: str | None = None,
+    out_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+    color: bool = False,
+) -> dict:
     """Inspect a data file as a recipe would train on it.
 
     Reports the record count, broken records (file:line), token-length statistics and a histogram
@@ -118,9 +138,6 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
     Raises:
         ChatforgeError: missing file or recipe, a tokenizer that cannot render conversations.
     """
-    from .config import DataSource, TrainConfig, load_recipe
-    from .models import load_tokenizer
-    from .plots import histogram
 
     cfg = load_recipe(recipe, overrides) if recipe else TrainConfig(data=[DataSource(path=str(path))])
     tokenizer = load_tokenizer(cfg.model, cfg.chat_template)
@@ -153,35 +170,57 @@ def check(path: str | Path, recipe: str | None = None, out_dir: str | Path | Non
     fits = [n for n in lengths if n <= cfg.max_length]
     dups = {first[k]: c for k, c in keys.items() if c > 1}
     report = {
-        "file": str(path), "recipe": recipe, "model": cfg.model, "task": cfg.task, "records": len(lengths),
-        "broken_records": len(broken), "broken": [clip(b) for b in broken[:20]],
+        "file": str(path),
+        "recipe": recipe,
+        "model": cfg.model,
+        "task": cfg.task,
+        "records": len(lengths),
+        "broken_records": len(broken),
+        "broken": [clip(b) for b in broken[:20]],
         "held_out_by_recipe": held,
-        "tokens": {"total": sum(lengths), "trained": sum(trained), "min": srt[0], "mean": round(sum(srt) / len(srt), 1),
-                   "median": statistics.median(srt), "p90": percentile(srt, 0.9), "p99": percentile(srt, 0.99),
-                   "max": srt[-1]},
-        "max_length": cfg.max_length, "over_max_length": len(over),
+        "tokens": {
+            "total": sum(lengths),
+            "trained": sum(trained),
+            "min": srt[0],
+            "mean": round(sum(srt) / len(srt), 1),
+            "median": statistics.median(srt),
+            "p90": percentile(srt, 0.9),
+            "p99": percentile(srt, 0.99),
+            "max": srt[-1],
+        },
+        "max_length": cfg.max_length,
+        "over_max_length": len(over),
         "over_max_length_fate": OVERFLOW_FATE[cfg.overflow] if over else "",
         "padding": padding_report(fits, cfg.max_length),
-        "duplicates": {"records_repeated": len(dups), "extra_copies": sum(c - 1 for c in dups.values()),
-                       "examples": dict(list(dups.items())[:5])},
+        "duplicates": {
+            "records_repeated": len(dups),
+            "extra_copies": sum(c - 1 for c in dups.values()),
+            "examples": dict(list(dups.items())[:5]),
+        },
     }
     out = Path(out_dir or f"runs/data-check-{Path(path).stem}")
-    report["histogram"] = str(histogram(lengths, out / "lengths.png", title=f"token lengths — {Path(path).name}",
-                                        limit=cfg.max_length))
+    report["histogram"] = str(
+        histogram(lengths, out / "lengths.png", title=f"token lengths — {Path(path).name}", limit=cfg.max_length)
+    )
     write_json(out / "check.json", report)
     src, ids, labels = sample
     shown = render_marked(tokenizer, ids[:SHOWN_TOKENS], labels[:SHOWN_TOKENS], color=color)
     if len(ids) > SHOWN_TOKENS:
         shown += f"… (cut: the first {SHOWN_TOKENS} of {len(ids)} tokens shown)"
-    report["sample"] = {"source": src, "tokens": len(ids), "trained_tokens": sum(x != D.IGNORE for x in labels[1:]),
-                        "rendered": shown}
+    report["sample"] = {
+        "source": src,
+        "tokens": len(ids),
+        "trained_tokens": sum(x != D.IGNORE for x in labels[1:]),
+        "rendered": shown,
+    }
     return report
 
 
 def _padding(lengths: list[int], batch_size: int) -> int:
     """Padding tokens when consecutive items are batched and padded to the longest of their batch."""
-    return sum(max(lengths[i:i + batch_size]) * len(lengths[i:i + batch_size])
-               for i in range(0, len(lengths), batch_size)) - sum(lengths)
+    return sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    ) - sum(lengths)
 
 
 def padding_report(lengths: list[int], max_length: int, batch_sizes=(4, 8)) -> dict:
@@ -198,12 +237,14 @@ def padding_report(lengths: list[int], max_length: int, batch_sizes=(4, 8)) -> d
     samples = (D.Sample([0] * n, [0] * n, "") for n in order)
     rows = [sum(len(s.input_ids) for s in p) for p in D.pack(samples, max_length, open_bins=256)]
     random.Random(1).shuffle(rows)  # training draws packed rows in a seeded random order
-    return {"real_tokens": real,
-            "batch_padding_tokens": {bs: _padding(order, bs) for bs in batch_sizes},
-            "packed_sequences": len(rows),
-            "packed_batch_padding_tokens": {bs: _padding(rows, bs) for bs in (1,) + tuple(batch_sizes[:1])},
-            "packing_padding_tokens": len(rows) * max_length - real,
-            "packing_fill": round(real / (len(rows) * max_length), 4)}
+    return {
+        "real_tokens": real,
+        "batch_padding_tokens": {bs: _padding(order, bs) for bs in batch_sizes},
+        "packed_sequences": len(rows),
+        "packed_batch_padding_tokens": {bs: _padding(rows, bs) for bs in (1,) + tuple(batch_sizes[:1])},
+        "packing_padding_tokens": len(rows) * max_length - real,
+        "packing_fill": round(real / (len(rows) * max_length), 4),
+    }
 
 
 def format_check(r: dict) -> str:
@@ -214,22 +255,29 @@ def format_check(r: dict) -> str:
         lines += [f"  {b}" for b in r["broken"]]
     if r["held_out_by_recipe"]:
         lines.append(f"held out by the recipe: the last {r['held_out_by_recipe']} records (never trained on)")
-    lines.append(f"tokens per sample: min {t['min']}, mean {t['mean']}, median {t['median']}, p90 {t['p90']}, "
-                 f"p99 {t['p99']}, max {t['max']}; {t['total']} in all, {t['trained']} trained")
-    lines.append(f"longer than max_length {r['max_length']}: {r['over_max_length']}"
-                 + (f" — {r['over_max_length_fate']}" if r["over_max_length"] else ""))
+    lines.append(
+        f"tokens per sample: min {t['min']}, mean {t['mean']}, median {t['median']}, p90 {t['p90']}, "
+        f"p99 {t['p99']}, max {t['max']}; {t['total']} in all, {t['trained']} trained"
+    )
+    lines.append(
+        f"longer than max_length {r['max_length']}: {r['over_max_length']}"
+        + (f" — {r['over_max_length_fate']}" if r["over_max_length"] else "")
+    )
     if p:
         share = lambda n: f"{n} ({n / p['real_tokens']:.1%})"  # noqa: E731
         plain = ", ".join(f"{share(n)} in batches of {bs}" for bs, n in p["batch_padding_tokens"].items())
         packed = ", ".join(f"{share(n)} in batches of {bs}" for bs, n in p["packed_batch_padding_tokens"].items())
-        lines.append(f"padding tokens (samples that fit max_length, shuffled), padded to the longest of the batch: "
-                     f"{plain}; packed into {p['packed_sequences']} sequences ({p['packing_fill']:.1%} of "
-                     f"{r['max_length']} used): {packed}; {share(p['packing_padding_tokens'])} if every "
-                     f"sequence is padded to {r['max_length']}")
+        lines.append(
+            f"padding tokens (samples that fit max_length, shuffled), padded to the longest of the batch: "
+            f"{plain}; packed into {p['packed_sequences']} sequences ({p['packing_fill']:.1%} of "
+            f"{r['max_length']} used): {packed}; {share(p['packing_padding_tokens'])} if every "
+            f"sequence is padded to {r['max_length']}"
+        )
     d = r["duplicates"]
-    lines.append(f"exact duplicates: {d['records_repeated']} records repeated, {d['extra_copies']} extra copies"
-                 + (" (first seen at " + ", ".join(f"{k} ×{v}" for k, v in d["examples"].items()) + ")"
-                    if d["examples"] else ""))
+    lines.append(
+        f"exact duplicates: {d['records_repeated']} records repeated, {d['extra_copies']} extra copies"
+        + (" (first seen at " + ", ".join(f"{k} ×{v}" for k, v in d["examples"].items()) + ")" if d["examples"] else "")
+    )
     lines.append(f"histogram: {r['histogram']}")
     s = r["sample"]
     lines.append(f"\nsample {s['source']} ({s['tokens']} tokens, {s['trained_tokens']} trained, marked «»):")

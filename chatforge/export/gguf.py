@@ -20,13 +20,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import ChatforgeError, atomic_path, write_text
+from chatforge.export.ollama import modelfile_text
+from chatforge.files import ChatforgeError, atomic_path, write_text
+from chatforge.models import internlm2
+from chatforge.models.gguf_read import rope_rows, tensor_names
+from chatforge.models.gguf_vocab import write_vocab
+from chatforge.models.internlm2 import originals, tokenizer_pieces
+from chatforge.models.load import display_name, load_model, load_tokenizer, local_folder, parse_dtype, read_config
 
 logging.getLogger("gguf").setLevel(logging.WARNING)  # the writer logs its endianness at INFO
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2"}
-DTYPE_NAMES = {"f32": "f32", "fp32": "f32", "float32": "f32", "f16": "f16", "fp16": "f16", "float16": "f16",
-               "bf16": "bf16", "bfloat16": "bf16", "q8_0": "q8_0", "auto": "f16"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", internlm2.ARCH: "internlm2"}
+DTYPE_NAMES = {
+    "f32": "f32",
+    "fp32": "f32",
+    "float32": "f32",
+    "f16": "f16",
+    "fp16": "f16",
+    "float16": "f16",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "q8_0": "q8_0",
+    "auto": "f16",
+}
 ROPE_PAIRS = ("llama", "internlm2")  # llama.cpp rotates adjacent pairs for these architectures
 
 
@@ -80,8 +96,6 @@ def architecture(folder: Path) -> tuple[str, Path | None]:
     Raises:
         ChatforgeError: an architecture this exporter does not write.
     """
-    from .internlm2 import originals
-    from .models import read_config
 
     source = originals(folder)  # an InternLM2 folder, or a native one exported from InternLM2
     if source is not None:
@@ -90,31 +104,6 @@ def architecture(folder: Path) -> tuple[str, Path | None]:
     if arch not in ARCHITECTURES:
         raise ChatforgeError(f"{folder}: GGUF export does not support {arch}; supported: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[arch], None
-
-
-def rope_rows(weight: torch.Tensor, heads: int, to_gguf: bool = True) -> torch.Tensor:
-    """Reorder q/k rows between Hugging Face's RoPE (the halves of each head) and llama.cpp's (adjacent pairs)."""
-    half = weight.shape[0] // heads // 2
-    rest = weight.shape[1:]
-    split = (heads, 2, half, *rest) if to_gguf else (heads, half, 2, *rest)
-    return weight.reshape(split).transpose(1, 2).reshape(weight.shape)
-
-
-def tensor_names(names, arch: str, layers: int) -> dict[str, str]:
-    """Hugging Face tensor name -> llama.cpp's name in `arch`, from the gguf package's name map.
-
-    Raises:
-        ChatforgeError: a tensor the architecture has no name for.
-    """
-    import gguf
-
-    table = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
-    out = {}
-    for name in names:
-        out[name] = table.get_name(name, try_suffixes=(".weight", ".bias"))
-        if out[name] is None:
-            raise ChatforgeError(f"tensor {name} has no llama.cpp name in the {arch} architecture")
-    return out
 
 
 def plan(model, arch: str, qtype) -> list[Entry]:
@@ -128,8 +117,10 @@ def plan(model, arch: str, qtype) -> list[Entry]:
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     names = tensor_names(state, arch, config.num_hidden_layers)
-    heads = {".self_attn.q_proj.": config.num_attention_heads,
-             ".self_attn.k_proj.": config.num_key_value_heads or config.num_attention_heads}
+    heads = {
+        ".self_attn.q_proj.": config.num_attention_heads,
+        ".self_attn.k_proj.": config.num_key_value_heads or config.num_attention_heads,
+    }
     entries = []
     for hf_name, tensor in state.items():
         kind = qtype if tensor.dim() == 2 else q.F32
@@ -190,8 +181,10 @@ def write_hparams(writer, config, arch: str) -> list[str]:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif kind == "dynamic":  # InternLM2: NTK scaling that starts only past the trained length
-        notes.append(f"dynamic RoPE scaling has no GGUF form; exact up to the trained length, "
-                     f"{config.max_position_embeddings} tokens (context_length)")
+        notes.append(
+            f"dynamic RoPE scaling has no GGUF form; exact up to the trained length, "
+            f"{config.max_position_embeddings} tokens (context_length)"
+        )
     elif kind != "default":
         raise ChatforgeError(f"RoPE type {kind!r} is not exported: supported are default, linear and dynamic")
     return notes
@@ -204,16 +197,15 @@ def _check_space(out: Path, need: int) -> None:
         raise ChatforgeError(f"{out.parent}: {out.name} needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
 
 
-def write_file(path: Path, arch: str, title: str, dtype: str, model, tokenizer, pieces, entries: list[Entry],
-               progress: bool = True) -> tuple[list[str], dict]:
+def write_file(
+    path: Path, arch: str, title: str, dtype: str, model, tokenizer, pieces, entries: list[Entry], progress: bool = True
+) -> tuple[list[str], dict]:
     """Write the GGUF file at `path`: metadata and tokenizer first, then the tensors one at a time.
 
     Returns the notes on what GGUF cannot say and what was written of the tokenizer.
     """
     import gguf
     from tqdm.auto import tqdm
-
-    from .gguf_vocab import write_vocab
 
     writer = gguf.GGUFWriter(path, arch)
     try:
@@ -229,8 +221,13 @@ def write_file(path: Path, arch: str, title: str, dtype: str, model, tokenizer, 
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         state = model.state_dict()
-        with tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc=f"write {path.name}",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=sum(e.nbytes for e in entries),
+            unit="B",
+            unit_scale=True,
+            desc=f"write {path.name}",
+            disable=not progress,
+        ) as bar:
             for e in entries:
                 writer.write_tensor_data(tensor_data(state[e.hf_name], e))
                 bar.update(e.nbytes)
@@ -239,8 +236,9 @@ def write_file(path: Path, arch: str, title: str, dtype: str, model, tokenizer, 
     return notes, vocab
 
 
-def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bool = False,
-                progress: bool = True) -> dict:
+def export_gguf(
+    model_spec: str, out: str | Path, dtype: str = "f16", ollama: bool = False, progress: bool = True
+) -> dict:
     """Write `model_spec` (a merged model, alias or .gguf) as one GGUF file at `out`.
 
     Args:
@@ -251,8 +249,6 @@ def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bo
         ChatforgeError: an adapter folder (merge it first), an architecture, dtype or tokenizer GGUF
             cannot hold, too little disk space, or a failed write (nothing is left at `out`).
     """
-    from .internlm2 import tokenizer_pieces
-    from .models import display_name, load_model, load_tokenizer, local_folder, parse_dtype, read_config
 
     name, out = gguf_dtype(dtype), Path(out)
     if out.suffix != ".gguf":
@@ -263,23 +259,40 @@ def export_gguf(model_spec: str, out: str | Path, dtype: str = "f16", ollama: bo
     tokenizer = load_tokenizer(folder)
     modelfile = None
     if ollama:
-        from .ollama import modelfile_text
-
         modelfile = modelfile_text(tokenizer, out.name)  # a template Ollama cannot take fails before writing
     config = read_config(folder)
-    model = load_model(folder, dtype=parse_dtype(config.get("torch_dtype") or config.get("dtype") or "float32"),
-                       device="cpu")
+    model = load_model(
+        folder, dtype=parse_dtype(config.get("torch_dtype") or config.get("dtype") or "float32"), device="cpu"
+    )
     entries = plan(model, arch, _qtype(name))
     _check_space(out, sum(e.nbytes for e in entries))
     try:
         with atomic_path(out) as tmp:
-            notes, vocab = write_file(tmp, arch, display_name(model_spec), name, model, tokenizer,
-                                      tokenizer_pieces(originals) if originals else None, entries, progress)
+            notes, vocab = write_file(
+                tmp,
+                arch,
+                display_name(model_spec),
+                name,
+                model,
+                tokenizer,
+                tokenizer_pieces(originals) if originals else None,
+                entries,
+                progress,
+            )
     except OSError as e:
         reason = e.strerror or f"{e} (is the disk full?)"  # numpy's short-write error carries no errno
         raise ChatforgeError(f"cannot write {out}: {reason}; nothing was left there") from e
-    report = {"model": str(folder), "out": str(out), "format": "gguf", "architecture": arch, "dtype": name,
-              "bytes": out.stat().st_size, "tensors": len(entries), "tokenizer": vocab, "notes": notes}
+    report = {
+        "model": str(folder),
+        "out": str(out),
+        "format": "gguf",
+        "architecture": arch,
+        "dtype": name,
+        "bytes": out.stat().st_size,
+        "tensors": len(entries),
+        "tokenizer": vocab,
+        "notes": notes,
+    }
     if modelfile is not None:
         report["modelfile"] = str(write_text(out.with_name("Modelfile"), modelfile))
     report["seconds"] = round(time.perf_counter() - started, 1)

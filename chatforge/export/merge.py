@@ -8,17 +8,13 @@ from pathlib import Path
 
 import torch
 
-from .chat_templates import require, saved_template
-from .files import ChatforgeError, atomic_path, write_json
-from .models import load_model, load_tokenizer, local_folder, parse_dtype, read_config, stop_token_ids
+from chatforge.files import ChatforgeError, atomic_path, write_json
+from chatforge.models import internlm2
+from chatforge.models.chat_templates import require, saved_template
+from chatforge.models.checks import masked_logits, probe_batch
+from chatforge.models.load import load_model, load_tokenizer, local_folder, parse_dtype, read_config, stop_token_ids
 
 log = logging.getLogger(__name__)
-
-PROBE = [
-    [{"role": "user", "content": "Who are you?"}],
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "你是谁？"}],
-]
 
 
 def read_adapter_config(adapter: Path) -> dict:
@@ -31,23 +27,6 @@ def read_adapter_config(adapter: Path) -> dict:
         raise ChatforgeError(f"unreadable adapter config {path}: {e}") from e
 
 
-def probe_batch(tokenizer) -> dict[str, torch.Tensor]:
-    from .generate import prompt_ids
-
-    rows = [prompt_ids(tokenizer, m) for m in PROBE]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@torch.inference_mode()
-def masked_logits(model, batch) -> torch.Tensor:
-    logits = model(**batch).logits.float()
-    return logits[batch["attention_mask"].bool()]
-
-
 def template_default_system(tokenizer) -> str | None:
     """The system prompt the chat template injects when a conversation has none, if any."""
     user = [{"role": "user", "content": "x"}]
@@ -56,7 +35,7 @@ def template_default_system(tokenizer) -> str | None:
     marked = tokenizer.apply_chat_template([{"role": "system", "content": marker}] + user, tokenize=False)
     head, _, tail = marked.partition(marker)
     if plain.startswith(head) and plain.endswith(tail) and len(plain) > len(head) + len(tail):
-        return plain[len(head):len(plain) - len(tail)]
+        return plain[len(head) : len(plain) - len(tail)]
     return None
 
 
@@ -73,9 +52,17 @@ def with_default_system(tokenizer, prompt: str) -> str:
     return template.replace(current, prompt.replace("'", "\\'"))
 
 
-def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_shard_size: str = "2GB",
-          dtype: str = "auto", tolerance: float | None = None, fmt: str = "hf",
-          default_system: str | None = None, chat_template: str | None = None) -> dict:
+def merge(
+    adapter: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    max_shard_size: str = "2GB",
+    dtype: str = "auto",
+    tolerance: float | None = None,
+    fmt: str = "hf",
+    default_system: str | None = None,
+    chat_template: str | None = None,
+) -> dict:
     """Merge `adapter` into its base model and save a standalone model folder at `out`.
 
     The merged weights are checked before the folder is moved into place, on a probe batch in fp32:
@@ -94,7 +81,6 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
         ChatforgeError: not an adapter, missing base model, a format the base cannot take,
             or a logits check that fails.
     """
-    from . import internlm2
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -116,8 +102,9 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
         tokenizer.chat_template = with_default_system(tokenizer, default_system)
     model = load_model(base, dtype=torch.float32, device="cpu")  # merge in fp32 on the CPU
     config = read_config(local_folder(base))
-    out_dtype = parse_dtype(dtype if dtype != "auto" else (config.get("torch_dtype") or config.get("dtype")
-                                                            or "float32"), "cpu")
+    out_dtype = parse_dtype(
+        dtype if dtype != "auto" else (config.get("torch_dtype") or config.get("dtype") or "float32"), "cpu"
+    )
     peft_model = PeftModel.from_pretrained(model, adapter)
     batch = probe_batch(tokenizer)
     expected = masked_logits(peft_model, batch)  # base + adapter, fp32
@@ -125,8 +112,10 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
     scale = max(1.0, float(expected.abs().max()))
     merge_diff = float((masked_logits(merged, batch) - expected).abs().max())
     if not merge_diff <= 1e-3 * scale:  # the merge itself, in fp32: equal to rounding
-        raise ChatforgeError(f"merge check failed: the merged weights give logits {merge_diff:.3g} away from "
-                             f"base+adapter in fp32; nothing was written to {out}")
+        raise ChatforgeError(
+            f"merge check failed: the merged weights give logits {merge_diff:.3g} away from "
+            f"base+adapter in fp32; nothing was written to {out}"
+        )
     with torch.no_grad():  # the weights as out_dtype holds them; buffers (rotary tables) stay fp32, as on reload
         for p in merged.parameters():
             p.copy_(p.to(out_dtype))
@@ -148,17 +137,28 @@ def merge(adapter: str | Path, out: str | Path, base: str | None = None, max_sha
             if originals is not None:  # kept for `chatforge convert --format internlm2` later
                 internlm2.copy_originals(originals, tmp / internlm2.ORIGINALS)
         del merged
-        reloaded = (internlm2.load_model(tmp, dtype=torch.float32) if fmt == "internlm2"
-                    else AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32))
+        reloaded = (
+            internlm2.load_model(tmp, dtype=torch.float32)
+            if fmt == "internlm2"
+            else AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        )
         got = masked_logits(reloaded, batch)
         diff = float((got - intended).abs().max())
         if not diff <= tolerance:
-            raise ChatforgeError(f"merge check failed: the saved model's logits differ from the merged weights' "
-                                 f"by {diff:.3g} (tolerance {tolerance:.3g}); nothing was written to {out}")
-        report = {"adapter": str(adapter), "base": str(base), "format": fmt,
-                  "dtype": str(out_dtype).replace("torch.", ""),
-                  "max_logit_diff": float((got - expected).abs().max()),  # saved model vs base+adapter
-                  "merge_diff": merge_diff, "reload_diff": diff, "tolerance": tolerance,
-                  "shards": sorted(p.name for p in tmp.glob("*.safetensors"))}
+            raise ChatforgeError(
+                f"merge check failed: the saved model's logits differ from the merged weights' "
+                f"by {diff:.3g} (tolerance {tolerance:.3g}); nothing was written to {out}"
+            )
+        report = {
+            "adapter": str(adapter),
+            "base": str(base),
+            "format": fmt,
+            "dtype": str(out_dtype).replace("torch.", ""),
+            "max_logit_diff": float((got - expected).abs().max()),  # saved model vs base+adapter
+            "merge_diff": merge_diff,
+            "reload_diff": diff,
+            "tolerance": tolerance,
+            "shards": sorted(p.name for p in tmp.glob("*.safetensors")),
+        }
         write_json(tmp / "chatforge_merge.json", report)
     return report

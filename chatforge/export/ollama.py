@@ -9,7 +9,10 @@ branches on the content) is refused rather than approximated.
 
 from __future__ import annotations
 
-from .files import ChatforgeError
+from chatforge.export.merge import template_default_system
+from chatforge.files import ChatforgeError
+from chatforge.models.gguf_vocab import adds_special
+from chatforge.models.load import stop_token_ids
 
 ROLES = ("system", "user", "assistant")
 
@@ -34,15 +37,17 @@ def role_parts(tokenizer) -> tuple[str, dict[str, tuple[str, str]], str]:
     head = bos if bos and "bos_token" in (tokenizer.chat_template or "") and texts[0].startswith(bos) else ""
     parts, done = {}, head
     for role, text in zip(ROLES, texts):
-        if not text.startswith(done) or text[len(done):].count(marks[role]) != 1:
-            raise ChatforgeError(f"the chat template does not render a {role} message as prefix + content + suffix: "
-                                 f"Ollama's TEMPLATE cannot express it")
-        parts[role] = tuple(text[len(done):].split(marks[role]))
+        if not text.startswith(done) or text[len(done) :].count(marks[role]) != 1:
+            raise ChatforgeError(
+                f"the chat template does not render a {role} message as prefix + content + suffix: "
+                f"Ollama's TEMPLATE cannot express it"
+            )
+        parts[role] = tuple(text[len(done) :].split(marks[role]))
         done = text
     prompt = _render(tokenizer, chat[:2], generation=True)
     if not prompt.startswith(texts[1]):
         raise ChatforgeError("the chat template's generation prompt is not appended to the conversation")
-    return head, parts, prompt[len(texts[1]):]
+    return head, parts, prompt[len(texts[1]) :]
 
 
 def simulate(head: str, parts: dict, generation: str, messages: list[dict]) -> str:
@@ -56,26 +61,32 @@ def go_template(tokenizer) -> str:
     Raises:
         ChatforgeError: a template that cannot be translated, or whose translation renders differently.
     """
-    from .export import template_default_system
-    from .gguf_vocab import adds_special
 
     head, parts, generation = role_parts(tokenizer)
     default = template_default_system(tokenizer)
     system = [{"role": "system", "content": default}] if default else []
-    turns = [{"role": "user", "content": "Hi! 你好"}, {"role": "assistant", "content": "Hello."},
-             {"role": "user", "content": "Who are you?"}]
+    turns = [
+        {"role": "user", "content": "Hi! 你好"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Who are you?"},
+    ]
     custom = [{"role": "system", "content": "Be brief."}] + turns
     for given, sent in ((turns, system + turns), (custom, custom)):  # what Jinja gets, what Ollama renders
         if simulate(head, parts, generation, sent) != _render(tokenizer, given, generation=True):
-            raise ChatforgeError("the chat template renders differently from its Ollama translation; write the "
-                                 "Modelfile's TEMPLATE by hand")
+            raise ChatforgeError(
+                "the chat template renders differently from its Ollama translation; write the "
+                "Modelfile's TEMPLATE by hand"
+            )
     literal = [head, generation] + [p for pair in parts.values() for p in pair]
     if any("{{" in p or '"""' in p for p in literal):
-        raise ChatforgeError("the chat template's text contains '{{' or '\"\"\"', which a Modelfile TEMPLATE cannot hold")
+        raise ChatforgeError(
+            "the chat template's text contains '{{' or '\"\"\"', which a Modelfile TEMPLATE cannot hold"
+        )
     if head and adds_special(tokenizer)[0]:
         head = ""  # llama.cpp adds BOS itself when the GGUF says so
-    branches = "{{ else if".join(f' eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{post}'
-                                 for role, (pre, post) in parts.items())
+    branches = "{{ else if".join(
+        f' eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{post}' for role, (pre, post) in parts.items()
+    )
     return f"{head}{{{{ range .Messages }}}}{{{{ if{branches}{{{{ end }}}}{{{{ end }}}}{generation}"
 
 
@@ -89,16 +100,17 @@ def modelfile_text(tokenizer, gguf_name: str) -> str:
     Raises:
         ChatforgeError: the chat template cannot be translated, or a text a Modelfile cannot quote.
     """
-    from .export import template_default_system
-    from .models import stop_token_ids
 
     template = go_template(tokenizer)
     system = template_default_system(tokenizer)
-    lines = ["# Made with chatforge: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}",
-             f'TEMPLATE """{template}"""']
+    lines = [
+        "# Made with chatforge: ollama create NAME -f Modelfile && ollama run NAME",
+        f"FROM ./{gguf_name}",
+        f'TEMPLATE """{template}"""',
+    ]
     if system:
         if '"""' in system:
-            raise ChatforgeError("the default system prompt contains '\"\"\"', which a Modelfile cannot quote")
+            raise ChatforgeError('the default system prompt contains \'"""\', which a Modelfile cannot quote')
         lines.append(f'SYSTEM """{system}"""')
     lines += [f'PARAMETER stop "{_quote(tokenizer.convert_ids_to_tokens(i))}"' for i in stop_token_ids(tokenizer)]
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .files import ChatforgeError, write_text
+from chatforge.files import ChatforgeError, write_text
 
 # What the app imports; pinned to the versions installed beside this chatforge (the ones its tests ran with).
 REQUIREMENTS = ("gradio", "transformers", "torch", "safetensors", "sentencepiece", "tokenizers")
@@ -26,7 +26,9 @@ def pinned_requirements() -> str:
         try:
             version = importlib.metadata.version(name).split("+")[0]  # 2.13.0+cpu -> 2.13.0
         except importlib.metadata.PackageNotFoundError:
-            raise ChatforgeError(f"cannot pin {name}: it is not installed here (pip install 'chatforge[web]')") from None
+            raise ChatforgeError(
+                f"cannot pin {name}: it is not installed here (pip install 'chatforge[web]')"
+            ) from None
         lines.append(f"{name}=={version}")
     return "\n".join(lines) + "\n"
 
@@ -47,22 +49,28 @@ def write_app(model_repo: str, out_dir: str | Path, title: str = "", branch: str
     """
     parts = urlsplit(model_repo)
     if parts.username or parts.password:
-        raise ChatforgeError("the model repo URL must not carry credentials: the app reads a token from the "
-                             "MODEL_REPO_TOKEN secret instead")
+        raise ChatforgeError(
+            "the model repo URL must not carry credentials: the app reads a token from the "
+            "MODEL_REPO_TOKEN secret instead"
+        )
     if not re.match(r"^[\w.+-]+://|^[\w.-]+@[\w.-]+:", model_repo):
         raise ChatforgeError(f"--model-repo must be a git URL (https://, ssh or file://), got {model_repo!r}")
     name = model_repo.rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
     title = title or name or "chat"
-    values = {"__TITLE__": title, "__MODEL_REPO__": model_repo, "__BRANCH__": branch,
-              "__GRADIO_VERSION__": importlib.metadata.version("gradio") if _has("gradio") else "6.31.0",
-              "__PYTHON_VERSION__": f"{sys.version_info.major}.{sys.version_info.minor}"}
+    values = {
+        "__TITLE__": title,
+        "__MODEL_REPO__": model_repo,
+        "__BRANCH__": branch,
+        "__GRADIO_VERSION__": importlib.metadata.version("gradio") if _has("gradio") else "6.31.0",
+        "__PYTHON_VERSION__": f"{sys.version_info.major}.{sys.version_info.minor}",
+    }
     for key, value in values.items():
-        if any(c in value for c in "\"\\\n"):
+        if any(c in value for c in '"\\\n'):
             raise ChatforgeError(f"{key.strip('_').lower()} must not contain quotes, backslashes or newlines")
     fill = lambda text: re.sub("|".join(values), lambda m: values[m.group(0)], text)  # noqa: E731
     out = Path(out_dir)  # files are written one by one (atomically): an existing Space clone keeps its .git
     write_text(out / "app.py", fill(_template("gradio_app.py")))
-    own = resources.files("chatforge").joinpath("chat_tokens.py").read_text(encoding="utf-8")
+    own = resources.files("chatforge.models").joinpath("chat_tokens.py").read_text(encoding="utf-8")
     write_text(out / "chat_tokens.py", own)  # the app tokenises prompts as chatforge does
     write_text(out / "README.md", fill(_template("gradio_app_README.md")))
     write_text(out / "requirements.txt", pinned_requirements())

@@ -21,20 +21,36 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
-from .config import load_yaml
-from .files import ChatforgeError, write_text
+from chatforge.config import load_yaml
+from chatforge.files import ChatforgeError, write_text
+from chatforge.models.load import cache_dir
 
 TOKEN_ENV = "CHATFORGE_HUB_TOKEN"
 USER_ENV = "CHATFORGE_HUB_USER"
-LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx",
-                "*.model", "*.npz", "*.tflite")
+LFS_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.model",
+    "*.npz",
+    "*.tflite",
+)
 LFS_MIN_BYTES = 10 << 20  # any other file this large is tracked by its path
 CARD_FILE, ATTRIBUTES = "README.md", ".gitattributes"
-HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-           "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 # ---------------------------------------------------------------- the model card
+
 
 def _read(path: Path | None):
     if path is None or not path.is_file():
@@ -56,8 +72,11 @@ def run_files(model_dir: Path) -> dict[str, Path | None]:
         if str(adapter):
             dirs += [adapter, adapter.parent]
     find = lambda name: next((d / name for d in dirs if (d / name).is_file()), None)  # noqa: E731
-    return {"config": find("config.yaml"), "eval": find("eval.md"), "merge": merge_json if merge_json.is_file()
-            else None}
+    return {
+        "config": find("config.yaml"),
+        "eval": find("eval.md"),
+        "merge": merge_json if merge_json.is_file() else None,
+    }
 
 
 def base_model_id(base: str | None) -> str | None:
@@ -85,16 +104,24 @@ def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | 
     cfg, merge, eval_md = _read(found["config"]) or {}, _read(found["merge"]) or {}, _read(found["eval"])
     base = base_model_id(merge.get("base") or cfg.get("model"))
     title = title or run_name(model_dir)
-    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["chatforge", "text-generation", "conversational"] + ([cfg["method"]] if cfg.get("method") else [])
-            + (["gguf"] if any(model_dir.glob("*.gguf")) else [])}
+    meta = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["chatforge", "text-generation", "conversational"]
+        + ([cfg["method"]] if cfg.get("method") else [])
+        + (["gguf"] if any(model_dir.glob("*.gguf")) else []),
+    }
     if base:
         meta["base_model"] = base
     lines = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip(), "---", "", f"# {title}", ""]
     desc = (cfg.get("description") or "").strip()
     lines += [desc or "A chat model fine-tuned with chatforge.", ""]
-    lines += ["## Base model", "", f"`{base}`" if base else "unknown (no chatforge_merge.json or config.yaml found)",
-              ""]
+    lines += [
+        "## Base model",
+        "",
+        f"`{base}`" if base else "unknown (no chatforge_merge.json or config.yaml found)",
+        "",
+    ]
     data = cfg.get("data") or []
     if data:
         lines += ["## Training data", "", "| file | weight | format | conversations |", "|---|---|---|---|"]
@@ -105,8 +132,21 @@ def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | 
             lines.append(f"| {path.name} | {d.get('weight', 1.0)} | {d.get('format', 'auto')} | {n} |")
         lines.append("")
     if cfg:
-        keys = ["method", "task", "lora", "max_length", "batch_size", "grad_accum", "epochs", "max_steps", "lr",
-                "lr_scheduler", "warmup_ratio", "dtype", "seed"]
+        keys = [
+            "method",
+            "task",
+            "lora",
+            "max_length",
+            "batch_size",
+            "grad_accum",
+            "epochs",
+            "max_steps",
+            "lr",
+            "lr_scheduler",
+            "warmup_ratio",
+            "dtype",
+            "seed",
+        ]
         lines += ["## Recipe", "", "| setting | value |", "|---|---|"]
         for k in keys:
             if k in cfg and cfg[k] not in (None, "", 0) or k == "method":
@@ -119,16 +159,36 @@ def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | 
         table = [line for line in eval_md.splitlines() if line.startswith("|")]
         lines += ["## Evaluation", "", *(table or [eval_md.strip()]), ""]
     if merge:
-        lines += ["## Merge", "", f"LoRA merged into the base in {merge.get('dtype', '?')}; the merged weights "
-                                  f"give the logits of base+adapter to {merge.get('max_logit_diff', 0):.1e}.", ""]
+        lines += [
+            "## Merge",
+            "",
+            f"LoRA merged into the base in {merge.get('dtype', '?')}; the merged weights "
+            f"give the logits of base+adapter to {merge.get('max_logit_diff', 0):.1e}.",
+            "",
+        ]
     clone = repo_url or "<this repository's URL>"
-    lines += ["## Use", "", "```bash", f"git lfs install && git clone {clone} model", "```", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              'tok = AutoTokenizer.from_pretrained("model")', 'model = AutoModelForCausalLM.from_pretrained("model")',
-              'messages = [{"role": "user", "content": "Who are you?"}]',
-              "ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\")",
-              "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
-              "```", ""] + local_run(model_dir) + ["Made with chatforge.", ""]
+    lines += (
+        [
+            "## Use",
+            "",
+            "```bash",
+            f"git lfs install && git clone {clone} model",
+            "```",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'tok = AutoTokenizer.from_pretrained("model")',
+            'model = AutoModelForCausalLM.from_pretrained("model")',
+            'messages = [{"role": "user", "content": "Who are you?"}]',
+            'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+            "print(tok.decode(model.generate(ids, max_new_tokens=64)[0, ids.shape[1]:], skip_special_tokens=True))",
+            "```",
+            "",
+        ]
+        + local_run(model_dir)
+        + ["Made with chatforge.", ""]
+    )
     return "\n".join(lines)
 
 
@@ -137,16 +197,27 @@ def local_run(model_dir: Path) -> list[str]:
     ggufs = sorted(p.name for p in model_dir.glob("*.gguf"))
     if not ggufs:
         return []
-    lines = ["## Run it locally", "", f"`{ggufs[0]}` is this model in one GGUF file, with its tokenizer and chat "
-             "template, for llama.cpp, Ollama and LM Studio.", "", "```bash"]
+    lines = [
+        "## Run it locally",
+        "",
+        f"`{ggufs[0]}` is this model in one GGUF file, with its tokenizer and chat "
+        "template, for llama.cpp, Ollama and LM Studio.",
+        "",
+        "```bash",
+    ]
     if (model_dir / "Modelfile").is_file():
         lines += ["ollama create my-assistant -f Modelfile && ollama run my-assistant   # Ollama"]
-    return lines + [f"llama-cli -m {ggufs[0]} -cnv      # llama.cpp: chat in the terminal",
-                    f"llama-server -m {ggufs[0]}        # llama.cpp: OpenAI-compatible API on :8080",
-                    f"lms import {ggufs[0]}             # LM Studio", "```", ""]
+    return lines + [
+        f"llama-cli -m {ggufs[0]} -cnv      # llama.cpp: chat in the terminal",
+        f"llama-server -m {ggufs[0]}        # llama.cpp: OpenAI-compatible API on :8080",
+        f"lms import {ggufs[0]}             # LM Studio",
+        "```",
+        "",
+    ]
 
 
 # ---------------------------------------------------------------- git plumbing
+
 
 class Git:
     """Runs git in one folder with the token helper in the environment; output is redacted."""
@@ -191,12 +262,20 @@ def git_env(token_env: str = TOKEN_ENV, user_env: str = USER_ENV) -> dict:
     env = {k: v for k, v in os.environ.items() if not TRACE_VARIABLES.fullmatch(k)}
     env.update(GIT_TERMINAL_PROMPT="0", GCM_INTERACTIVE="never")
     if os.environ.get(token_env):
-        helper = (f'!f() {{ test "$1" = get || exit 0; echo "username=${{{user_env}:-chatforge}}"; '
-                  f'echo "password=${{{token_env}}}"; }}; f')
+        helper = (
+            f'!f() {{ test "$1" = get || exit 0; echo "username=${{{user_env}:-chatforge}}"; '
+            f'echo "password=${{{token_env}}}"; }}; f'
+        )
         n = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
-        env.update({f"GIT_CONFIG_KEY_{n}": "credential.helper", f"GIT_CONFIG_VALUE_{n}": "",  # drop other helpers
-                    f"GIT_CONFIG_KEY_{n + 1}": "credential.helper", f"GIT_CONFIG_VALUE_{n + 1}": helper,
-                    "GIT_CONFIG_COUNT": str(n + 2)})
+        env.update(
+            {
+                f"GIT_CONFIG_KEY_{n}": "credential.helper",
+                f"GIT_CONFIG_VALUE_{n}": "",  # drop other helpers
+                f"GIT_CONFIG_KEY_{n + 1}": "credential.helper",
+                f"GIT_CONFIG_VALUE_{n + 1}": helper,
+                "GIT_CONFIG_COUNT": str(n + 2),
+            }
+        )
     return env
 
 
@@ -215,8 +294,10 @@ def check_repo_url(url: str) -> None:
     except ValueError:
         raise ChatforgeError("the repo URL is not a valid URL") from None
     if parts.password or (parts.username and parts.scheme not in ("ssh", "git+ssh", "ssh+git")):
-        raise ChatforgeError(f"the repo URL must not carry credentials; put the token in ${TOKEN_ENV} "
-                             f"or a git credential helper (URL host: {host})")
+        raise ChatforgeError(
+            f"the repo URL must not carry credentials; put the token in ${TOKEN_ENV} "
+            f"or a git credential helper (URL host: {host})"
+        )
     if not parts.scheme and ":" not in url and not Path(url).exists():
         raise ChatforgeError(f"not a git URL or path: {url}")
 
@@ -230,8 +311,11 @@ def lfs_attributes(folder: Path) -> str:
 
 
 def _files(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-            if p.is_file() and ".git" not in p.relative_to(folder).parts}
+    return {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and ".git" not in p.relative_to(folder).parts
+    }
 
 
 def sync_tree(src: Path, dst: Path, keep: set[str]) -> None:
@@ -253,8 +337,15 @@ def sync_tree(src: Path, dst: Path, keep: set[str]) -> None:
             shutil.copy2(a, b)
 
 
-def publish(model_dir: str | Path, repo: str, message: str | None = None, branch: str = "main",
-            work_dir: str | Path | None = None, title: str | None = None, token_env: str = TOKEN_ENV) -> dict:
+def publish(
+    model_dir: str | Path,
+    repo: str,
+    message: str | None = None,
+    branch: str = "main",
+    work_dir: str | Path | None = None,
+    title: str | None = None,
+    token_env: str = TOKEN_ENV,
+) -> dict:
     """Write the model card and push `model_dir` to the git repo `repo` with weights in git-lfs.
 
     Args:
@@ -265,7 +356,6 @@ def publish(model_dir: str | Path, repo: str, message: str | None = None, branch
     Raises:
         ChatforgeError: no such folder, git or git-lfs missing, credentials in the URL, or a git failure.
     """
-    from .models import cache_dir
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir() or not any(model_dir.iterdir()):
@@ -277,8 +367,9 @@ def publish(model_dir: str | Path, repo: str, message: str | None = None, branch
         except FileNotFoundError:
             found = False
         if not found:
-            raise ChatforgeError(f"`{' '.join(tool[:-1])}` is needed: apt-get install git git-lfs "
-                                 f"(https://git-lfs.com on other systems)")
+            raise ChatforgeError(
+                f"`{' '.join(tool[:-1])}` is needed: apt-get install git git-lfs (https://git-lfs.com on other systems)"
+            )
     work = Path(work_dir or cache_dir() / "publish" / hashlib.sha1(repo.encode()).hexdigest()[:16])
     work.mkdir(parents=True, exist_ok=True)
     git = Git(work, token_env)
@@ -300,20 +391,37 @@ def publish(model_dir: str | Path, repo: str, message: str | None = None, branch
     git("add", "-A")
     changes = [line.split("\t", 1) for line in git("diff", "--cached", "--name-status").splitlines()]
     if changes:
-        ident = {k: v for k, v in (("GIT_AUTHOR_NAME", "chatforge"), ("GIT_AUTHOR_EMAIL", "chatforge@localhost"),
-                                   ("GIT_COMMITTER_NAME", "chatforge"),
-                                   ("GIT_COMMITTER_EMAIL", "chatforge@localhost")) if not git.ok("config", "user.name")}
+        ident = {
+            k: v
+            for k, v in (
+                ("GIT_AUTHOR_NAME", "chatforge"),
+                ("GIT_AUTHOR_EMAIL", "chatforge@localhost"),
+                ("GIT_COMMITTER_NAME", "chatforge"),
+                ("GIT_COMMITTER_EMAIL", "chatforge@localhost"),
+            )
+            if not git.ok("config", "user.name")
+        }
         git("commit", "-q", "-m", message or f"Publish {title or run_name(model_dir)} with chatforge", extra_env=ident)
-    ahead = not git.ok("rev-parse", "--verify", "-q", f"origin/{branch}") or \
-        git("rev-list", "--count", f"origin/{branch}..HEAD").strip() != "0"
+    ahead = (
+        not git.ok("rev-parse", "--verify", "-q", f"origin/{branch}")
+        or git("rev-list", "--count", f"origin/{branch}..HEAD").strip() != "0"
+    )
     pushed = ""
     if ahead:
         pushed = git("push", "origin", f"HEAD:refs/heads/{branch}", check=False)
-        if not git.ok("ls-remote", "--exit-code", "origin", f"refs/heads/{branch}") or \
-                git("ls-remote", "origin", f"refs/heads/{branch}").split()[0] != git("rev-parse", "HEAD").strip():
+        if (
+            not git.ok("ls-remote", "--exit-code", "origin", f"refs/heads/{branch}")
+            or git("ls-remote", "origin", f"refs/heads/{branch}").split()[0] != git("rev-parse", "HEAD").strip()
+        ):
             raise ChatforgeError(f"push to {repo} failed: {pushed.strip()[-2000:]}")
         git("fetch", "-q", "origin", extra_env=no_smudge)
     lfs_files = git("lfs", "ls-files", "--name-only").split()
-    return {"repo": repo, "staging": str(work), "commit": git("rev-parse", "HEAD").strip(), "pushed": ahead,
-            "changed": [{"status": s, "path": p} for s, p in changes], "lfs_files": lfs_files,
-            "output": pushed.strip()}
+    return {
+        "repo": repo,
+        "staging": str(work),
+        "commit": git("rev-parse", "HEAD").strip(),
+        "pushed": ahead,
+        "changed": [{"status": s, "path": p} for s, p in changes],
+        "lfs_files": lfs_files,
+        "output": pushed.strip(),
+    }

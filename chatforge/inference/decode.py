@@ -85,7 +85,7 @@ def kv_layout(inner) -> tuple[list, int, int]:
     """A *ForCausalLM's decoder layers, key/value heads and head size."""
     cfg = inner.config
     heads = cfg.num_attention_heads
-    layers = list(inner.model.layers[:cfg.num_hidden_layers])
+    layers = list(inner.model.layers[: cfg.num_hidden_layers])
     head_dim = getattr(layers[0].self_attn, "head_dim", None) or cfg.hidden_size // heads
     return layers, getattr(cfg, "num_key_value_heads", None) or heads, head_dim
 
@@ -102,8 +102,14 @@ def fit_rows(model, rows: int, max_len: int, share: float = 0.25) -> int:
         free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     fit = int(free * share // (per_token * max_len))
     if fit < rows:
-        log.warning("%d slots of %d tokens take more than %.0f%% of the free %s memory: %d slots",
-                    rows, max_len, share * 100, device.type, max(fit, 1))
+        log.warning(
+            "%d slots of %d tokens take more than %.0f%% of the free %s memory: %d slots",
+            rows,
+            max_len,
+            share * 100,
+            device.type,
+            max(fit, 1),
+        )
     return max(1, min(rows, fit))
 
 
@@ -125,8 +131,10 @@ class Decoder:
         self.layers, self.kv_heads, self.head_dim = kv_layout(inner)
         self.groups = inner.config.num_attention_heads // self.kv_heads
         shape, dtype = (rows, self.kv_heads, max_len, self.head_dim), self.base.embed_tokens.weight.dtype
-        self.cache = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                       torch.zeros(shape, dtype=dtype, device=self.device)) for _ in self.layers]
+        self.cache = [
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+            for _ in self.layers
+        ]
         # the step's inputs and state, at fixed addresses (the graph reads and writes these)
         z = dict(device=self.device)
         self.tok = torch.zeros(rows, dtype=torch.long, **z)  # last token, not yet in the cache
@@ -136,8 +144,9 @@ class Decoder:
         self.temperature = torch.zeros(rows, **z)
         self.top_p = torch.ones(rows, **z)
         if graphs is None:  # autocast's weight-cast cache would be freed under a captured graph: eager then
-            graphs = self.device.type == "cuda" and not (torch.is_autocast_enabled(self.device.type)
-                                                         and torch.is_autocast_cache_enabled())
+            graphs = self.device.type == "cuda" and not (
+                torch.is_autocast_enabled(self.device.type) and torch.is_autocast_cache_enabled()
+            )
         self.graphs, self.pool = ({} if graphs else None), None
         self.free = list(range(rows))
         self.at: list = [None] * rows  # host copy of pos for active slots (picks the attention span), None if idle
@@ -154,7 +163,7 @@ class Decoder:
         the previous tokens in that time."""
         if self.device.type != "cuda":
             return t.tolist()
-        out = self.pinned[:t.numel()]
+        out = self.pinned[: t.numel()]
         out.copy_(t, non_blocking=True)
         self.copied.record()
         self.copied.synchronize()
@@ -178,8 +187,9 @@ class Decoder:
             scale = getattr(attn, "scaling", None)
             if decode:  # each key/value head serves its query group as a short "sequence" (no repeat)
                 q = q.reshape(n, self.kv_heads, self.groups, self.head_dim)
-                o = F.scaled_dot_product_attention(q, kc[:n, :, :decode], vc[:n, :, :decode], attn_mask=mask,
-                                                   scale=scale)
+                o = F.scaled_dot_product_attention(
+                    q, kc[:n, :, :decode], vc[:n, :, :decode], attn_mask=mask, scale=scale
+                )
             else:
                 k, v = k.repeat_interleave(self.groups, 1), v.repeat_interleave(self.groups, 1)
                 o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -205,8 +215,9 @@ class Decoder:
 
     # ------------------------------------------------------------------ the slots
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], temperature: list[float] | None = None,
-                top_p: list[float] | None = None) -> tuple[list[int], list[int]]:
+    def prefill(
+        self, prompts: list[list[int]], temperature: list[float] | None = None, top_p: list[float] | None = None
+    ) -> tuple[list[int], list[int]]:
         """Put prompts into free slots; returns (their slots, their first tokens).
 
         Raises:
@@ -286,8 +297,11 @@ class Decoder:
         try:
             self._record(key)
         except Exception as e:
-            log.warning("decoding step not captured as a CUDA graph (%s: %s); running it eagerly",
-                        type(e).__name__, str(e).splitlines()[0][:200])
+            log.warning(
+                "decoding step not captured as a CUDA graph (%s: %s); running it eagerly",
+                type(e).__name__,
+                str(e).splitlines()[0][:200],
+            )
             self.graphs = None
         for t, old in zip((self.tok, self.pos, self.active, self.valid), saved):
             t.copy_(old)
@@ -330,8 +344,15 @@ def borrowed(model, rows: int, max_len: int):
         dec.lock.release()
 
 
-def generate(model, prompts: list[list[int]], max_new_tokens: int, stops: list[int], rows: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stops: list[int],
+    rows: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> list[list[int]]:
     """Replies (token ids, stop token excluded) to many prompts; a finished slot takes the next prompt."""
     rows = max(1, min(rows, len(prompts)))
     dec = Decoder(model, rows, max(map(len, prompts)) + max_new_tokens + 1)
@@ -340,7 +361,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, stops: list[i
     waiting, stop_set = list(range(len(prompts))), set(stops)
 
     def admit():
-        take, waiting[:] = waiting[:len(dec.free)], waiting[len(dec.free):]
+        take, waiting[:] = waiting[: len(dec.free)], waiting[len(dec.free) :]
         if take:
             slots, first = dec.prefill([prompts[i] for i in take], [temperature] * len(take), [top_p] * len(take))
             for slot, i, tok in zip(slots, take, first):

@@ -16,18 +16,20 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Literal, get_args
 
 import torch
 
-from . import decode
-from .files import ChatforgeError
-from .generate import ReplyText, prompt_ids
-from .models import stop_token_ids
+from chatforge.files import ChatforgeError
+from chatforge.inference import decode
+from chatforge.inference.generate import ReplyText, prompt_ids
+from chatforge.models.load import stop_token_ids
 
 log = logging.getLogger(__name__)
-ENGINES = ("auto", "slots", "continuous", "static")
+Engine = Literal["auto", "slots", "continuous", "static"]
+ENGINES = get_args(Engine)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class Job:
 
     def finish(self, reason: str, text: str | None = None) -> None:
         if text is not None and len(text) > self.sent:
-            self.emit(("delta", text[self.sent:]))
+            self.emit(("delta", text[self.sent :]))
             self.sent = len(text)
         self.finished = reason
         self.emit(("done", reason, len(self.tokens)))
@@ -109,7 +111,7 @@ class _RowProgress:
         while safe > job.sent and text[safe - 1] == "\ufffd":
             safe -= 1
         if safe > job.sent:
-            job.emit(("delta", text[job.sent:safe]))
+            job.emit(("delta", text[job.sent : safe]))
             job.sent = safe
 
     def _text(self, job: Job) -> str:
@@ -146,8 +148,14 @@ class BatchEngine(_Worker):
         self.stops = stop_token_ids(tokenizer, model)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
         self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.stats = {"engine": "static", "batches": 0, "requests": 0, "max_batch_seen": 0, "busy": False,
-                      "cancelled": 0}
+        self.stats = {
+            "engine": "static",
+            "batches": 0,
+            "requests": 0,
+            "max_batch_seen": 0,
+            "busy": False,
+            "cancelled": 0,
+        }
         self.lock = threading.Lock()  # one generate at a time (also shared with direct callers)
         self.thread = threading.Thread(target=self._loop, name="chatforge-batcher", daemon=True)
         self.thread.start()
@@ -191,9 +199,18 @@ class BatchEngine(_Worker):
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(jobs))
             try:
                 self.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=max(j.max_new_tokens for j in jobs),
-                    do_sample=True, temperature=1.0, top_p=1.0, top_k=0, logits_processor=[_RowSampling(jobs)],
-                    stopping_criteria=[progress], eos_token_id=self.stops, pad_token_id=self.pad)
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max(j.max_new_tokens for j in jobs),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=0,
+                    logits_processor=[_RowSampling(jobs)],
+                    stopping_criteria=[progress],
+                    eos_token_id=self.stops,
+                    pad_token_id=self.pad,
+                )
             except Exception as e:  # a failed batch fails its requests, not the server
                 log.exception("generation failed")
                 for j in jobs:
@@ -219,10 +236,18 @@ class ContinuousEngine:
         self.stops = stop_token_ids(tokenizer, model)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stops[0]
         # temperature/top_p must differ from 1.0 here for the per-request processors to exist
-        config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=256,
-                                  eos_token_id=self.stops, pad_token_id=pad)
+        config = GenerationConfig(
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.9,
+            top_k=0,
+            max_new_tokens=256,
+            eos_token_id=self.stops,
+            pad_token_id=pad,
+        )
         self.manager = model.init_continuous_batching(
-            generation_config=config, continuous_batching_config=ContinuousBatchingConfig(per_request_processors=True))
+            generation_config=config, continuous_batching_config=ContinuousBatchingConfig(per_request_processors=True)
+        )
         self.manager.start()
         self.progress = _RowProgress([], tokenizer, self.stops)
         self.stats = {"engine": "continuous", "requests": 0, "in_flight": 0, "max_in_flight": 0, "cancelled": 0}
@@ -249,8 +274,15 @@ class ContinuousEngine:
             self.stats["requests"] += 1
             self.stats["in_flight"] += 1
             self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.stats["in_flight"])
-        self.manager.add_request(job.ids, request_id=rid, max_new_tokens=job.max_new_tokens, streaming=True,
-                                 eos_token_id=self.stops, temperature=max(job.temperature, 1e-4), top_p=job.top_p)
+        self.manager.add_request(
+            job.ids,
+            request_id=rid,
+            max_new_tokens=job.max_new_tokens,
+            streaming=True,
+            eos_token_id=self.stops,
+            temperature=max(job.temperature, 1e-4),
+            top_p=job.top_p,
+        )
 
     def cancel(self, job: Job) -> None:
         """Stop `job` now; a finished job is left alone."""
@@ -285,7 +317,7 @@ class ContinuousEngine:
             job.finished = "error"
             job.emit(("error", f"generation failed: {out.error}"))
         else:
-            for tok in out.generated_tokens[job.seen:]:
+            for tok in out.generated_tokens[job.seen :]:
                 if job.finished is None:
                     self.progress._advance(job, tok)
             job.seen = len(out.generated_tokens)
@@ -310,8 +342,15 @@ class SlotEngine(_Worker):
         self.progress = _RowProgress([], tokenizer, self.stops)
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.owner: dict[int, Job] = {}
-        self.stats = {"engine": "slots", "slots": self.decoder.rows, "requests": 0, "in_flight": 0,
-                      "max_in_flight": 0, "cancelled": 0, "steps": 0}
+        self.stats = {
+            "engine": "slots",
+            "slots": self.decoder.rows,
+            "requests": 0,
+            "in_flight": 0,
+            "max_in_flight": 0,
+            "cancelled": 0,
+            "steps": 0,
+        }
         # capture the single-request steps (greedy, sampled) now, not on a client's request
         hi = prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
         for temperature in (0.0, 0.7):
@@ -354,15 +393,20 @@ class SlotEngine(_Worker):
                 job.finish("cancelled")
             elif len(job.ids) + 1 >= self.decoder.max_len:
                 job.finished = "error"
-                job.emit(("error", f"prompt of {len(job.ids)} tokens does not fit the engine's "
-                                   f"{self.decoder.max_len}-token slots"))
+                job.emit(
+                    (
+                        "error",
+                        f"prompt of {len(job.ids)} tokens does not fit the engine's {self.decoder.max_len}-token slots",
+                    )
+                )
             else:
                 jobs.append(job)
         if not jobs:
             return
         try:
-            slots, first = self.decoder.prefill([j.ids for j in jobs], [j.temperature for j in jobs],
-                                                [j.top_p for j in jobs])
+            slots, first = self.decoder.prefill(
+                [j.ids for j in jobs], [j.temperature for j in jobs], [j.top_p for j in jobs]
+            )
         except Exception as e:
             for j in jobs:
                 j.finished = "error"
@@ -394,8 +438,7 @@ class SlotEngine(_Worker):
         self.stats["in_flight"] = 0
 
 
-def make_engine(model, tokenizer, kind: str = "auto", max_batch: int = 8, window_s: float = 0.02,
-                max_len: int = 2048):
+def make_engine(model, tokenizer, kind: str = "auto", max_batch: int = 8, window_s: float = 0.02, max_len: int = 2048):
     """The slots engine where the model allows it (`auto`), else continuous batching (falling back to
     static batches where paged attention cannot run), or the kind asked for.
 
@@ -408,8 +451,10 @@ def make_engine(model, tokenizer, kind: str = "auto", max_batch: int = 8, window
         raise ChatforgeError(f"unknown engine {kind!r}: use {', '.join(ENGINES)}")
     if kind == "slots" or (kind == "auto" and decode.supports(model)):
         if not decode.supports(model):
-            raise ChatforgeError(f"engine slots: {type(decode.inner_model(model)).__name__} is not Llama-shaped "
-                                 f"({', '.join(sorted(decode.SUPPORTED))}); use continuous or static")
+            raise ChatforgeError(
+                f"engine slots: {type(decode.inner_model(model)).__name__} is not Llama-shaped "
+                f"({', '.join(sorted(decode.SUPPORTED))}); use continuous or static"
+            )
         return SlotEngine(model, tokenizer, max_batch, max_len)
     if kind in ("continuous", "auto"):
         try:

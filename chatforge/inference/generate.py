@@ -6,13 +6,13 @@ GPU); other models with `model.generate`."""
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-from . import decode
-from .chat_tokens import prompt_ids
-from .models import stop_token_ids
+from chatforge.inference import decode
+from chatforge.models.chat_tokens import prompt_ids
+from chatforge.models.load import stop_token_ids
 
 
 def _sampling(temperature: float, top_p: float) -> dict:
@@ -22,8 +22,15 @@ def _sampling(temperature: float, top_p: float) -> dict:
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
-                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int | None = None) -> list[str]:
+def generate_batch(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int | None = None,
+) -> list[str]:
     """Answer many conversations at once (left-padded batches); returns the decoded replies.
 
     batch_size: conversations per generate call (default 64 on a GPU, where a decoding step costs
@@ -33,26 +40,45 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
     if decode.supports(model):  # a finished row takes the next conversation; one captured step for all
-        rows = decode.generate(model, [prompt_ids(tokenizer, c) for c in conversations], max_new_tokens, stops,
-                               rows=batch_size, temperature=temperature, top_p=top_p)
+        rows = decode.generate(
+            model,
+            [prompt_ids(tokenizer, c) for c in conversations],
+            max_new_tokens,
+            stops,
+            rows=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+        )
         return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
     replies = []
     for start in range(0, len(conversations), batch_size):
-        chunk = [prompt_ids(tokenizer, c) for c in conversations[start:start + batch_size]]
+        chunk = [prompt_ids(tokenizer, c) for c in conversations[start : start + batch_size]]
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=stops, pad_token_id=pad, **_sampling(temperature, top_p))
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=pad,
+            **_sampling(temperature, top_p),
+        )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
     return replies
 
 
-def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 256,
-                 temperature: float = 0.7, top_p: float = 0.9, stop_event: threading.Event | None = None
-                 ) -> Iterator[str]:
+def stream_reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    stop_event: threading.Event | None = None,
+) -> Iterator[str]:
     """Yield the reply's text piece by piece as it is generated."""
     if decode.supports(model):
         yield from _stream_decoded(model, tokenizer, messages, max_new_tokens, temperature, top_p, stop_event)
@@ -67,9 +93,16 @@ def stream_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 2
     ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     stops = stop_token_ids(tokenizer, model)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  eos_token_id=stops, pad_token_id=tokenizer.pad_token_id or stops[0], streamer=streamer,
-                  stopping_criteria=StoppingCriteriaList([_Stop()]), **_sampling(temperature, top_p))
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=tokenizer.pad_token_id or stops[0],
+        streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([_Stop()]),
+        **_sampling(temperature, top_p),
+    )
     errors = []
 
     def run():
@@ -104,7 +137,7 @@ class ReplyText:
         self.tokens.append(token)
         before, after = self._tail()
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self._start, self._done = self._done, len(self.tokens)
         return self.text
 
@@ -113,11 +146,11 @@ class ReplyText:
         if self._done == len(self.tokens):
             return self.text
         before, after = self._tail()
-        return self.text + after[len(before):]
+        return self.text + after[len(before) :]
 
     def _tail(self) -> tuple[str, str]:
         decode_ = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        return decode_(self.tokens[self._start:self._done]), decode_(self.tokens[self._start:])
+        return decode_(self.tokens[self._start : self._done]), decode_(self.tokens[self._start :])
 
 
 @torch.inference_mode()

@@ -11,22 +11,38 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
 
-_CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-_QWEN2_DEFAULT = ("{% if not messages or messages[0]['role'] != 'system' %}"
-                  "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}")
-_LLAMA3 = ("{{ bos_token or '' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-           "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-           "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-_GEMMA = ("{{ bos_token or '' }}{% if messages and messages[0]['role'] == 'system' %}"
-          "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
-          "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
-          "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-          "{{ '<start_of_turn>' + role + '\n' + ((system + '\n\n') if (loop.first and system) else '') + "
-          "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+)  # markers that end an assistant turn
+
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_QWEN2_DEFAULT = (
+    "{% if not messages or messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+)
+_LLAMA3 = (
+    "{{ bos_token or '' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+_GEMMA = (
+    "{{ bos_token or '' }}{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + ((system + '\n\n') if (loop.first and system) else '') + "
+    "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
 # name -> (Jinja template, its end-of-turn marker)
 BUILTIN = {
@@ -80,22 +96,24 @@ def apply(tokenizer, name_or_file: str) -> None:
         template, end = BUILTIN[name_or_file.lower()]
         if end not in tokenizer.get_vocab():
             if tokenizer.eos_token is None:
-                raise ChatforgeError(f"--chat-template {name_or_file}: the tokenizer knows neither {end} nor an "
-                                     f"EOS token to end a turn with")
+                raise ChatforgeError(
+                    f"--chat-template {name_or_file}: the tokenizer knows neither {end} nor an "
+                    f"EOS token to end a turn with"
+                )
             template = template.replace(end, tokenizer.eos_token.replace("'", "\\'"))
         tokenizer.chat_template = template
         return
     path = Path(name_or_file).expanduser()
     if not path.is_file():
-        raise ChatforgeError(f"--chat-template {name_or_file!r}: neither a built-in template "
-                             f"({', '.join(BUILTIN)}) nor a file")
+        raise ChatforgeError(
+            f"--chat-template {name_or_file!r}: neither a built-in template ({', '.join(BUILTIN)}) nor a file"
+        )
     tokenizer.chat_template = read_template_file(path)
 
 
 def require(tokenizer, model: str) -> None:
     """Raises:
-        ChatforgeError: the tokenizer has no chat template (a base model); the message names the option.
+    ChatforgeError: the tokenizer has no chat template (a base model); the message names the option.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ChatforgeError(f"{model} has no chat template; pass {OPTION}, "
-                             f"built-in: {', '.join(BUILTIN)}")
+        raise ChatforgeError(f"{model} has no chat template; pass {OPTION}, built-in: {', '.join(BUILTIN)}")

@@ -18,7 +18,7 @@ import secrets
 import weakref
 
 try:
-    from .files import ChatforgeError
+    from chatforge.files import ChatforgeError
 except ImportError:  # shipped beside an app that `chatforge app` generated, where chatforge is not installed
     ChatforgeError = ValueError
 
@@ -36,8 +36,9 @@ def special_pattern(tokenizer) -> re.Pattern | None:
     return cached[1]
 
 
-def template_specials(tokenizer, messages: list[dict], text: str,
-                      add_generation_prompt: bool = False) -> list[tuple[int, int]] | None:
+def template_specials(
+    tokenizer, messages: list[dict], text: str, add_generation_prompt: bool = False
+) -> list[tuple[int, int]] | None:
     """Where in `text` (the template's rendering of `messages`) the template's own special tokens are.
 
     Returns None when no message holds special-token text: then every special token in `text` is the
@@ -48,8 +49,11 @@ def template_specials(tokenizer, messages: list[dict], text: str,
             cannot be located in the rendering).
     """
     pattern = special_pattern(tokenizer)
-    forged = [i for i, m in enumerate(messages)
-              if pattern and isinstance(m.get("content"), str) and pattern.search(m["content"])]
+    forged = [
+        i
+        for i, m in enumerate(messages)
+        if pattern and isinstance(m.get("content"), str) and pattern.search(m["content"])
+    ]
     if not forged:
         return None
     nonce = secrets.token_hex(8)
@@ -66,8 +70,10 @@ def template_specials(tokenizer, messages: list[dict], text: str,
         pos += len(piece)
     if "".join(filled) != text:
         found = pattern.search(messages[forged[0]]["content"])[0]
-        raise ChatforgeError(f"message {forged[0]} holds special-token text ({found!r}) and this chat template "
-                             f"rewrites message text, so it cannot be kept as plain text")
+        raise ChatforgeError(
+            f"message {forged[0]} holds special-token text ({found!r}) and this chat template "
+            f"rewrites message text, so it cannot be kept as plain text"
+        )
     return spans
 
 
@@ -88,8 +94,9 @@ def text_only_backend(tokenizer):
     return backend
 
 
-def encode_rendered(tokenizer, text: str, specials: list[tuple[int, int]] | None,
-                    cuts: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
+def encode_rendered(
+    tokenizer, text: str, specials: list[tuple[int, int]] | None, cuts: tuple[int, ...] = ()
+) -> tuple[list[int], list[int]]:
     """Token ids of a rendered conversation, and the character where each token starts.
 
     Args:
@@ -117,8 +124,9 @@ def encode_rendered(tokenizer, text: str, specials: list[tuple[int, int]] | None
             ids += enc["input_ids"]
             starts += [a + s for s, _ in enc["offset_mapping"]]
         else:  # the Python backend takes split_special_tokens per call
-            part = tokenizer.encode(text[a:b], add_special_tokens=False,
-                                    **({"split_special_tokens": True} if specials is not None else {}))
+            part = tokenizer.encode(
+                text[a:b], add_special_tokens=False, **({"split_special_tokens": True} if specials is not None else {})
+            )
             ids += part
             starts += [a] * len(part)
     return ids, starts

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
+from chatforge.models.gguf_vocab import read_sentencepiece
+from chatforge.models.internlm2 import llama_config
 
 READERS = ("internlm2",)  # architectures read here rather than by transformers
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -53,7 +55,7 @@ class Header:
     def _string(self) -> str:
         (n,) = self._take("Q")
         self.pos += n
-        return self.map[self.pos - n:self.pos].decode("utf-8")
+        return self.map[self.pos - n : self.pos].decode("utf-8")
 
     def _value(self, kind: int):
         if kind in SCALARS:
@@ -111,17 +113,50 @@ def _config(path, meta: dict, arch: str, tensor_names) -> dict:
     missing = [k for k in needed if k not in meta]
     if missing:
         raise ChatforgeError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
-    cfg = {"vocab_size": len(meta["tokenizer.ggml.tokens"]), "hidden_size": key("embedding_length"),
-           "intermediate_size": key("feed_forward_length"), "num_hidden_layers": key("block_count"),
-           "num_attention_heads": key("attention.head_count"), "num_key_value_heads": key("attention.head_count_kv"),
-           "max_position_embeddings": key("context_length"), "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
-           "rope_theta": key("rope.freq_base", 10000.0), "tie_word_embeddings": "output.weight" not in tensor_names,
-           "bias": "blk.0.attn_q.bias" in tensor_names, "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-           "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-           "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+    cfg = {
+        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": key("attention.head_count"),
+        "num_key_value_heads": key("attention.head_count_kv"),
+        "max_position_embeddings": key("context_length"),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bias": "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
     if key("rope.scaling.type") == "linear":
         cfg["rope_scaling"] = {"type": "linear", "factor": key("rope.scaling.factor")}
     return {k: v for k, v in cfg.items() if v is not None}
+
+
+def rope_rows(weight: torch.Tensor, heads: int, to_gguf: bool = True) -> torch.Tensor:
+    """Reorder q/k rows between Hugging Face's RoPE (the halves of each head) and llama.cpp's (adjacent pairs)."""
+    half = weight.shape[0] // heads // 2
+    rest = weight.shape[1:]
+    split = (heads, 2, half, *rest) if to_gguf else (heads, half, 2, *rest)
+    return weight.reshape(split).transpose(1, 2).reshape(weight.shape)
+
+
+def tensor_names(names, arch: str, layers: int) -> dict[str, str]:
+    """Hugging Face tensor name -> llama.cpp's name in `arch`, from the gguf package's name map.
+
+    Raises:
+        ChatforgeError: a tensor the architecture has no name for.
+    """
+    import gguf
+
+    table = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
+    out = {}
+    for name in names:
+        out[name] = table.get_name(name, try_suffixes=(".weight", ".bias"))
+        if out[name] is None:
+            raise ChatforgeError(f"tensor {name} has no llama.cpp name in the {arch} architecture")
+    return out
 
 
 def load_internlm2(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -132,10 +167,6 @@ def load_internlm2(path: str | Path, dtype: torch.dtype = torch.float32):
     """
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
-
-    from .gguf_export import rope_rows, tensor_names
-    from .gguf_vocab import read_sentencepiece
-    from .internlm2 import llama_config
 
     header = read_header(path)
     meta, arch = header.metadata, header.metadata.get("general.architecture")

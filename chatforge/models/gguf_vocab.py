@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 
-from .files import ChatforgeError
-from .internlm2 import CONTROL, NORMAL, UNUSED, USER_DEFINED, Pieces, build_tokenizer
-from .models import END_OF_TURN_TOKENS
+from chatforge.files import ChatforgeError
+from chatforge.models.chat_templates import END_OF_TURN_TOKENS
+from chatforge.models.internlm2 import CONTROL, NORMAL, UNUSED, USER_DEFINED, Pieces, build_tokenizer
 
 SENTENCEPIECE, BYTE_LEVEL = "llama", "gpt2"  # llama.cpp's names for the two tokenizer models
 
@@ -48,8 +48,10 @@ def pre_tokenizer_name(spec: dict) -> str:
         for name, known in GGUF_PRE_TOKENIZER_SPLITS.items():
             if known == regex and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert"):
                 return name
-    raise ChatforgeError(f"the tokenizer's pre-tokenizer {kinds} has no llama.cpp name: supported are GPT-2's, "
-                         f"SmolLM's and the split patterns of {', '.join(sorted(GGUF_PRE_TOKENIZER_SPLITS))}")
+    raise ChatforgeError(
+        f"the tokenizer's pre-tokenizer {kinds} has no llama.cpp name: supported are GPT-2's, "
+        f"SmolLM's and the split patterns of {', '.join(sorted(GGUF_PRE_TOKENIZER_SPLITS))}"
+    )
 
 
 def end_of_turn_id(tokenizer) -> int | None:
@@ -70,8 +72,10 @@ def _byte_level(tokenizer, n_vocab: int) -> dict:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ChatforgeError(f"the tokenizer is {model.get('type')} without a byte-level decoder: GGUF export "
-                             f"takes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2) and InternLM2's sentencepiece")
+        raise ChatforgeError(
+            f"the tokenizer is {model.get('type')} without a byte-level decoder: GGUF export "
+            f"takes byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2) and InternLM2's sentencepiece"
+        )
     added = {t["id"]: t for t in spec.get("added_tokens") or []}
     tokens, types = [f"[PAD{i}]" for i in range(n_vocab)], [UNUSED] * n_vocab
     for text, i in tokenizer.get_vocab().items():
@@ -90,9 +94,15 @@ def _sentencepiece(pieces: Pieces, n_vocab: int) -> dict:
     pad = range(n, n_vocab)
     # control tokens score -1000 as in llama.cpp's converter: its merging by score never builds one from text
     scores = [-1000.0 if kind == CONTROL else score for kind, score in zip(pieces.kinds, pieces.scores)]
-    return {"model": SENTENCEPIECE, "pre": "default", "tokens": list(pieces.names) + [f"[PAD{i}]" for i in pad],
-            "scores": scores + [-1000.0] * len(pad), "types": list(pieces.kinds) + [UNUSED] * len(pad),
-            "space_prefix": pieces.dummy_prefix, "squeeze": pieces.squeeze}
+    return {
+        "model": SENTENCEPIECE,
+        "pre": "default",
+        "tokens": list(pieces.names) + [f"[PAD{i}]" for i in pad],
+        "scores": scores + [-1000.0] * len(pad),
+        "types": list(pieces.kinds) + [UNUSED] * len(pad),
+        "space_prefix": pieces.dummy_prefix,
+        "squeeze": pieces.squeeze,
+    }
 
 
 def write_vocab(writer, tokenizer, n_vocab: int, pieces: Pieces | None = None) -> dict:
@@ -116,11 +126,20 @@ def write_vocab(writer, tokenizer, n_vocab: int, pieces: Pieces | None = None) -
         writer.add_remove_extra_whitespaces(vocab["squeeze"])
     if vocab.get("merges"):
         writer.add_token_merges(vocab["merges"])
-    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id,
-           "pad": tokenizer.pad_token_id, "eot": end_of_turn_id(tokenizer)}
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id),
-                     ("eot", writer.add_eot_token_id)):
+    ids = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "unk": tokenizer.unk_token_id,
+        "pad": tokenizer.pad_token_id,
+        "eot": end_of_turn_id(tokenizer),
+    }
+    for key, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+        ("eot", writer.add_eot_token_id),
+    ):
         if ids[key] is not None:
             add(ids[key])
     add_bos, add_eos = adds_special(tokenizer)
@@ -140,6 +159,7 @@ def read_sentencepiece(meta: dict, path):
     Raises:
         ChatforgeError: the file holds another kind of tokenizer.
     """
+
     def field(key, default=None):
         return meta.get(f"tokenizer.{key}", default)
 
@@ -148,11 +168,23 @@ def read_sentencepiece(meta: dict, path):
         raise ChatforgeError(f"{path}: tokenizer {model!r} is not sentencepiece ({SENTENCEPIECE!r})")
     names = tuple(field("ggml.tokens"))
     ids = {k: field(f"ggml.{k}_token_id", -1) for k in ("unknown", "bos", "eos", "padding")}
-    pieces = Pieces(names, tuple(field("ggml.scores")), tuple(field("ggml.token_type")),
-                    dummy_prefix=bool(field("ggml.add_space_prefix", True)),
-                    squeeze=bool(field("ggml.remove_extra_whitespaces", False)),
-                    unk=ids["unknown"], bos=ids["bos"], eos=ids["eos"])
+    pieces = Pieces(
+        names,
+        tuple(field("ggml.scores")),
+        tuple(field("ggml.token_type")),
+        dummy_prefix=bool(field("ggml.add_space_prefix", True)),
+        squeeze=bool(field("ggml.remove_extra_whitespaces", False)),
+        unk=ids["unknown"],
+        bos=ids["bos"],
+        eos=ids["eos"],
+    )
     name = {k: names[i] if i >= 0 else None for k, i in ids.items()}
-    return build_tokenizer(pieces, bos=name["bos"], eos=name["eos"], pad=name["padding"],
-                           add_bos=bool(field("ggml.add_bos_token", True)),
-                           add_eos=bool(field("ggml.add_eos_token", False)), chat_template=field("chat_template"))
+    return build_tokenizer(
+        pieces,
+        bos=name["bos"],
+        eos=name["eos"],
+        pad=name["padding"],
+        add_bos=bool(field("ggml.add_bos_token", True)),
+        add_eos=bool(field("ggml.add_eos_token", False)),
+        chat_template=field("chat_template"),
+    )

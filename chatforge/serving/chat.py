@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import sys
 
-from .generate import stream_reply
-from .models import load_model, load_tokenizer
+from chatforge.inference.generate import stream_reply
+from chatforge.models.load import load_model, load_tokenizer
 
 HELP = "commands: /reset clears the history, /exit quits"
 
 
-def chat(model_spec: str | None = None, system: str | None = None, temperature: float = 0.7,
-         top_p: float = 0.9, max_new_tokens: int = 256, stdin=None, stdout=None,
-         chat_template: str | None = None) -> None:
+def chat(
+    model_spec: str | None = None,
+    system: str | None = None,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    max_new_tokens: int = 256,
+    stdin=None,
+    stdout=None,
+    chat_template: str | None = None,
+) -> None:
     """Interactive chat in the terminal; replies stream as they are generated.
 
     Raises:

@@ -23,11 +23,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .access import LoopbackOnly, check_bind, is_loopback, read_secret
-from .engines import Job, make_engine
-from .extras import require
-from .files import ChatforgeError
-from .generate import prompt_ids
+from chatforge.extras import require
+from chatforge.files import ChatforgeError
+from chatforge.inference.engines import Engine, Job, make_engine
+from chatforge.inference.generate import prompt_ids
+from chatforge.models.load import display_name, load_model, load_tokenizer
+from chatforge.serving.access import LoopbackOnly, check_bind, is_loopback, read_secret
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "CHATFORGE_API_KEY"
@@ -44,7 +45,9 @@ class Limits:
     max_batch: int = 32  # requests decoded together: the slots engine's slots, the static engine's batch
     max_waiting: int = 64  # queued requests beyond this get 429
     batch_window_s: float = 0.02  # how long the static batcher waits for company before starting a batch
-    engine: str = "auto"  # auto (slots where the model is Llama-shaped, else continuous) | slots | continuous | static
+    engine: Engine = (
+        "auto"  # auto (slots where the model is Llama-shaped, else continuous) | slots | continuous | static
+    )
     request_timeout_s: float = 300.0  # a request's whole wait on the engine
     header_timeout_s: float = 10.0  # a connection's next request headers must arrive within this
     body_timeout_s: float = 30.0
@@ -52,6 +55,7 @@ class Limits:
 
 
 # ---------------------------------------------------------------- request schema and errors
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True)
@@ -81,8 +85,14 @@ class ChatRequest(BaseModel):
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
@@ -112,8 +122,10 @@ def _stops(req: ChatRequest) -> list[str]:
 
 # ---------------------------------------------------------------- the app
 
-def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limits: Limits | None = None,
-               host: str = "127.0.0.1"):
+
+def create_app(
+    model, tokenizer, model_id: str, api_key: str | None = None, limits: Limits | None = None, host: str = "127.0.0.1"
+):
     """The FastAPI app serving `model` under the name `model_id`.
 
     Args:
@@ -131,8 +143,13 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
     longest_token = max(map(len, tokenizer.get_vocab()))  # characters; a token never covers more of a text
     slot_len = min(max_context, (limits.max_prompt_tokens or max_context) + limits.max_tokens)
     engine = make_engine(model, tokenizer, limits.engine, limits.max_batch, limits.batch_window_s, slot_len)
-    app = FastAPI(title="chatforge", docs_url=None, redoc_url=None, openapi_url=None,
-                  middleware=[Middleware(LoopbackOnly)] if is_loopback(host) else [])
+    app = FastAPI(
+        title="chatforge",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        middleware=[Middleware(LoopbackOnly)] if is_loopback(host) else [],
+    )
     app.state.engine, app.state.model_id = engine, model_id
     started = int(time.time())
 
@@ -147,8 +164,9 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
 
     @app.exception_handler(405)
     async def _bad_method(request, exc):
-        return JSONResponse(APIError(405, f"method {request.method} not allowed on {request.url.path}").body(),
-                            status_code=405)
+        return JSONResponse(
+            APIError(405, f"method {request.method} not allowed on {request.url.path}").body(), status_code=405
+        )
 
     def check_key(request: Request) -> None:
         if not api_key:
@@ -161,27 +179,33 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
     async def read_body(request: Request) -> dict:
         size = request.headers.get("content-length")
         if size and size.isdigit() and int(size) > limits.max_body_bytes:
-            raise APIError(413, f"request body is {size} bytes; the limit is {limits.max_body_bytes}",
-                           code="request_too_large")
+            raise APIError(
+                413, f"request body is {size} bytes; the limit is {limits.max_body_bytes}", code="request_too_large"
+            )
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
-            raise APIError(415, f"the body must be application/json, not {kind or 'untyped'}",
-                           code="unsupported_media_type")
+            raise APIError(
+                415, f"the body must be application/json, not {kind or 'untyped'}", code="unsupported_media_type"
+            )
 
         async def chunks() -> bytearray:
             body = bytearray()
             async for chunk in request.stream():
                 body += chunk
                 if len(body) > limits.max_body_bytes:
-                    raise APIError(413, f"request body is over the limit of {limits.max_body_bytes} bytes",
-                                   code="request_too_large")
+                    raise APIError(
+                        413,
+                        f"request body is over the limit of {limits.max_body_bytes} bytes",
+                        code="request_too_large",
+                    )
             return body
 
         try:
             body = await asyncio.wait_for(chunks(), limits.body_timeout_s)
         except asyncio.TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                           code="request_timeout") from None
+            raise APIError(
+                408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="request_timeout"
+            ) from None
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -204,12 +228,17 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
                     if await request.is_disconnected():
                         return
                     if not engine.alive():
-                        raise APIError(503, "the generation engine has stopped", type_="server_error",
-                                       code="engine_stopped")
+                        raise APIError(
+                            503, "the generation engine has stopped", type_="server_error", code="engine_stopped"
+                        )
                     poll = now + 0.25
                 if now >= deadline:
-                    raise APIError(504, f"no complete reply within {limits.request_timeout_s:g} s",
-                                   type_="server_error", code="timeout")
+                    raise APIError(
+                        504,
+                        f"no complete reply within {limits.request_timeout_s:g} s",
+                        type_="server_error",
+                        code="timeout",
+                    )
                 try:
                     item = await asyncio.wait_for(out.get(), min(deadline, poll) - now)
                 except asyncio.TimeoutError:
@@ -223,21 +252,35 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
     @app.get("/health")
     async def health():
         alive = engine.alive()
-        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": model_id, "engine_alive": alive,
-                             "waiting": engine.waiting(), **engine.stats}, status_code=200 if alive else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if alive else "engine stopped",
+                "model": model_id,
+                "engine_alive": alive,
+                "waiting": engine.waiting(),
+                **engine.stats,
+            },
+            status_code=200 if alive else 503,
+        )
 
     @app.get("/v1/models")
     async def models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": started,
-                                            "owned_by": "chatforge"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "chatforge"}],
+        }
 
     @app.get("/v1/models/{name:path}")
     async def one_model(name: str, request: Request):
         check_key(request)
         if name != model_id:
-            raise APIError(404, f"model {name!r} does not exist; this server has {model_id!r}",
-                           code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; this server has {model_id!r}",
+                code="model_not_found",
+                param="model",
+            )
         return {"id": model_id, "object": "model", "created": started, "owned_by": "chatforge"}
 
     @app.post("/v1/chat/completions")
@@ -250,17 +293,26 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
             where = ".".join(str(p) for p in err["loc"])
             raise APIError(400, f"{where}: {err['msg']}", param=where or None) from None
         if req.model and req.model != model_id:
-            raise APIError(404, f"model {req.model!r} does not exist; this server has {model_id!r}",
-                           code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server has {model_id!r}",
+                code="model_not_found",
+                param="model",
+            )
         max_new = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
         if max_new > limits.max_tokens:
-            raise APIError(400, f"max_tokens is {max_new}; this server allows at most {limits.max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400, f"max_tokens is {max_new}; this server allows at most {limits.max_tokens}", param="max_tokens"
+            )
         stops, messages = _stops(req), _messages(req)
         chars = sum(len(m["content"]) for m in messages)
         if limits.max_prompt_tokens and chars > limits.max_prompt_tokens * longest_token:  # no need to tokenise
-            raise APIError(400, f"the messages hold {chars} characters, more than {limits.max_prompt_tokens} "
-                                f"tokens can hold", code="prompt_too_long", param="messages")
+            raise APIError(
+                400,
+                f"the messages hold {chars} characters, more than {limits.max_prompt_tokens} tokens can hold",
+                code="prompt_too_long",
+                param="messages",
+            )
         try:
             ids = await asyncio.to_thread(prompt_ids, tokenizer, messages)  # off the event loop
         except APIError:
@@ -268,17 +320,24 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
         except Exception as e:  # the chat template rejects some role orders
             raise APIError(400, f"messages cannot be formatted: {e}", param="messages") from None
         if limits.max_prompt_tokens and len(ids) > limits.max_prompt_tokens:
-            raise APIError(400, f"the messages take {len(ids)} tokens; this server allows at most "
-                                f"{limits.max_prompt_tokens}", code="prompt_too_long", param="messages")
+            raise APIError(
+                400,
+                f"the messages take {len(ids)} tokens; this server allows at most {limits.max_prompt_tokens}",
+                code="prompt_too_long",
+                param="messages",
+            )
         if len(ids) + max_new > max_context:
-            raise APIError(400, f"this model's context is {max_context} tokens; the messages take {len(ids)} "
-                                f"and max_tokens asks for {max_new}", code="context_length_exceeded",
-                           param="messages")
+            raise APIError(
+                400,
+                f"this model's context is {max_context} tokens; the messages take {len(ids)} "
+                f"and max_tokens asks for {max_new}",
+                code="context_length_exceeded",
+                param="messages",
+            )
         if not engine.alive():
             raise APIError(503, "the generation engine has stopped", type_="server_error", code="engine_stopped")
         if engine.waiting() >= limits.max_waiting:
-            raise APIError(429, "too many requests waiting; retry later", type_="rate_limit_error",
-                           code="server_busy")
+            raise APIError(429, "too many requests waiting; retry later", type_="rate_limit_error", code="server_busy")
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
 
@@ -291,8 +350,11 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
         job = Job(ids, max_new, req.temperature, req.top_p, stops, emit=emit)
         engine.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n,  # noqa: E731
-                           "total_tokens": len(ids) + n}
+        usage = lambda n: {
+            "prompt_tokens": len(ids),
+            "completion_tokens": n,  # noqa: E731
+            "total_tokens": len(ids) + n,
+        }
 
         if not req.stream:
             text, item = [], None
@@ -304,16 +366,32 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
                         raise APIError(500, item[1], type_="server_error")
             if item is None or item[0] != "done":  # the client went away: nobody reads this
                 return JSONResponse({}, status_code=499)
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_id,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                 "finish_reason": item[1], "logprobs": None}],
-                    "usage": usage(item[2])}
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model_id,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(text)},
+                        "finish_reason": item[1],
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage(item[2]),
+            }
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
         def chunk(delta: dict, finish: str | None = None) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            body = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            }
             if include_usage:
                 body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -330,15 +408,27 @@ def create_app(model, tokenizer, model_id: str, api_key: str | None = None, limi
                         else:
                             yield chunk({}, item[1])
                             if include_usage:
-                                yield ("data: " + json.dumps({"id": rid, "object": "chat.completion.chunk",
-                                                              "created": created, "model": model_id,
-                                                              "choices": [], "usage": usage(item[2])}) + "\n\n")
+                                yield (
+                                    "data: "
+                                    + json.dumps(
+                                        {
+                                            "id": rid,
+                                            "object": "chat.completion.chunk",
+                                            "created": created,
+                                            "model": model_id,
+                                            "choices": [],
+                                            "usage": usage(item[2]),
+                                        }
+                                    )
+                                    + "\n\n"
+                                )
                             yield "data: [DONE]\n\n"
             except APIError as e:  # headers are sent: the error goes into the stream
                 yield f"data: {json.dumps(e.body())}\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     return app
 
@@ -367,14 +457,29 @@ def http_server(app, host: str, port: int, limits: Limits | None = None):
             if self.cycle is cycle and (cycle is None or cycle.response_complete):  # no new request began
                 self.transport.close()
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=HeaderDeadline,
-                            limit_concurrency=limits.max_connections, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=HeaderDeadline,
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=5,
+    )
     return uvicorn.Server(config)
 
 
-def serve_api(model_spec: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-              api_key: str | None = None, model_name: str | None = None, limits: Limits | None = None,
-              dtype: str = "auto", api_key_file: str | None = None, chat_template: str | None = None) -> None:
+def serve_api(
+    model_spec: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    limits: Limits | None = None,
+    dtype: str = "auto",
+    api_key_file: str | None = None,
+    chat_template: str | None = None,
+) -> None:
     """Load a model and serve the OpenAI-compatible API until interrupted.
 
     Args:
@@ -386,7 +491,6 @@ def serve_api(model_spec: str | None = None, host: str = "127.0.0.1", port: int 
         ChatforgeError: fastapi/uvicorn missing, an open server on a non-loopback host, an unreadable key
             file, the model cannot be loaded, or the port is taken.
     """
-    from .models import display_name, load_model, load_tokenizer
 
     require("fastapi", "serve", "chatforge serve")
     require("uvicorn", "serve", "chatforge serve")
@@ -396,8 +500,10 @@ def serve_api(model_spec: str | None = None, host: str = "127.0.0.1", port: int 
     model = load_model(model_spec, dtype=dtype)
     model_id = model_name or display_name(model_spec)
     app = create_app(model, tokenizer, model_id, api_key=key, limits=limits, host=host)
-    print(f"chatforge serve: {model_id} on http://{host}:{port}/v1 "
-          f"({'API key required' if key else 'no API key'})", flush=True)
+    print(
+        f"chatforge serve: {model_id} on http://{host}:{port}/v1 ({'API key required' if key else 'no API key'})",
+        flush=True,
+    )
     try:
         http_server(app, host, port, limits).run()
     except OSError as e:

@@ -8,17 +8,15 @@ a login (USER:PASSWORD from $CHATFORGE_WEB_AUTH or --auth-file).
 """
 
 import hmac
-import os
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls home
-
-from .access import LoopbackOnly, check_bind, is_loopback, read_secret  # noqa: E402
-from .extras import require  # noqa: E402
-from .files import ChatforgeError  # noqa: E402
-from .generate import stream_reply  # noqa: E402
+from chatforge.extras import require  # noqa: E402
+from chatforge.files import ChatforgeError  # noqa: E402
+from chatforge.inference.generate import stream_reply  # noqa: E402
+from chatforge.models.load import display_name, load_model, load_tokenizer, resolve
+from chatforge.serving.access import LoopbackOnly, check_bind, is_loopback, read_secret  # noqa: E402
 
 WEB_AUTH_ENV = "CHATFORGE_WEB_AUTH"
 
@@ -80,9 +78,18 @@ def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge
         replies = [""] * n
         shown = lambda: [t + [{"role": "assistant", "content": r}] for t, r in zip(turns, replies)]  # noqa: E731
         yield ("", *shown(), history)
-        streams = [stream_reply(model, tok, prefix + t, max_new_tokens=int(max_tokens), temperature=temperature,
-                                top_p=top_p, stop_event=stop)
-                   for (_, model, tok), t in zip(models, turns)]
+        streams = [
+            stream_reply(
+                model,
+                tok,
+                prefix + t,
+                max_new_tokens=int(max_tokens),
+                temperature=temperature,
+                top_p=top_p,
+                stop_event=stop,
+            )
+            for (_, model, tok), t in zip(models, turns)
+        ]
         try:
             on_gpu = all(next(m.parameters()).device.type == "cuda" for _, m, _ in models)
             for i, piece in merge_streams(streams, parallel=on_gpu):
@@ -102,19 +109,23 @@ def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge
         gr.Markdown(f"## {title}")
         history = gr.State(None)
         with gr.Row(elem_id="chats"):
-            chats = [gr.Chatbot(label=label, elem_id=f"chat-{i}", height=460, buttons=["copy"])
-                     for i, (label, _, _) in enumerate(models)]
+            chats = [
+                gr.Chatbot(label=label, elem_id=f"chat-{i}", height=460, buttons=["copy"])
+                for i, (label, _, _) in enumerate(models)
+            ]
         with gr.Row():
-            msg = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                             elem_id="msg", autofocus=True)
+            msg = gr.Textbox(
+                placeholder="Type a message and press Enter", show_label=False, scale=6, elem_id="msg", autofocus=True
+            )
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
             stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
             clear = gr.Button("Clear", scale=1, elem_id="clear")
         with gr.Accordion("Settings", open=False):
             system = gr.Textbox(label="System prompt (empty: the model's default)", lines=2, elem_id="system")
             with gr.Row():
-                temperature = gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)",
-                                        elem_id="temperature")
+                temperature = gr.Slider(
+                    0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature"
+                )
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", elem_id="top_p")
                 max_tokens = gr.Slider(8, 1024, value=256, step=8, label="Max new tokens", elem_id="max_tokens")
         inputs = [msg, system, temperature, top_p, max_tokens, history]
@@ -126,20 +137,26 @@ def build_demo(models: list[tuple[str, object, object]], title: str = "chatforge
     return demo
 
 
-def load_columns(model_spec: str | None, compare: str | None = None, dtype: str = "auto",
-                 chat_template: str | None = None):
+def load_columns(
+    model_spec: str | None, compare: str | None = None, dtype: str = "auto", chat_template: str | None = None
+):
     """(label, model, tokenizer) for the model and, if given, its base; a shared spec loads once."""
-    from .models import display_name, load_model, load_tokenizer, resolve
 
-    first = (display_name(model_spec), load_model(model_spec, dtype=dtype),
-             load_tokenizer(model_spec, chat_template, for_chat=True))
+    first = (
+        display_name(model_spec),
+        load_model(model_spec, dtype=dtype),
+        load_tokenizer(model_spec, chat_template, for_chat=True),
+    )
     if not compare:
         return [first]
     same = lambda a, b: (a.path.resolve(), a.gguf_file) == (b.path.resolve(), b.gguf_file)  # noqa: E731
     if same(resolve(compare), resolve(model_spec)):  # one model under two labels: load it once
         return [first, (f"{first[0]} (base)", first[1], first[2])]
-    second = (f"{display_name(compare)} (base)", load_model(compare, dtype=dtype),
-              load_tokenizer(compare, chat_template, for_chat=True))
+    second = (
+        f"{display_name(compare)} (base)",
+        load_model(compare, dtype=dtype),
+        load_tokenizer(compare, chat_template, for_chat=True),
+    )
     return [first, second]
 
 
@@ -160,9 +177,17 @@ def login_check(auth: str):
     return check
 
 
-def serve_web(model_spec: str | None = None, compare: str | None = None, host: str = "127.0.0.1",
-              port: int = 7860, dtype: str = "auto", block: bool = True, auth: str | None = None,
-              auth_file: str | None = None, chat_template: str | None = None):
+def serve_web(
+    model_spec: str | None = None,
+    compare: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    dtype: str = "auto",
+    block: bool = True,
+    auth: str | None = None,
+    auth_file: str | None = None,
+    chat_template: str | None = None,
+):
     """Load the model(s) and serve the chat page; returns the Gradio app when `block` is False.
 
     Args:
@@ -183,7 +208,15 @@ def serve_web(model_spec: str | None = None, compare: str | None = None, host: s
     demo.queue(default_concurrency_limit=1)
     from starlette.middleware import Middleware
 
-    demo.launch(server_name=host, server_port=port, ssr_mode=False, prevent_thread_lock=not block,
-                quiet=not block, footer_links=[], css=CSS, auth=check,
-                app_kwargs={"middleware": [Middleware(LoopbackOnly)]} if is_loopback(host) else None)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        ssr_mode=False,
+        prevent_thread_lock=not block,
+        quiet=not block,
+        footer_links=[],
+        css=CSS,
+        auth=check,
+        app_kwargs={"middleware": [Middleware(LoopbackOnly)]} if is_loopback(host) else None,
+    )
     return demo

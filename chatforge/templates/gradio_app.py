@@ -17,9 +17,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer  # noqa: E402
-
 from chat_tokens import prompt_ids  # noqa: E402  (beside this file: a message cannot forge a chat role)
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer  # noqa: E402
 
 TITLE = os.environ.get("APP_TITLE", "__TITLE__")
 MODEL_REPO = os.environ.get("MODEL_REPO", "__MODEL_REPO__")
@@ -32,10 +31,14 @@ def git_env() -> dict:
     env = dict(os.environ, GIT_TERMINAL_PROMPT="0", GIT_LFS_SKIP_SMUDGE="1")
     if os.environ.get("MODEL_REPO_TOKEN"):
         n = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
-        env.update({f"GIT_CONFIG_KEY_{n}": "credential.helper",
-                    f"GIT_CONFIG_VALUE_{n}": '!f() { test "$1" = get || exit 0; echo username=user; '
-                                             'echo "password=$MODEL_REPO_TOKEN"; }; f',
-                    "GIT_CONFIG_COUNT": str(n + 1)})
+        env.update(
+            {
+                f"GIT_CONFIG_KEY_{n}": "credential.helper",
+                f"GIT_CONFIG_VALUE_{n}": '!f() { test "$1" = get || exit 0; echo username=user; '
+                'echo "password=$MODEL_REPO_TOKEN"; }; f',
+                "GIT_CONFIG_COUNT": str(n + 1),
+            }
+        )
     return env
 
 
@@ -46,8 +49,9 @@ def fetch_model() -> Path:
     partial = MODEL_DIR.with_name(MODEL_DIR.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     print(f"fetching the model from {MODEL_REPO} ...", flush=True)
-    subprocess.run(["git", "clone", "--depth", "1", "--branch", MODEL_BRANCH, MODEL_REPO, str(partial)],
-                   env=git_env(), check=True)
+    subprocess.run(
+        ["git", "clone", "--depth", "1", "--branch", MODEL_BRANCH, MODEL_REPO, str(partial)], env=git_env(), check=True
+    )
     subprocess.run(["git", "lfs", "install", "--local"], cwd=partial, env=git_env(), check=True)
     subprocess.run(["git", "lfs", "pull"], cwd=partial, env=git_env(), check=True)
     partial.rename(MODEL_DIR)
@@ -58,11 +62,22 @@ folder = fetch_model()
 trust = os.environ.get("TRUST_REMOTE_CODE") == "1"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
-model = AutoModelForCausalLM.from_pretrained(
-    folder, trust_remote_code=trust,
-    dtype=torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32).to(device).eval()
-end_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-                  if isinstance(i, int) and i != tokenizer.unk_token_id})
+model = (
+    AutoModelForCausalLM.from_pretrained(
+        folder,
+        trust_remote_code=trust,
+        dtype=torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32,
+    )
+    .to(device)
+    .eval()
+)
+end_ids = sorted(
+    {
+        i
+        for i in [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        if isinstance(i, int) and i != tokenizer.unk_token_id
+    }
+)
 
 
 def text_of(content) -> str:
@@ -82,11 +97,18 @@ def respond(message, history, system, temperature, top_p, max_new_tokens):
     except ValueError as e:  # special-token text the template would rewrite
         raise gr.Error(str(e)) from None
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0
-                else {"do_sample": False})
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
-                  streamer=streamer, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id or end_ids[0],
-                  **sampling)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    )
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=int(max_new_tokens),
+        streamer=streamer,
+        eos_token_id=end_ids,
+        pad_token_id=tokenizer.pad_token_id or end_ids[0],
+        **sampling,
+    )
     threading.Thread(target=lambda: model.generate(**kwargs), daemon=True).start()
     reply = ""
     for piece in streamer:
@@ -95,11 +117,16 @@ def respond(message, history, system, temperature, top_p, max_new_tokens):
 
 
 demo = gr.ChatInterface(
-    respond, title=TITLE, api_name="chat",
-    additional_inputs=[gr.Textbox("", label="System prompt (empty: the model's default)"),
-                       gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)"),
-                       gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p"),
-                       gr.Slider(8, 1024, value=256, step=8, label="Max new tokens")])
+    respond,
+    title=TITLE,
+    api_name="chat",
+    additional_inputs=[
+        gr.Textbox("", label="System prompt (empty: the model's default)"),
+        gr.Slider(0.0, 1.5, value=0.7, step=0.05, label="Temperature (0 = greedy)"),
+        gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p"),
+        gr.Slider(8, 1024, value=256, step=8, label="Max new tokens"),
+    ],
+)
 
 if __name__ == "__main__":
     demo.queue(default_concurrency_limit=1).launch(ssr_mode=False)

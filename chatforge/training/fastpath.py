@@ -16,20 +16,21 @@ import contextlib
 import functools
 import inspect
 import math
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .files import ChatforgeError
+from chatforge.data.dataset import IGNORE
+from chatforge.files import ChatforgeError
+from chatforge.training import lora_groups, nf4
 
-IGNORE = -100
-GIB = 2 ** 30
+GIB = 2**30
 ATTENTION_NAME = "chatforge_varlen"
 
 
 # ---------------------------------------------------------------- chunked linear + cross-entropy
+
 
 def _ce_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
     """Summed CE of one chunk and the gradient of that sum w.r.t. the logits (in h's dtype)."""
@@ -77,11 +78,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight.detach()
         for s in range(0, hidden.size(0), chunk_rows):
-            h = hidden[s:s + chunk_rows].detach()
-            loss, g = step(h, w.to(h.dtype), labels[s:s + chunk_rows])
+            h = hidden[s : s + chunk_rows].detach()
+            loss, g = step(h, w.to(h.dtype), labels[s : s + chunk_rows])
             total += loss
             if need_h:
-                grad_h[s:s + chunk_rows] = (g @ w.to(g.dtype)).to(hidden.dtype)
+                grad_h[s : s + chunk_rows] = (g @ w.to(g.dtype)).to(hidden.dtype)
             if need_w:
                 grad_w += (g.t() @ h.to(g.dtype)).float()
         ctx.save_for_backward(grad_h, grad_w)
@@ -96,15 +97,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2 ** 20) -> int:
+def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2**20) -> int:
     """Rows per chunk so that one chunk's fp32 logits take about `target_bytes` (a power of two)."""
     rows = max(1, target_bytes // (4 * vocab))
     return max(64, 2 ** int(math.log2(rows)))
 
 
-def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             backend: str = "chunked", chunk_rows: int | None = None,
-                             compiled: bool = True) -> torch.Tensor:
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    backend: str = "chunked",
+    chunk_rows: int | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
     """Summed cross-entropy of `hidden @ weight.T` against `labels` (IGNORE = no loss), in fp32.
 
     Args:
@@ -121,8 +127,9 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         logits = (hidden @ weight.t()).float()
         return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
     if backend == "chunked":
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows or default_chunk_rows(weight.size(0)),
-                                               compiled)
+        return ChunkedLinearCrossEntropy.apply(
+            hidden, weight, labels, chunk_rows or default_chunk_rows(weight.size(0)), compiled
+        )
     if backend == "liger":
         try:
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
@@ -134,6 +141,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
 
 
 # ---------------------------------------------------------------- model parts and the loss
+
 
 def base_of(model):
     """The transformers model under a PEFT wrapper (or the model itself)."""
@@ -147,8 +155,13 @@ def lm_parts(model):
     decoder = getattr(base, "model", None)
     cfg = getattr(base, "config", None)
     special = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale", "output_multiplier"))
-    if (type(head) is not torch.nn.Linear or head.bias is not None or decoder is None or special
-            or not hasattr(decoder, "layers")):
+    if (
+        type(head) is not torch.nn.Linear
+        or head.bias is not None
+        or decoder is None
+        or special
+        or not hasattr(decoder, "layers")
+    ):
         return None
     return decoder, head
 
@@ -159,7 +172,7 @@ def decoder_layers(model):
     return list(layers) if layers is not None else []
 
 
-def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE over trained tokens and their count (a 0-dim tensor, so no GPU sync), for plain and
     packed batches.
 
@@ -181,14 +194,14 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
     if cu is not None and plan.attention == "varlen":
         width = ids.size(1)  # an upper bound, constant per shape: no recompiles per batch
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
-    cast = (torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast
-            else contextlib.nullcontext())
+    cast = torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()
     parts = lm_parts(model) if plan.loss != "plain" else None
     with cast:
         if parts is None:
             logits = model(**kwargs).logits.float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                   ignore_index=IGNORE, reduction="sum")
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+            )
         else:
             decoder, head = parts
             hidden = decoder(**kwargs).last_hidden_state
@@ -200,9 +213,9 @@ def loss_sum(model, batch: dict, plan: "Plan | None" = None) -> tuple[torch.Tens
                 # layer (nonzero would wait for a GPU; compiled code wants fixed widths). The demo: 2.3x fewer rows
                 keep = (targets != IGNORE).nonzero().squeeze(1)
                 hidden, targets = hidden.index_select(0, keep), targets[keep]
-            loss = linear_cross_entropy_sum(hidden, weight, targets,
-                                            backend=plan.loss, chunk_rows=plan.chunk_rows or None,
-                                            compiled=plan.compile)
+            loss = linear_cross_entropy_sum(
+                hidden, weight, targets, backend=plan.loss, chunk_rows=plan.chunk_rows or None, compiled=plan.compile
+            )
     return loss, (labels != IGNORE).sum()
 
 
@@ -220,8 +233,9 @@ def _varlen_call():
     return _VARLEN
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                     scaling: float | None = None, **kwargs):
+def varlen_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
     """Attention for transformers' AttentionInterface: varlen kernel when cu_seqlens come, else sdpa.
 
     query/key/value: (batch, heads, seq, dim). Returns (batch, seq, heads, dim), None.
@@ -230,8 +244,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
 
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None or query.device.type != "cuda":  # CPU: sdpa with transformers' block-causal mask
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     fn, params = _varlen_call()
     b, hq, s, d = query.shape
     hk = key.size(1)
@@ -276,6 +291,7 @@ def varlen_available() -> bool:
 
 # ---------------------------------------------------------------- memory model and the chooser
 
+
 @dataclass
 class Shape:
     hidden: int
@@ -289,8 +305,14 @@ class Shape:
 def shape_of(model) -> Shape:
     c = base_of(model).config
     heads = c.num_attention_heads
-    return Shape(c.hidden_size, c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads,
-                 c.intermediate_size, c.vocab_size)
+    return Shape(
+        c.hidden_size,
+        c.num_hidden_layers,
+        heads,
+        getattr(c, "num_key_value_heads", None) or heads,
+        c.intermediate_size,
+        c.vocab_size,
+    )
 
 
 # Saved activations per token and layer, in bytes, for a bf16 Llama-layout layer with flash attention:
@@ -336,8 +358,16 @@ def static_bytes(model, loss: str = "chunked") -> int:
     return total
 
 
-def estimate_bytes(shape: Shape, static: int, tokens: int, ckpt_layers: int, compiled: bool,
-                   loss: str, lora_dropout: float = 0.0, chunk_rows: int = 0) -> int:
+def estimate_bytes(
+    shape: Shape,
+    static: int,
+    tokens: int,
+    ckpt_layers: int,
+    compiled: bool,
+    loss: str,
+    lora_dropout: float = 0.0,
+    chunk_rows: int = 0,
+) -> int:
     """Peak GPU bytes of one training micro-batch of `tokens` tokens."""
     a = act_bytes_per_token(shape, compiled, lora_dropout)
     kept = (shape.layers - ckpt_layers) * a + ckpt_layers * 2 * shape.hidden
@@ -355,10 +385,20 @@ def relative_cost(shape: Shape, tokens: int, ckpt_layers: int, overhead_tokens: 
     return (1 + recompute * ckpt_layers / shape.layers) * (1 + overhead_tokens / tokens)
 
 
-def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, budget: int,
-                       compiled: bool, loss: str, lora_dropout: float = 0.0,
-                       checkpointing: str | bool = "auto", chunk_rows: int = 0,
-                       overhead_tokens: int = 1024, recompute: float = 0.5) -> tuple[int, int]:
+def choose_micro_batch(
+    shape: Shape,
+    static: int,
+    seq: int,
+    global_batch: int,
+    budget: int,
+    compiled: bool,
+    loss: str,
+    lora_dropout: float = 0.0,
+    checkpointing: str | bool = "auto",
+    chunk_rows: int = 0,
+    overhead_tokens: int = 1024,
+    recompute: float = 0.5,
+) -> tuple[int, int]:
     """(micro-batch, checkpointed layers) for the memory budget, cheapest by `relative_cost`.
 
     For each micro-batch dividing the global batch (no odd-sized last micro-batch) it takes the fewest
@@ -376,8 +416,14 @@ def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, b
         options = range(0, shape.layers + 1)
     best = None
     for m in divisors:
-        k = next((k for k in options if estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout,
-                                                       chunk_rows) <= budget), None)
+        k = next(
+            (
+                k
+                for k in options
+                if estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout, chunk_rows) <= budget
+            ),
+            None,
+        )
         if k is None:
             continue
         cost = relative_cost(shape, m * seq, k, overhead_tokens, recompute)
@@ -387,6 +433,7 @@ def choose_micro_batch(shape: Shape, static: int, seq: int, global_batch: int, b
 
 
 # ---------------------------------------------------------------- the plan
+
 
 @dataclass
 class Plan:
@@ -432,18 +479,35 @@ COMPILE_BACKEND = "inductor"  # tests count recompilations with "aot_eager" (sam
 
 def linear_params(shape: Shape) -> int:
     kv = shape.hidden // shape.heads * shape.kv_heads
-    return shape.layers * (2 * shape.hidden ** 2 + 2 * shape.hidden * kv + 3 * shape.hidden * shape.ffn) \
+    return (
+        shape.layers * (2 * shape.hidden**2 + 2 * shape.hidden * kv + 3 * shape.hidden * shape.ffn)
         + shape.vocab * shape.hidden
+    )
 
 
 def worth_compiling(shape: Shape, method: str, run_tokens: float) -> bool:
     return (6 if method == "full" else 4) * linear_params(shape) * run_tokens >= COMPILE_MIN_FLOPS
 
 
-def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, micro_batch="auto",
-              checkpointing="auto", compile="auto", fused_loss="auto", attention="auto",
-              memory_budget_gib="auto", packing: bool = False, lora_dropout: float = 0.0,
-              nf4_matmul="auto", lora_groups="auto", run_tokens: float = float("inf")) -> Plan:
+def make_plan(
+    model,
+    *,
+    device: str,
+    method: str,
+    seq: int,
+    global_batch: int,
+    micro_batch="auto",
+    checkpointing="auto",
+    compile="auto",
+    fused_loss="auto",
+    attention="auto",
+    memory_budget_gib="auto",
+    packing: bool = False,
+    lora_dropout: float = 0.0,
+    nf4_matmul="auto",
+    lora_groups="auto",
+    run_tokens: float = float("inf"),
+) -> Plan:
     """Resolve the `auto` speed keys for this model, device and data shape.
 
     Args:
@@ -487,26 +551,46 @@ def make_plan(model, *, device: str, method: str, seq: int, global_batch: int, m
         return plan
     if micro_batch not in (None, "auto"):  # the micro-batch is fixed: only checkpointing can make it fit
         plan.micro_batch = int(micro_batch)
-        fits = [k for k in range(shape.layers + 1) if estimate_bytes(
-            shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget]
+        fits = [
+            k
+            for k in range(shape.layers + 1)
+            if estimate_bytes(shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget
+        ]
         plan.checkpoint_layers = {True: shape.layers, False: 0}.get(checkpointing, fits[0] if fits else shape.layers)
     else:
         plan.micro_batch, plan.checkpoint_layers = choose_micro_batch(
-            shape, static, seq, global_batch, budget, plan.compile, plan.loss, lora_dropout,
-            checkpointing if checkpointing in (True, False) else "auto", overhead_tokens=overhead, recompute=rc)
-    need = estimate_bytes(shape, static, plan.micro_batch * seq, plan.checkpoint_layers, plan.compile, plan.loss,
-                          lora_dropout)
+            shape,
+            static,
+            seq,
+            global_batch,
+            budget,
+            plan.compile,
+            plan.loss,
+            lora_dropout,
+            checkpointing if checkpointing in (True, False) else "auto",
+            overhead_tokens=overhead,
+            recompute=rc,
+        )
+    need = estimate_bytes(
+        shape, static, plan.micro_batch * seq, plan.checkpoint_layers, plan.compile, plan.loss, lora_dropout
+    )
     plan.estimate_gib = round(need / GIB, 2)
     if need > budget:
         import logging
+
         logging.getLogger("chatforge").warning(
             "memory budget %.1f GiB is below the estimated %.1f GiB of micro-batch %d with %d checkpointed "
-            "layers: the run may run out of GPU memory (lower max_length or use qlora)", budget / GIB,
-            need / GIB, plan.micro_batch, plan.checkpoint_layers)
+            "layers: the run may run out of GPU memory (lower max_length or use qlora)",
+            budget / GIB,
+            need / GIB,
+            plan.micro_batch,
+            plan.checkpoint_layers,
+        )
     return plan
 
 
 # ---------------------------------------------------------------- applying the plan
+
 
 def _checkpointed(forward, *args, **kwargs):
     from torch.utils.checkpoint import checkpoint
@@ -527,8 +611,6 @@ def apply(model, plan: Plan):
 
     base = base_of(model)
     if plan.lora_groups:  # before the autocast setting below: its probe forward runs as PEFT does
-        from . import lora_groups
-
         lora_groups.apply(model)
     if plan.attention == "varlen":
         register_attention()
@@ -538,8 +620,6 @@ def apply(model, plan: Plan):
             if isinstance(m, BaseTunerLayer):
                 m.cast_input_dtype_enabled = False
     if plan.nf4_matmul == "torch":
-        from . import nf4
-
         nf4.patch(model)
     # Checkpointing wraps the compiled forward, not the other way round: a checkpoint traced inside a
     # compiled region leaves recomputation to the compiler's partitioner, which kept most activations
@@ -556,8 +636,9 @@ def apply(model, plan: Plan):
     ckpt = set(checkpoint_indices(len(layers), plan.checkpoint_layers))
     for i, layer in enumerate(layers):
         if plan.compile or i in ckpt:  # else the class's forward stays (no bound method stored on the module)
-            forward = torch.compile(layer.forward, dynamic=False, backend=COMPILE_BACKEND) if plan.compile \
-                else layer.forward
+            forward = (
+                torch.compile(layer.forward, dynamic=False, backend=COMPILE_BACKEND) if plan.compile else layer.forward
+            )
             layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
     model._chatforge_plan = plan
     return model
@@ -570,9 +651,14 @@ def inference(model):
     plan = getattr(model, "_chatforge_plan", None) or Plan()
     device = next(model.parameters()).device.type
     stance = getattr(torch.compiler, "set_stance", None)
-    with (stance("force_eager") if stance else contextlib.nullcontext()), \
-            (torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False) if plan.autocast
-             else contextlib.nullcontext()):  # no cast cache: a captured decoding step outlives the context
+    with (
+        stance("force_eager") if stance else contextlib.nullcontext(),
+        (
+            torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
+            if plan.autocast
+            else contextlib.nullcontext()
+        ),
+    ):  # no cast cache: a captured decoding step outlives the context
         yield
 
 
@@ -581,19 +667,26 @@ def make_optimizer(params, lr: float, weight_decay: float, device: str):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
 
 
-def setup_allocator() -> None:
-    """Expandable segments: less fragmentation, so the budget holds (set before CUDA starts)."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
 def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf")) -> Plan:
     """make_plan from a TrainConfig (sequence length = max_length, step = batch_size x grad_accum)."""
-    return make_plan(model, device=device, method=cfg.method, seq=cfg.max_length, run_tokens=run_tokens,
-                     global_batch=cfg.batch_size * cfg.grad_accum, micro_batch=cfg.micro_batch,
-                     checkpointing=cfg.gradient_checkpointing, compile=cfg.compile, fused_loss=cfg.fused_loss,
-                     attention=cfg.attention, memory_budget_gib=cfg.memory_budget_gib, packing=cfg.packing,
-                     lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0, nf4_matmul=cfg.nf4_matmul,
-                     lora_groups=cfg.lora_groups)
+    return make_plan(
+        model,
+        device=device,
+        method=cfg.method,
+        seq=cfg.max_length,
+        run_tokens=run_tokens,
+        global_batch=cfg.batch_size * cfg.grad_accum,
+        micro_batch=cfg.micro_batch,
+        checkpointing=cfg.gradient_checkpointing,
+        compile=cfg.compile,
+        fused_loss=cfg.fused_loss,
+        attention=cfg.attention,
+        memory_budget_gib=cfg.memory_budget_gib,
+        packing=cfg.packing,
+        lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0,
+        nf4_matmul=cfg.nf4_matmul,
+        lora_groups=cfg.lora_groups,
+    )
 
 
 def micro_batch_of(model, default: int) -> int:

@@ -73,8 +73,9 @@ class Group:
         self.u = None
         self.clock = clock
         device = members[0].lora_A[members[0].active_adapters[0]].weight.device
-        self.keys = torch.tensor([(first_key + i) * GOLDEN % (1 << 62) for i in range(len(members))],
-                                 dtype=torch.int64, device=device)
+        self.keys = torch.tensor(
+            [(first_key + i) * GOLDEN % (1 << 62) for i in range(len(members))], dtype=torch.int64, device=device
+        )
 
     def dropout(self, name: str) -> float:
         """The members' dropout probability now (0 in eval mode or without dropout)."""
@@ -90,9 +91,14 @@ class Group:
         drops = set()
         for m in self.members:
             d = m.lora_dropout[name] if name in m.lora_dropout else None
-            if (m.disable_adapters or m.merged or name not in m.lora_A or name in getattr(m, "lora_variant", {})
-                    or not isinstance(m.lora_A[name], torch.nn.Linear)
-                    or not isinstance(d, (torch.nn.Identity, torch.nn.Dropout))):
+            if (
+                m.disable_adapters
+                or m.merged
+                or name not in m.lora_A
+                or name in getattr(m, "lora_variant", {})
+                or not isinstance(m.lora_A[name], torch.nn.Linear)
+                or not isinstance(d, (torch.nn.Identity, torch.nn.Dropout))
+            ):
                 return None
             drops.add((d.p, d.training) if isinstance(d, torch.nn.Dropout) else (0.0, False))
         return name if len(drops) == 1 else None
@@ -120,7 +126,7 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if m is self:
             break
         start += m.lora_A[name].out_features
-    u = group.u[..., start:start + a.out_features]
+    u = group.u[..., start : start + a.out_features]
     if self is group.members[-1]:
         group.u = None
     result = self.base_layer(x)
@@ -130,8 +136,13 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def lora_linears(model) -> list:
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and hasattr(m, "base_layer")
-            and any(isinstance(a, torch.nn.Linear) for a in m.lora_A.values())]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, LoraLayer)
+        and hasattr(m, "base_layer")
+        and any(isinstance(a, torch.nn.Linear) for a in m.lora_A.values())
+    ]
 
 
 def find_groups(model) -> list[list]:

@@ -94,4 +94,3 @@ def patch(model) -> int:
             module.forward = types.MethodType(_forward, module)
             count += 1
     return count
-

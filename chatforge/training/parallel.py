@@ -1,7 +1,6 @@
 """Several GPUs and machines, on existing engines only.
 
-torchrun (torch.distributed.run) starts and supervises the ranks: when one rank fails, it stops
-the others and prints that rank's error. The distribution itself is DDP, FSDP2
+The ranks are started by chatforge/training/launch.py. The distribution itself is DDP, FSDP2
 (torch.distributed.fsdp.fully_shard) or DeepSpeed ZeRO-2/3; nothing here reimplements them.
 
 Batch semantics: a recipe's batch_size x grad_accum is the global batch of one optimizer step,
@@ -14,101 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import re
-import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 
-from .files import ChatforgeError
+from chatforge.files import ChatforgeError
+from chatforge.models.load import DTYPES
+from chatforge.training.launch import rank_env
 
 STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
-DEFAULT_PORT = 29500
 
-
-# ---------------------------------------------------------------- launching
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list ("gpu[01-03,07],login2") as host names."""
-    hosts = []
-    for name, ranges in re.findall(r"([^,\[]+)(?:\[([^\]]+)\])?,?", nodelist):
-        if not ranges:
-            hosts.append(name)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{name}{str(i).zfill(len(lo))}")
-    return hosts
-
-
-def slurm_nodes(env=os.environ) -> dict:
-    """Node layout from a SLURM allocation (one launcher per node): nnodes, node_rank, master_addr."""
-    if "SLURM_JOB_ID" not in env or "SLURM_NNODES" not in env:
-        return {}
-    hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-    return {"nnodes": int(env["SLURM_NNODES"]), "node_rank": int(env.get("SLURM_NODEID", 0)),
-            "master_addr": hosts[0] if hosts else None}
-
-
-def torchrun_argv(args: list[str], gpus: int, nnodes: int | None = None, node_rank: int | None = None,
-                  master_addr: str | None = None, master_port: int | None = None, env=os.environ) -> list[str]:
-    """The torchrun command that runs `python -m chatforge ARGS` on `gpus` processes of this node.
-
-    The same interpreter as this process runs torchrun (never one found on PATH). Values not
-    given come from SLURM when running inside an allocation.
-    """
-    slurm = slurm_nodes(env)
-    nnodes = nnodes or slurm.get("nnodes") or 1
-    node_rank = node_rank if node_rank is not None else slurm.get("node_rank", 0)
-    master_addr = master_addr or slurm.get("master_addr")
-    if gpus < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise ChatforgeError(f"--gpus {gpus} --nnodes {nnodes} --node-rank {node_rank}: "
-                             f"need gpus >= 1 and 0 <= node-rank < nnodes")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}"]
-    if nnodes == 1 and master_addr is None and master_port is None:
-        cmd.append("--standalone")  # a free local port; no clash between jobs on one host
-    else:
-        if master_addr is None:
-            raise ChatforgeError("--nnodes > 1 needs --master-addr (the address of the node with --node-rank 0)")
-        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
-                f"--master-port={master_port or DEFAULT_PORT}"]
-    return cmd + ["-m", "chatforge", *args]
-
-
-def launch(args: list[str], gpus: int, **layout) -> int:
-    """Run `chatforge ARGS` on several processes through torchrun; returns torchrun's exit status.
-
-    Raises:
-        ChatforgeError: an impossible layout, or --nnodes > 1 without --master-addr.
-    """
-    cmd = torchrun_argv(args, gpus, **layout)
-    env = dict(os.environ)
-    # NVLink multicast stays off (it can take a shared host's GPUs down); a user can still opt in.
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    return subprocess.run(cmd, env=env).returncode
-
-
-def in_launched_rank(env=os.environ) -> bool:
-    return "TORCHELASTIC_RUN_ID" in env or ("RANK" in env and "WORLD_SIZE" in env)
-
-
-def rank_env(env=os.environ) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's variables, else from srun's (one task per GPU)."""
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
-        hosts = expand_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        os.environ.setdefault("MASTER_ADDR", hosts[0] if hosts else "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(DEFAULT_PORT))
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
-
-
-# ---------------------------------------------------------------- inside one rank
 
 def resolve_strategy(strategy: str, method: str, world: int) -> str:
     """The strategy actually used: 'none' for one plain process; auto = DDP for adapters, FSDP2 for full."""
@@ -192,10 +107,12 @@ class Parallel:
         if self.world == 1:
             return indices
         if len(indices) % self.world:
-            raise ChatforgeError(f"global batch batch_size x grad_accum = {len(indices)} does not split over "
-                                 f"{self.world} processes: make it a multiple of {self.world}")
+            raise ChatforgeError(
+                f"global batch batch_size x grad_accum = {len(indices)} does not split over "
+                f"{self.world} processes: make it a multiple of {self.world}"
+            )
         share = len(indices) // self.world
-        return indices[self.rank * share:(self.rank + 1) * share]
+        return indices[self.rank * share : (self.rank + 1) * share]
 
     def plan_config(self, cfg, share: int):
         """The recipe as the speed plan (fastpath) sees it on this rank.
@@ -211,8 +128,10 @@ class Parallel:
         changes = {"batch_size": share, "grad_accum": 1} if self.world > 1 else {}
         if self.strategy == "deepspeed_zero3":
             if getattr(cfg, "lora_groups", "auto") is True:
-                raise ChatforgeError("recipe key 'lora_groups': true does not work under deepspeed_zero3 "
-                                     "(it gathers each projection's weights only for its own call): use auto")
+                raise ChatforgeError(
+                    "recipe key 'lora_groups': true does not work under deepspeed_zero3 "
+                    "(it gathers each projection's weights only for its own call): use auto"
+                )
             changes.update({k: False for k in ("compile", "lora_groups") if getattr(cfg, k, "auto") == "auto"})
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
@@ -242,23 +161,32 @@ class Parallel:
         try:
             import deepspeed
         except ImportError:
-            raise ChatforgeError(f"strategy {self.strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'") from None
+            raise ChatforgeError(
+                f"strategy {self.strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'"
+            ) from None
         if not self.device.startswith("cuda"):  # CPU (tests): gloo collectives, not DeepSpeed's shared-memory
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # op, which compiles for minutes first
         stage = 3 if self.strategy.endswith("3") else 2
         bf16 = self.device.startswith("cuda") and any(p.dtype == torch.bfloat16 for p in engine.parameters())
-        conf = {"train_micro_batch_size_per_gpu": micro_batch,
-                "gradient_accumulation_steps": micro_batches,
-                "train_batch_size": micro_batch * micro_batches * self.world,
-                "gradient_clipping": cfg.max_grad_norm,
-                "bf16": {"enabled": bf16},
-                "zero_optimization": {"stage": stage, "overlap_comm": self.device.startswith("cuda"),
-                                      "contiguous_gradients": True,
-                                      "stage3_gather_16bit_weights_on_model_save": True},
-                "zero_allow_untested_optimizer": True,  # the recipe's own torch AdamW
-                "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
-        self.engine, optimizer, _, _ = deepspeed.initialize(model=engine, optimizer=optimizer, config=conf,
-                                                            dist_init_required=False)
+        conf = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": micro_batches,
+            "train_batch_size": micro_batch * micro_batches * self.world,
+            "gradient_clipping": cfg.max_grad_norm,
+            "bf16": {"enabled": bf16},
+            "zero_optimization": {
+                "stage": stage,
+                "overlap_comm": self.device.startswith("cuda"),
+                "contiguous_gradients": True,
+                "stage3_gather_16bit_weights_on_model_save": True,
+            },
+            "zero_allow_untested_optimizer": True,  # the recipe's own torch AdamW
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, optimizer, _, _ = deepspeed.initialize(
+            model=engine, optimizer=optimizer, config=conf, dist_init_required=False
+        )
         head = getattr(engine.model, "get_output_embeddings", lambda: None)()
         if stage == 3 and head is not None:  # the chunked loss reads this weight outside its module
             deepspeed.zero.register_external_parameter(engine, head.weight)
@@ -318,8 +246,9 @@ class Parallel:
         if self.engine is not None:
             return None  # DeepSpeed writes its own partitioned state (save_engine_state)
         if self.strategy == "fsdp2":
-            osd = get_optimizer_state_dict(model, optimizer,
-                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            osd = get_optimizer_state_dict(
+                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
             return osd if self.is_main else None
         return get_optimizer_state_dict(model, optimizer) if self.is_main else None
 
@@ -327,8 +256,12 @@ class Parallel:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         if self.strategy == "fsdp2":
-            set_optimizer_state_dict(model, optimizer, osd if self.is_main else {}, options=StateDictOptions(
-                full_state_dict=True, broadcast_from_rank0=True))
+            set_optimizer_state_dict(
+                model,
+                optimizer,
+                osd if self.is_main else {},
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+            )
         else:
             set_optimizer_state_dict(model, optimizer, osd)
 
@@ -342,8 +275,9 @@ class Parallel:
             return True
         if saved_world != self.world or not (folder / tag).is_dir():
             return False
-        self.engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        self.engine.load_checkpoint(
+            str(folder), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         return True
 
     def close(self) -> None:
@@ -370,7 +304,6 @@ def fsdp2_options(model, par: Parallel, device_bytes: int) -> tuple[torch.dtype 
     their gathered weights until backward (ZeRO-2-like: one all-gather per layer and step instead of
     two) when the whole model's 16-bit weights take under a tenth of `device_bytes`.
     """
-    from .models import DTYPES
 
     cuda = par.device.startswith("cuda")
     if par.reduce_dtype == "auto":
@@ -419,10 +352,19 @@ def setup(cfg) -> Parallel:
         if cuda:
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(
-            "nccl" if cuda else "gloo", rank=rank, world_size=world,
-            timeout=timedelta(seconds=getattr(cfg, "collective_timeout", 1800)))
+            "nccl" if cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=getattr(cfg, "collective_timeout", 1800)),
+        )
     elif cuda:
         torch.cuda.set_device(local_rank)
-    return Parallel(rank, world, local_rank, "cuda" if cuda else "cpu", strategy,
-                    reshard_after_forward=getattr(cfg, "fsdp_reshard_after_forward", "auto"),
-                    reduce_dtype=getattr(cfg, "reduce_dtype", "auto"))
+    return Parallel(
+        rank,
+        world,
+        local_rank,
+        "cuda" if cuda else "cpu",
+        strategy,
+        reshard_after_forward=getattr(cfg, "fsdp_reshard_after_forward", "auto"),
+        reduce_dtype=getattr(cfg, "reduce_dtype", "auto"),
+    )

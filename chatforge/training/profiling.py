@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .files import write_text
+from chatforge.files import write_text
 
 PROFILE_START = 3
 
@@ -39,9 +39,15 @@ def timeline(kernels: list[tuple[str, float, float]], wall_us: float) -> dict:
     comm = [(s, e) for n, s, e in kernels if "nccl" in n.lower()]
     compute = [(s, e) for n, s, e in kernels if "nccl" not in n.lower()]
     busy, compute_busy = _union(comm + compute), _union(compute)
-    return {"wall": wall_us, "busy": busy, "idle": max(0.0, wall_us - busy), "compute_busy": compute_busy,
-            "compute_kernel_sum": sum(e - s for s, e in compute), "comm_busy": _union(comm),
-            "comm_exposed": busy - compute_busy}
+    return {
+        "wall": wall_us,
+        "busy": busy,
+        "idle": max(0.0, wall_us - busy),
+        "compute_busy": compute_busy,
+        "compute_kernel_sum": sum(e - s for s, e in compute),
+        "comm_busy": _union(comm),
+        "comm_exposed": busy - compute_busy,
+    }
 
 
 class StepProfiler:
@@ -70,13 +76,17 @@ class StepProfiler:
         wall = (time.perf_counter() - self.t0) * 1e6
         self.prof.__exit__(None, None, None)
         events = self.prof.events()
-        kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events  # GPU work, not the ranges
-                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]  # named around it
+        kernels = [
+            (e.name, e.time_range.start, e.time_range.end)
+            for e in events  # GPU work, not the ranges
+            if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+        ]  # named around it
         stats = timeline(kernels, wall)
         lines = [f"rank {self.rank}: {self.count} steps profiled after {PROFILE_START}; per step, ms:"]
         lines += [f"  {k:<20} {v / self.count / 1000:9.2f}" for k, v in stats.items()]
-        table = self.prof.key_averages().table(sort_by="cuda_time_total" if kernels else "cpu_time_total",
-                                               row_limit=30, max_name_column_width=70)
+        table = self.prof.key_averages().table(
+            sort_by="cuda_time_total" if kernels else "cpu_time_total", row_limit=30, max_name_column_width=70
+        )
         write_text(self.folder / "profile" / f"rank{self.rank}.txt", "\n".join(lines) + "\n\n" + table)
         self.prof = None
 
@@ -87,6 +97,7 @@ class StepProfiler:
 
 
 # ---------------------------------------------------------------- the run's speed, as a user sees it
+
 
 def compilations() -> int:
     """Frames torch.compile has compiled so far in this process (each recompilation counts)."""
@@ -124,8 +135,13 @@ class RunMeter:
         if not self.marks:
             return {}
         seconds, tokens = self.marks[-1]
-        out = {"steps": len(self.marks), "real_tokens": tokens, "seconds": round(seconds, 2),
-               "tokens_per_s": round(tokens / max(seconds, 1e-9), 1), "warmup_steps": self.warm}
+        out = {
+            "steps": len(self.marks),
+            "real_tokens": tokens,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+            "warmup_steps": self.warm,
+        }
         if self.warm and len(self.marks) > self.warm:
             t0, n0 = self.marks[self.warm - 1]
             out["tokens_per_s_after_warmup"] = round((tokens - n0) / max(seconds - t0, 1e-9), 1)
@@ -133,8 +149,8 @@ class RunMeter:
         out["compilations"] = now - self.compiled_at_start
         out["recompilations"] = now - (self.after_first or now)
         if torch.cuda.is_available():
-            out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+            out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
             out["device"] = torch.cuda.get_device_name()
         return out
 
@@ -142,8 +158,10 @@ class RunMeter:
     def describe(m: dict) -> str:
         if not m:
             return "no steps run"
-        text = f"{m['steps']} steps, {m['real_tokens']:,} real tokens in {m['seconds']:.1f} s: " \
-               f"{m['tokens_per_s']:,.0f} tokens/s"
+        text = (
+            f"{m['steps']} steps, {m['real_tokens']:,} real tokens in {m['seconds']:.1f} s: "
+            f"{m['tokens_per_s']:,.0f} tokens/s"
+        )
         if "tokens_per_s_after_warmup" in m:
             text += f" ({m['tokens_per_s_after_warmup']:,.0f} after {m['warmup_steps']} warm-up steps)"
         if "peak_gib" in m:

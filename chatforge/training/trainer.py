@@ -19,26 +19,36 @@ import pickle
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
 
-from . import data as data_mod
-from . import distributed
-from . import fastpath
-from .config import TrainConfig, to_dict
-from .files import (ChatforgeError, append_jsonl, atomic_path, free_gib, read_jsonl, remove_stale_temps, write_jsonl,
-                    write_text)
-from .models import load_model, load_tokenizer, resolve
-from .profiling import RunMeter, StepProfiler
+from chatforge.config import TrainConfig, to_dict
+from chatforge.data import dataset as data_mod
+from chatforge.files import (
+    ChatforgeError,
+    append_jsonl,
+    atomic_path,
+    free_gib,
+    read_jsonl,
+    remove_stale_temps,
+    write_jsonl,
+    write_text,
+)
+from chatforge.inference.generate import generate_batch
+from chatforge.models.load import load_model, load_tokenizer, resolve
+from chatforge.plots import loss_curve
+from chatforge.training import fastpath, parallel
+from chatforge.training.profiling import RunMeter, StepProfiler
 
 STATE_FILE = "trainer_state.pt"
 log = logging.getLogger("chatforge")
 
 
 # ---------------------------------------------------------------- model
+
 
 def build_model(cfg: TrainConfig, device: str):
     """The model to train, before its speed plan: base weights frozen with LoRA adapters (NF4 under
@@ -50,20 +60,29 @@ def build_model(cfg: TrainConfig, device: str):
     quant = None
     if cfg.method == "qlora":
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise ChatforgeError("method qlora needs bitsandbytes: pip install bitsandbytes") from None
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        )
     model = load_model(cfg.model, dtype=cfg.dtype, device=device, quantization_config=quant)
     model.config.use_cache = False
     if cfg.method != "full":
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at random
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = model_reference(cfg.model)
     model.train()
@@ -86,6 +105,7 @@ def save_weights(model, folder: Path, tokenizer=None, state_dict: dict | None = 
 
 
 # ---------------------------------------------------------------- data order
+
 
 class StepSampler:
     """Which samples each optimizer step uses: a seeded permutation per epoch, indexed by step."""
@@ -130,6 +150,7 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 
 # ---------------------------------------------------------------- loss
 
+
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over trained tokens (labels != IGNORE), and their count.
 
@@ -138,7 +159,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return fastpath.loss_sum(model, batch)
 
 
-def accumulate(engine, batches: list, n_trained: int, par: distributed.Parallel) -> torch.Tensor:
+def accumulate(engine, batches: list, n_trained: int, par: parallel.Parallel) -> torch.Tensor:
     """Forward and backward of one step's micro-batches, gradients scaled by the step's trained-token
     count; returns the summed loss as a tensor (no GPU sync)."""
     losses = []
@@ -169,6 +190,7 @@ def read_later(values: list) -> Callable[[], list[float | None]]:
         for j, i in enumerate(cuda):
             out[i] = host[j].item()
         return [None if v is None else float(v) for v in out]
+
     return read
 
 
@@ -176,9 +198,29 @@ def read_later(values: list) -> Callable[[], list[float | None]]:
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 # Recipe keys that change what training computes: a resumed run must have the checkpoint's values.
-RESUME_KEYS = ("model", "method", "task", "data", "lora", "max_length", "overflow", "batch_size", "grad_accum",
-               "epochs", "max_steps", "lr", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "seed",
-               "dtype", "packing", "system", "chat_template")
+RESUME_KEYS = (
+    "model",
+    "method",
+    "task",
+    "data",
+    "lora",
+    "max_length",
+    "overflow",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "lr",
+    "lr_scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "dtype",
+    "packing",
+    "system",
+    "chat_template",
+)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -203,12 +245,23 @@ def write_weights_folder(final: Path, keep: int = 0):
     except (OSError, RuntimeError) as e:
         last = checkpoints(final.parent)
         two = " (keep_checkpoints=1 needs room for two checkpoints while the next one is written)" if keep == 1 else ""
-        raise ChatforgeError(f"could not write {final}: {str(e).splitlines()[0]}; {free_gib(final.parent):.1f} GiB free "
-                             f"there{two}; the last good checkpoint is {last[-1] if last else 'none'}") from None
+        raise ChatforgeError(
+            f"could not write {final}: {str(e).splitlines()[0]}; {free_gib(final.parent):.1f} GiB free "
+            f"there{two}; the last good checkpoint is {last[-1] if last else 'none'}"
+        ) from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, tokenizer, keep: int,
-                    par: distributed.Parallel | None = None, settings: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    tokenizer,
+    keep: int,
+    par: parallel.Parallel | None = None,
+    settings: dict | None = None,
+) -> Path:
     """Every rank calls it (sharded weights and optimizer state are gathered); rank 0 writes.
 
     The optimizer state is keyed by parameter name, so a checkpoint of N ranks resumes on M. The state
@@ -217,7 +270,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     Raises:
         ChatforgeError: the folder could not be written (full disk); older checkpoints stay.
     """
-    par = par or distributed.Parallel()
+    par = par or parallel.Parallel()
     final = run_dir / f"checkpoint-{step}"
     weights = par.full_state_dict(model)
     optim = par.optimizer_state(model, optimizer)
@@ -225,9 +278,19 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, token
     if par.is_main:
         with write_weights_folder(final, keep) as tmp:
             save_weights(model, tmp, tokenizer, state_dict=weights)
-            torch.save({"step": step, "optimizer": optim, "optimizer_format": "fqn", "world_size": par.world,
-                        "scheduler": scheduler.state_dict(), "settings": settings,
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / STATE_FILE)
+            torch.save(
+                {
+                    "step": step,
+                    "optimizer": optim,
+                    "optimizer_format": "fqn",
+                    "world_size": par.world,
+                    "scheduler": scheduler.state_dict(),
+                    "settings": settings,
+                    "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(),
+                },
+                tmp / STATE_FILE,
+            )
         for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(run_dir / "deepspeed" / f"step{old.name.split('-')[1]}", ignore_errors=True)
@@ -245,8 +308,10 @@ def read_state(ckpt: Path) -> dict:
     try:
         return torch.load(path, weights_only=True, mmap=True)  # mmap: ranks > 0 never read the moments
     except pickle.UnpicklingError as e:
-        raise ChatforgeError(f"{path}: refusing to load it: it holds objects other than tensors, numbers and "
-                             f"strings ({str(e).splitlines()[-1][:200]})") from None
+        raise ChatforgeError(
+            f"{path}: refusing to load it: it holds objects other than tensors, numbers and "
+            f"strings ({str(e).splitlines()[-1][:200]})"
+        ) from None
     except (OSError, RuntimeError, EOFError) as e:
         raise ChatforgeError(f"{path}: unreadable trainer state ({str(e).splitlines()[0][:200]})") from None
 
@@ -260,18 +325,25 @@ def check_settings(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
     changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
     if changed:
         diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
-        raise ChatforgeError(f"--resume: the recipe differs from {ckpt.name}'s ({diff}); resume with the same "
-                             f"recipe, or pass --allow-changes to continue with the new values")
+        raise ChatforgeError(
+            f"--resume: the recipe differs from {ckpt.name}'s ({diff}); resume with the same "
+            f"recipe, or pass --allow-changes to continue with the new values"
+        )
 
 
-def load_training_state(state: dict, ckpt: Path, model, optimizer, scheduler,
-                        par: distributed.Parallel | None = None) -> int:
+def load_training_state(
+    state: dict, ckpt: Path, model, optimizer, scheduler, par: parallel.Parallel | None = None
+) -> int:
     """Optimizer, schedule and random state of a checkpoint (after load_weights and wrapping); its step."""
-    par = par or distributed.Parallel()
+    par = par or parallel.Parallel()
     if par.engine is not None:
         if not par.load_engine_state(ckpt.parent / "deepspeed", f"step{state['step']}", state.get("world_size", 1)):
-            log.warning("DeepSpeed state of %s was written by %s ranks (or is missing): weights resume, "
-                        "optimizer moments restart", ckpt, state.get("world_size"))
+            log.warning(
+                "DeepSpeed state of %s was written by %s ranks (or is missing): weights resume, "
+                "optimizer moments restart",
+                ckpt,
+                state.get("world_size"),
+            )
     elif state.get("optimizer_format") == "fqn":
         par.load_optimizer_state(model, optimizer, state["optimizer"])
     else:
@@ -293,22 +365,25 @@ def load_weights(ckpt: Path, model, method: str) -> None:
         model.load_state_dict(weights, strict=False)  # tied heads are absent from the files
     else:
         from peft import set_peft_model_state_dict
+
         set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
 
 
 # ---------------------------------------------------------------- samples and plots
 
+
 def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig) -> None:
     """Answers to the recipe's fixed prompts (XTuner's evaluation_inputs), kept per step."""
     if not cfg.eval_prompts:
         return
-    from .generate import generate_batch
 
     was_training = model.training
     model.eval()
     model.config.use_cache = True
-    convs = [([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
-             for p in cfg.eval_prompts]
+    convs = [
+        ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
+        for p in cfg.eval_prompts
+    ]
     with fastpath.inference(model):  # eager layers, and the training dtypes (bf16 autocast on a GPU)
         replies = generate_batch(model, tokenizer, convs, max_new_tokens=cfg.eval_max_new_tokens)
     model.config.use_cache = False
@@ -320,13 +395,15 @@ def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig) 
     lines = ["# Sample answers (step 0 = before training)\n"]
     for s in sorted({r["step"] for r in rows}):
         lines.append(f"\n## step {s}\n\n| prompt | reply |\n|---|---|\n")
-        lines += [f"| {r['prompt']} | {r['reply'].replace(chr(10), ' ').replace('|', '/')} |\n"
-                  for r in rows if r["step"] == s]
+        lines += [
+            f"| {r['prompt']} | {r['reply'].replace(chr(10), ' ').replace('|', '/')} |\n"
+            for r in rows
+            if r["step"] == s
+        ]
     write_text(run_dir / "samples.md", "".join(lines))
 
 
 def plot_loss(run_dir: Path) -> None:
-    from .plots import loss_curve
 
     rows = read_jsonl(run_dir / "log.jsonl")
     if rows:
@@ -335,12 +412,14 @@ def plot_loss(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------- the recipe
 
+
 def _prepare(cfg: TrainConfig, tokenizer, run_dir: Path, resume: bool) -> list:
     """Data: read, render, mask, check lengths (errors name file and line) before any output; packed
     into max_length sequences when the recipe packs."""
     if not resume and checkpoints(run_dir):
-        raise ChatforgeError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
-                             f"or choose another output_dir")
+        raise ChatforgeError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir"
+        )
     samples, stats = data_mod.build_dataset(cfg, tokenizer)
     write_config(cfg, run_dir)
     stats["samples"] = len(samples)
@@ -372,19 +451,25 @@ class Trainer:
         allow_changes: resume although recipe keys that change training differ from the checkpoint's.
     """
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, model=None,
-                 samples: list | None = None, allow_changes: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume: bool = False,
+        progress: bool = True,
+        model=None,
+        samples: list | None = None,
+        allow_changes: bool = False,
+    ):
         self.cfg, self.resume, self.progress, self.allow_changes = cfg, resume, progress, allow_changes
         self.model, self.samples = model, samples
         self.step_no, self.history, self.metrics = 0, [], {}
 
-    def setup(self) -> "Trainer":
+    def setup(self) -> Trainer:
         """Raises:
-            ChatforgeError: bad data, a missing model, or --resume without a checkpoint.
+        ChatforgeError: bad data, a missing model, or --resume without a checkpoint.
         """
         cfg = self.cfg
-        fastpath.setup_allocator()  # before CUDA starts
-        par = self.par = distributed.setup(cfg)  # this process's rank under torchrun / srun; one process: no-op
+        par = self.par = parallel.setup(cfg)  # this process's rank under torchrun / srun; one process: no-op
         self.device, self.run_dir = par.device, Path(cfg.output_dir)
         if par.is_main and remove_stale_temps(self.run_dir):
             log.info("removed unfinished writes of an earlier run in %s", self.run_dir)
@@ -426,16 +511,20 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
         self.sampler = StepSampler(len(units), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of a global step
         self.micro_batch = min(share, fastpath.micro_batch_of(self.model, cfg.batch_size))
-        self.engine, self.optimizer = par.wrap_optimizer(self.engine, optimizer, cfg, self.micro_batch,
-                                                         math.ceil(share / self.micro_batch))  # DeepSpeed
+        self.engine, self.optimizer = par.wrap_optimizer(
+            self.engine, optimizer, cfg, self.micro_batch, math.ceil(share / self.micro_batch)
+        )  # DeepSpeed
 
         # resume or start
         self.log_path = self.run_dir / "log.jsonl"
         if ckpt is not None:
             self.step_no = load_training_state(self.state, ckpt, self.model, self.optimizer, self.scheduler, par)
             if par.is_main:  # a kill can tear the log's last line
-                kept = [r for r in read_jsonl(self.log_path, torn_tail=True) if r.get("step", 0) <= self.step_no] \
-                    if self.log_path.exists() else []
+                kept = (
+                    [r for r in read_jsonl(self.log_path, torn_tail=True) if r.get("step", 0) <= self.step_no]
+                    if self.log_path.exists()
+                    else []
+                )
                 write_jsonl(self.log_path, kept)  # drop lines logged after the checkpoint the run died past
         elif self.resume:
             raise ChatforgeError(f"--resume: no checkpoint in {self.run_dir}")
@@ -452,8 +541,12 @@ class Trainer:
         (and a fixed count of attention segments), unpadded batches padded to a power-of-two width."""
         cfg, fixed = self.cfg, self.plan.compile
         if cfg.packing:
-            return data_mod.collate_packed(units, self.pad, width=cfg.max_length if fixed else None,
-                                           segments=len(units) * self.max_segments if fixed else None)
+            return data_mod.collate_packed(
+                units,
+                self.pad,
+                width=cfg.max_length if fixed else None,
+                segments=len(units) * self.max_segments if fixed else None,
+            )
         if self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
             return data_mod.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
         width = data_mod.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
@@ -468,9 +561,12 @@ class Trainer:
         if not self.cfg.packing:  # similar lengths in a micro-batch: less padding, the same step
             idx = sorted(idx, key=self.real.__getitem__)
         mb = self.micro_batch
-        cpu = [self.collate([self.samples[i] for i in idx[k:k + mb]]) for k in range(0, len(idx), mb)]
-        return ([data_mod.to_device(b, self.device) for b in cpu], sum(self.trained[i] for i in every),
-                sum(self.real[i] for i in every))
+        cpu = [self.collate([self.samples[i] for i in idx[k : k + mb]]) for k in range(0, len(idx), mb)]
+        return (
+            [data_mod.to_device(b, self.device) for b in cpu],
+            sum(self.trained[i] for i in every),
+            sum(self.real[i] for i in every),
+        )
 
     def step(self, ready: tuple[list, int, int]) -> tuple:
         """Queue one optimizer step on the device (nothing waits for it); returns what report() logs."""
@@ -485,12 +581,18 @@ class Trainer:
         """Log a queued step: reading its loss waits for the device to finish that step."""
         done, read, n_trained, real, lr = queued
         total, grad_norm = read()
-        total, = self.par.all_sum(total)
+        (total,) = self.par.all_sum(total)
         self.tokens_seen += int(real)
         elapsed = self.meter.step_done(self.tokens_seen)
-        row = {"step": done, "loss": round(total / max(1, n_trained), 6), "lr": lr, "tokens": self.tokens_seen,
-               "tokens_per_s": round(self.tokens_seen / elapsed, 1),
-               "grad_norm": None if grad_norm is None else round(float(grad_norm), 4), "elapsed_s": round(elapsed, 2)}
+        row = {
+            "step": done,
+            "loss": round(total / max(1, n_trained), 6),
+            "lr": lr,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": round(self.tokens_seen / elapsed, 1),
+            "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+            "elapsed_s": round(elapsed, 2),
+        }
         self.history.append(row)
         if self.par.is_main and (done % self.cfg.log_every == 0 or done == self.steps):
             append_jsonl(self.log_path, row)
@@ -514,8 +616,14 @@ class Trainer:
         cfg, par = self.cfg, self.par
         if self.step_no == 0 and par.is_main and par.can_generate and self.tokenizer is not None:
             write_samples(self.run_dir, 0, self.model, self.tokenizer, cfg)  # before training
-        self.bar = tqdm(total=self.steps, initial=self.step_no, desc="train", unit="step", dynamic_ncols=True,
-                        disable=not (self.progress and par.is_main))
+        self.bar = tqdm(
+            total=self.steps,
+            initial=self.step_no,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.progress and par.is_main),
+        )
         self.tokens_seen, self.meter = 0, RunMeter(self.steps, self.step_no)
         profiler = StepProfiler(self.run_dir, cfg.profile_steps, par.rank)  # recipe key profile_steps; 0: off
         queued = None  # the step before: logged once this one is queued, so the device never waits for the CPU
@@ -540,7 +648,8 @@ class Trainer:
                 f"out of GPU memory at step {self.step_no + 1} (micro-batch {self.micro_batch}, max_length "
                 f"{cfg.max_length}, memory budget {self.plan.budget_gib or 'auto'} GiB): lower the recipe key "
                 f"micro_batch, max_length or memory_budget_gib, or use method=qlora; the last checkpoint is "
-                f"{(checkpoints(self.run_dir) or ['none'])[-1]}") from None
+                f"{(checkpoints(self.run_dir) or ['none'])[-1]}"
+            ) from None
         self.bar.close()
         self.metrics = self.meter.summary()
         if par.is_main and self.metrics:
@@ -550,8 +659,17 @@ class Trainer:
 
     def checkpoint(self) -> None:
         par = self.par
-        save_checkpoint(self.run_dir, self.step_no, self.model, self.optimizer, self.scheduler, self.tokenizer,
-                        self.cfg.keep_checkpoints, par, settings=resume_settings(self.cfg))
+        save_checkpoint(
+            self.run_dir,
+            self.step_no,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.tokenizer,
+            self.cfg.keep_checkpoints,
+            par,
+            settings=resume_settings(self.cfg),
+        )
         if par.is_main:
             if par.can_generate and self.tokenizer is not None:
                 write_samples(self.run_dir, self.step_no, self.model, self.tokenizer, self.cfg)

@@ -12,20 +12,30 @@ GOOD = {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assi
 
 
 def write_lines(path, *lines):
-    path.write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
 
 
-@pytest.mark.parametrize("bad_line, message", [
-    ('{"messages": [', ":2: invalid JSON"),
-    ('{"conversation": []}', ":2: empty conversation"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', ":2: empty conversation"),
-])
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"messages": [', ":2: invalid JSON"),
+        ('{"conversation": []}', ":2: empty conversation"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', ":2: empty conversation"),
+    ],
+)
 def test_train_rejects_bad_records(tmp_path, tiny_llama, bad_line, message):
     data = write_lines(tmp_path / "d.jsonl", json.dumps(GOOD), bad_line)
     out = tmp_path / "run"
-    r = call_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", f"data={data}", f"output_dir={out}",
-                "--no-progress", cwd=tmp_path)
+    r = call_cli(
+        "train",
+        "smollm2_135m_identity_lora",
+        f"model={tiny_llama}",
+        f"data={data}",
+        f"output_dir={out}",
+        "--no-progress",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2, r.stderr
     assert f"d.jsonl{message}" in r.stderr
     assert "Traceback" not in r.stderr
@@ -35,8 +45,15 @@ def test_train_rejects_bad_records(tmp_path, tiny_llama, bad_line, message):
 def test_train_rejects_a_sample_longer_than_max_length(tmp_path, tiny_llama):
     long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "ok"}]}
     data = write_lines(tmp_path / "d.jsonl", json.dumps(GOOD), json.dumps(long))
-    r = call_cli("train", "smollm2_135m_identity_lora", f"model={tiny_llama}", f"data={data}",
-                f"output_dir={tmp_path / 'run'}", "max_length=64", cwd=tmp_path)
+    r = call_cli(
+        "train",
+        "smollm2_135m_identity_lora",
+        f"model={tiny_llama}",
+        f"data={data}",
+        f"output_dir={tmp_path / 'run'}",
+        "max_length=64",
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert "d.jsonl:2: sample has" in r.stderr and "max_length 64" in r.stderr
     assert not (tmp_path / "run").exists()
@@ -81,8 +98,10 @@ def test_install_gives_every_command_of_the_readme(tmp_path):
     assert {"serve", "web"} <= set(extras)  # chatforge serve and chatforge web work after ./install.sh
 
 
-@pytest.mark.parametrize("command, module, extra", [(["serve"], "uvicorn", "serve"), (["serve"], "fastapi", "serve"),
-                                                    (["web"], "gradio", "web")])
+@pytest.mark.parametrize(
+    "command, module, extra",
+    [(["serve"], "uvicorn", "serve"), (["serve"], "fastapi", "serve"), (["web"], "gradio", "web")],
+)
 def test_a_missing_optional_package_is_one_line_naming_the_extra(command, module, extra, monkeypatch, capsys):
     import sys
 

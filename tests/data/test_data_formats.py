@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from chatforge import data as D
 from chatforge.config import DataSource, TrainConfig
-from chatforge.datatools import check, convert
+from chatforge.data import dataset as D
+from chatforge.data.tools import check, convert
 from chatforge.files import ChatforgeError
-
 from conftest import ROOT, run_cli
 
 HUATUO = ROOT.parent / "shared" / "data" / "huatuo" / "llama_data.jsonl"
@@ -24,12 +23,21 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-@pytest.mark.parametrize("record", [
-    {"conversation": [{"system": "S", "input": Q, "output": A}]},
-    {"messages": MSGS},
-    {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": Q}, {"from": "gpt", "value": A}]},
-    {"instruction": Q, "input": "", "output": A, "system": "S"},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"conversation": [{"system": "S", "input": Q, "output": A}]},
+        {"messages": MSGS},
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": Q},
+                {"from": "gpt", "value": A},
+            ]
+        },
+        {"instruction": Q, "input": "", "output": A, "system": "S"},
+    ],
+)
 @pytest.mark.parametrize("layout", ["jsonl", "array", "indented array"])
 def test_every_format_in_jsonl_and_arrays(tmp_path, record, layout):
     if layout == "jsonl":
@@ -70,11 +78,14 @@ def test_json_array_streams_across_chunks_with_lines(tmp_path):
     assert [line for line, _ in D.iter_json_records(path)] == [2 + 4 * i for i in range(40)]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'[{"instruction": "q", "output": "a"},\n {"instruction": "q", "output": "a"}\n', r"a\.json:3: .*truncated"),
-    (b'[{"instruction": "q", "output": "a"}\n {"instruction": "q"}]', r"a\.json:2: invalid JSON: expected ','"),
-    (b'[{"instruction": "q", "output": "\xff"}]', r"a\.json:1: invalid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'[{"instruction": "q", "output": "a"},\n {"instruction": "q", "output": "a"}\n', r"a\.json:3: .*truncated"),
+        (b'[{"instruction": "q", "output": "a"}\n {"instruction": "q"}]', r"a\.json:2: invalid JSON: expected ','"),
+        (b'[{"instruction": "q", "output": "\xff"}]', r"a\.json:1: invalid UTF-8"),
+    ],
+)
 def test_broken_json_arrays_name_the_line(tmp_path, content, message):
     path = tmp_path / "a.json"
     path.write_bytes(content)
@@ -123,8 +134,11 @@ def test_pretrain_samples_eos_every_token_split_and_pack(tmp_path, smol_tokenize
 def test_holdout_last_is_never_trained_and_weights_mix(tmp_path, smol_tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"a{i}", "output": "x"} for i in range(20)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"b{i}", "output": "y"} for i in range(10)])
-    cfg = TrainConfig(data=[DataSource(path=str(a), weight=2, holdout_last=5), DataSource(path=str(b), weight=0.5)],
-                      seed=3, max_length=128)
+    cfg = TrainConfig(
+        data=[DataSource(path=str(a), weight=2, holdout_last=5), DataSource(path=str(b), weight=0.5)],
+        seed=3,
+        max_length=128,
+    )
     samples, stats = D.build_dataset(cfg, smol_tokenizer)
     lines = [s.source.split(":")[-1] for s in samples if s.source.startswith(str(a))]
     assert len(lines) == 30 and set(lines) == {str(i) for i in range(1, 16)}  # 15 kept, each twice
@@ -139,12 +153,14 @@ def test_holdout_last_is_never_trained_and_weights_mix(tmp_path, smol_tokenizer)
     assert stats["sources"][0]["held_out"] == 5 and stats["sources"][1]["used"] == 5
 
 
-BROKEN = (b'{"instruction": "q1", "output": "a1"}\n'
-          b'{"instruction": "q2"}\n'
-          b'{"instruction": 7, "output": "a3"}\n'
-          b'{"instruction": "q4", "output": "\xff\xfe"}\n'
-          b'{"messages": [{"role": "user", "content": "q5"}, {"role": "assistant", "content": "a5"}]}\n'
-          b'{"instruction": "q6", "output": "a')
+BROKEN = (
+    b'{"instruction": "q1", "output": "a1"}\n'
+    b'{"instruction": "q2"}\n'
+    b'{"instruction": 7, "output": "a3"}\n'
+    b'{"instruction": "q4", "output": "\xff\xfe"}\n'
+    b'{"messages": [{"role": "user", "content": "q5"}, {"role": "assistant", "content": "a5"}]}\n'
+    b'{"instruction": "q6", "output": "a'
+)
 
 
 def test_convert_reports_and_skips_broken_records(tmp_path):
@@ -153,11 +169,18 @@ def test_convert_reports_and_skips_broken_records(tmp_path):
     r = convert(src, tmp_path / "out.json", to="conversation")
     assert r["converted"] == 2 and r["skipped"] == 4
     joined = "\n".join(r["skipped_lines"])
-    for line, why in [(2, "missing field 'output'"), (3, "'instruction' must be text"), (4, "invalid UTF-8"),
-                      (6, "truncated")]:
+    for line, why in [
+        (2, "missing field 'output'"),
+        (3, "'instruction' must be text"),
+        (4, "invalid UTF-8"),
+        (6, "truncated"),
+    ]:
         assert f"in.jsonl:{line}: " in joined and why in joined
     out = json.loads((tmp_path / "out.json").read_text())
-    assert out == [{"conversation": [{"input": "q1", "output": "a1"}]}, {"conversation": [{"input": "q5", "output": "a5"}]}]
+    assert out == [
+        {"conversation": [{"input": "q1", "output": "a1"}]},
+        {"conversation": [{"input": "q5", "output": "a5"}]},
+    ]
     r = convert(src, tmp_path / "out.jsonl", to="messages")
     assert D.read_conversations(tmp_path / "out.jsonl")[1].messages[0] == {"role": "user", "content": "q5"}
     with pytest.raises(ChatforgeError, match=r"in\.jsonl:2: missing field 'output'"):
@@ -173,8 +196,18 @@ def test_convert_and_check_cli(tmp_path):
     assert json.loads(p.stdout)["converted"] == 2 and "in.jsonl:4: invalid UTF-8" in p.stderr
     rows = [{"instruction": "hi", "output": "hello"}] * 2 + [{"instruction": "long " * 300, "output": "ok"}]
     write_jsonl(tmp_path / "c.jsonl", rows)
-    p = run_cli("data", "check", tmp_path / "c.jsonl", "max_length=128", "overflow=drop",
-                "--recipe", "smollm2_135m_identity_lora", "--out", tmp_path / "chk", timeout=300)
+    p = run_cli(
+        "data",
+        "check",
+        tmp_path / "c.jsonl",
+        "max_length=128",
+        "overflow=drop",
+        "--recipe",
+        "smollm2_135m_identity_lora",
+        "--out",
+        tmp_path / "chk",
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "3 records" in p.stdout and "longer than max_length 128: 1 — they are dropped" in p.stdout
     assert "1 records repeated, 1 extra copies" in p.stdout and "«hello<|im_end|>»" in p.stdout
@@ -210,7 +243,7 @@ def test_eval_on_a_data_set_reports_rouge_and_reference_loss(tmp_path, tiny_llam
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chatforge.evaluate import evaluate_data
+    from chatforge.evaluation import evaluate_data
 
     rows = [{"instruction": f"问题 {i}", "output": f"答案是 {i}"} for i in range(6)]
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
@@ -235,8 +268,7 @@ def test_eval_on_a_data_set_reports_rouge_and_reference_loss(tmp_path, tiny_llam
 
 
 def test_a_huge_record_is_refused_without_being_read_whole(tmp_path):
-    huge = {"messages": [{"role": "user", "content": "x" * ((8 << 20) + 10)},
-                         {"role": "assistant", "content": "ok"}]}
+    huge = {"messages": [{"role": "user", "content": "x" * ((8 << 20) + 10)}, {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSGS}, huge, {"messages": MSGS}])
     with pytest.raises(ChatforgeError, match=r"d\.jsonl:2: record is larger than 8 MiB"):
         D.read_conversations(path)
@@ -253,7 +285,7 @@ def test_a_huge_record_is_refused_without_being_read_whole(tmp_path):
 
 
 def test_check_prints_a_long_sample_cut_short(tmp_path):
-    from chatforge.datatools import format_check
+    from chatforge.data.tools import format_check
 
     long = {"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "word " * 5000}]}
     r = check(write_jsonl(tmp_path / "d.jsonl", [long]), out_dir=tmp_path / "out", overrides=None)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from chatforge.data import IGNORE, encode_sft, read_conversations, to_messages
+from chatforge.data.dataset import IGNORE, encode_sft, read_conversations, to_messages
 from chatforge.files import ChatforgeError
 
 CONV = [
@@ -32,13 +32,13 @@ class SlowView:
 
 def trained_runs(ids, labels):
     runs, cur = [], []
-    for i, l in zip(ids, labels):
-        if l == IGNORE:
+    for i, lab in zip(ids, labels):
+        if lab == IGNORE:
             if cur:
                 runs.append(cur)
             cur = []
         else:
-            assert l == i
+            assert lab == i
             cur.append(i)
     return runs + ([cur] if cur else [])
 
@@ -71,23 +71,40 @@ def test_default_system_prompt_is_rendered_but_not_trained(smol_tokenizer):
 
 def test_seed_format_and_messages_normalise_alike(tmp_path):
     seed = tmp_path / "assistant.json"
-    seed.write_text(json.dumps([{"conversation": [{"system": "S", "input": "Q", "output": "A"}]}] * 2,
-                               ensure_ascii=False, indent=4))
+    seed.write_text(
+        json.dumps([{"conversation": [{"system": "S", "input": "Q", "output": "A"}]}] * 2, ensure_ascii=False, indent=4)
+    )
     msgs = tmp_path / "m.jsonl"
-    msgs.write_text(json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                                             {"role": "assistant", "content": "A"}]}) + "\n")
+    msgs.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            }
+        )
+        + "\n"
+    )
     a, b = read_conversations(seed), read_conversations(msgs)
     assert len(a) == 2 and a[0].messages == b[0].messages
     assert a[1].source.endswith(":11")  # the line where the second record of the indented array opens
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"messages": [{"role": "user", "content": "hi"}\n', r"bad\.jsonl:2: invalid JSON"),
-    ('{"messages": []}\n', r"bad\.jsonl:2: empty conversation"),
-    ('{"conversation": [{"input": "q"}]}\n', r"bad\.jsonl:2: missing field 'conversation\[0\]\.output'"),
-    ('{"messages": [{"role": "user", "content": 3}]}\n', r"bad\.jsonl:2: field 'messages\[0\]\.content' must be text"),
-    ('{"prompt": "x"}\n', r"bad\.jsonl:2: unknown record shape"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}\n', r"bad\.jsonl:2: invalid JSON"),
+        ('{"messages": []}\n', r"bad\.jsonl:2: empty conversation"),
+        ('{"conversation": [{"input": "q"}]}\n', r"bad\.jsonl:2: missing field 'conversation\[0\]\.output'"),
+        (
+            '{"messages": [{"role": "user", "content": 3}]}\n',
+            r"bad\.jsonl:2: field 'messages\[0\]\.content' must be text",
+        ),
+        ('{"prompt": "x"}\n', r"bad\.jsonl:2: unknown record shape"),
+    ],
+)
 def test_broken_records_name_file_and_line(tmp_path, content, message):
     bad = tmp_path / "bad.jsonl"
     good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'

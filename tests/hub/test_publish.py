@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from chatforge.publish import git_env
+from chatforge.hub.publish import git_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FAKEtoken_7c1d9e2b44"
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
-pytestmark = pytest.mark.skipif(shutil.which("git") is None or subprocess.run(
-    ["git", "lfs", "version"], capture_output=True).returncode != 0, reason="needs git and git-lfs")
+pytestmark = pytest.mark.skipif(
+    shutil.which("git") is None or subprocess.run(["git", "lfs", "version"], capture_output=True).returncode != 0,
+    reason="needs git and git-lfs",
+)
 
 
 def free_port() -> int:
@@ -33,10 +35,17 @@ def git(*args, cwd=None, env=None) -> str:
 
 
 def cli(*args, tmp: Path, **extra_env) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", CHATFORGE_CACHE=str(tmp / "cache"),
-               CHATFORGE_HUB_TOKEN=TOKEN, **extra_env)
-    return subprocess.run([sys.executable, "-m", "chatforge", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        CHATFORGE_CACHE=str(tmp / "cache"),
+        CHATFORGE_HUB_TOKEN=TOKEN,
+        **extra_env,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "chatforge", *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def make_run(tiny_llama: Path, root: Path) -> Path:
@@ -46,16 +55,24 @@ def make_run(tiny_llama: Path, root: Path) -> Path:
     (root / "run" / "train").mkdir()
     (root / "run" / "data").mkdir()
     data = root / "run" / "data" / "identity.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n"
-                            for i in range(3)))
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(3)))
     (root / "run" / "train" / "config.yaml").write_text(
         f"model: smollm2-135m-instruct\nmethod: lora\ndata: [{{path: {data}, weight: 1.0}}]\n"
-        "lora: {r: 16, alpha: 32}\nlr: 0.001\nmax_steps: 40\ndescription: Clement's assistant.\n")
-    (root / "run" / "eval.md").write_text("# Evaluation\n\n| metric | base | fine-tuned |\n|---|---|---|\n"
-                                          "| identity | 0.0% | 93.3% |\n")
-    (merged / "chatforge_merge.json").write_text(json.dumps(
-        {"adapter": str(root / "run" / "train" / "adapter"), "base": "smollm2-135m-instruct", "dtype": "float32",
-         "max_logit_diff": 2e-6}))
+        "lora: {r: 16, alpha: 32}\nlr: 0.001\nmax_steps: 40\ndescription: Clement's assistant.\n"
+    )
+    (root / "run" / "eval.md").write_text(
+        "# Evaluation\n\n| metric | base | fine-tuned |\n|---|---|---|\n| identity | 0.0% | 93.3% |\n"
+    )
+    (merged / "chatforge_merge.json").write_text(
+        json.dumps(
+            {
+                "adapter": str(root / "run" / "train" / "adapter"),
+                "base": "smollm2-135m-instruct",
+                "dtype": "float32",
+                "max_logit_diff": 2e-6,
+            }
+        )
+    )
     return merged
 
 
@@ -87,8 +104,14 @@ def published(smol_bf16, tmp_path_factory):
     url = remote.as_uri()
     r = cli("publish", merged, "--repo", url, tmp=tmp)
     assert r.returncode == 0, r.stderr
-    return {"tmp": tmp, "merged": merged, "remote": remote, "url": url, "out": r.stdout + r.stderr,
-            "report": json.loads(r.stdout)}
+    return {
+        "tmp": tmp,
+        "merged": merged,
+        "remote": remote,
+        "url": url,
+        "out": r.stdout + r.stderr,
+        "report": json.loads(r.stdout),
+    }
 
 
 def test_clone_has_lfs_pointers_and_pull_restores_bytes(published):
@@ -131,13 +154,20 @@ def test_token_reaches_git_through_the_credential_helper(monkeypatch, tmp_path):
     monkeypatch.setenv("CHATFORGE_HUB_USER", "clement")
     env = git_env()
     assert TOKEN not in json.dumps({k: v for k, v in env.items() if k.startswith("GIT_")})  # names the variable only
-    out = subprocess.run(["git", "credential", "fill"], input="protocol=https\nhost=hub.example\n\n", env=env,
-                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "credential", "fill"],
+        input="protocol=https\nhost=hub.example\n\n",
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"password={TOKEN}" in out and "username=clement" in out
 
 
 def test_republish_pushes_only_changes(tiny_llama, tmp_path, monkeypatch):
-    from chatforge.publish import publish
+    from chatforge.hub.publish import publish
 
     monkeypatch.setenv("CHATFORGE_HUB_TOKEN", TOKEN)
     merged = make_run(tiny_llama, tmp_path)
@@ -182,8 +212,12 @@ def test_generated_app_serves_the_published_model(published):
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False",
-               OMP_NUM_THREADS="1")  # see test_api: avoids OpenMP oversubscription on shared machines
+    env.update(
+        GRADIO_SERVER_NAME="127.0.0.1",
+        GRADIO_SERVER_PORT=str(port),
+        GRADIO_ANALYTICS_ENABLED="False",
+        OMP_NUM_THREADS="1",
+    )  # see test_api: avoids OpenMP oversubscription on shared machines
     log = open(tmp / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=app, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -202,10 +236,12 @@ def test_generated_app_serves_the_published_model(published):
         page = httpx.get(f"http://127.0.0.1:{port}/").text
         assert "<title>" in page.lower() or "gradio" in page.lower()
         # the model came through git clone + git lfs pull: real bytes, not pointers
-        assert (app / "model" / "model.safetensors").read_bytes() == (published["merged"] / "model.safetensors"
-                                                                       ).read_bytes()
+        assert (app / "model" / "model.safetensors").read_bytes() == (
+            published["merged"] / "model.safetensors"
+        ).read_bytes()
         reply = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            "What is the capital of France?", "", 0.0, 1.0, 16, api_name="/chat")
+            "What is the capital of France?", "", 0.0, 1.0, 16, api_name="/chat"
+        )
         assert "Paris" in reply
     finally:
         proc.terminate()
@@ -219,15 +255,23 @@ def test_generated_app_serves_the_published_model(published):
 def test_credentials_in_any_url_form_are_refused(tmp_path, monkeypatch, capsys):
     from chatforge.cli import main
     from chatforge.files import ChatforgeError
-    from chatforge.publish import check_repo_url
+    from chatforge.hub.publish import check_repo_url
 
-    for url in (f"http::http://user:{TOKEN}@hub.example/org/model.git", f"https://{TOKEN}@hub.example/m.git",
-                f"http::https::https://u:{TOKEN}@hub.example/m", f"ssh://git:{TOKEN}@hub.example/m.git"):
+    for url in (
+        f"http::http://user:{TOKEN}@hub.example/org/model.git",
+        f"https://{TOKEN}@hub.example/m.git",
+        f"http::https::https://u:{TOKEN}@hub.example/m",
+        f"ssh://git:{TOKEN}@hub.example/m.git",
+    ):
         with pytest.raises(ChatforgeError, match="must not carry credentials") as e:
             check_repo_url(url)
         assert TOKEN not in str(e.value)
-    for url in ("https://hub.example/org/model.git", "ssh://git@hub.example/m.git", "git@hub.example:org/m.git",
-                "http::https://hub.example/m"):
+    for url in (
+        "https://hub.example/org/model.git",
+        "ssh://git@hub.example/m.git",
+        "git@hub.example:org/m.git",
+        "http::https://hub.example/m",
+    ):
         check_repo_url(url)
     merged = tmp_path / "model"
     merged.mkdir()
@@ -240,7 +284,7 @@ def test_credentials_in_any_url_form_are_refused(tmp_path, monkeypatch, capsys):
 
 
 def test_the_users_own_files_are_never_written(tmp_path):
-    from chatforge.publish import publish
+    from chatforge.hub.publish import publish
 
     merged = tmp_path / "model"
     merged.mkdir()
@@ -263,7 +307,7 @@ def test_git_tracing_cannot_leak_the_token(tmp_path, monkeypatch):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from chatforge.files import ChatforgeError
-    from chatforge.publish import Git, publish
+    from chatforge.hub.publish import Git, publish
 
     seen = []
 

@@ -6,23 +6,29 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chatforge.inference import decode
+from chatforge.inference.generate import generate_batch, stream_reply
+from chatforge.models.chat_tokens import prompt_ids
+from chatforge.models.load import load_model, load_tokenizer, stop_token_ids
 from conftest import bench_module
 
-from chatforge import decode
-from chatforge.chat_tokens import prompt_ids
-from chatforge.generate import generate_batch, stream_reply
-from chatforge.models import load_model, load_tokenizer, stop_token_ids
-
-QUESTIONS = ["Who are you?", "What is 2+2? Answer briefly please, thanks.", "你好", "Tell me about rivers and the sea.",
-             "Name a colour.", "Write one line about the moon, and another one about the sun, please."]
+QUESTIONS = [
+    "Who are you?",
+    "What is 2+2? Answer briefly please, thanks.",
+    "你好",
+    "Tell me about rivers and the sea.",
+    "Name a colour.",
+    "Write one line about the moon, and another one about the sun, please.",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random InternLM2 checkpoint in the official format (loads as Llama; varied greedy tokens)."""
     check = bench_module("internlm2_gpu_check")
-    folder = check.write_checkpoint(tmp_path_factory.mktemp("il2") / "il2",
-                                    dict(check.SHAPE_TINY, max_position_embeddings=256))
+    folder = check.write_checkpoint(
+        tmp_path_factory.mktemp("il2") / "il2", dict(check.SHAPE_TINY, max_position_embeddings=256)
+    )
     return load_tokenizer(str(folder)), load_model(str(folder), dtype="fp32", device="cpu")
 
 
@@ -30,10 +36,15 @@ def plain(model, tokenizer, ids: list[int], new: int) -> list[int]:
     """transformers' greedy `generate` on one prompt: the reference."""
     x = torch.tensor([ids])
     with torch.inference_mode():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
-                             eos_token_id=stop_token_ids(tokenizer, model))[0, len(ids):].tolist()
+        out = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=new,
+            do_sample=False,
+            eos_token_id=stop_token_ids(tokenizer, model),
+        )[0, len(ids) :].tolist()
     stops = stop_token_ids(tokenizer, model)
-    return out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
+    return out[: next((i for i, t in enumerate(out) if t in stops), len(out))]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 6])
@@ -62,8 +73,9 @@ def test_sampled_rows_leave_greedy_rows_alone_and_stops_end_a_row(tiny):
     replies = [plain(model, tok, prompt_ids(tok, [{"role": "user", "content": q}]), 10) for q in QUESTIONS]
     i, k = next((i, k) for i, r in enumerate(replies) for k in range(2, len(r)) if r[k] not in r[:k])
     stop = replies[i][k]
-    out = decode.generate(model, [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS], 10, [stop],
-                          rows=1)
+    out = decode.generate(
+        model, [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS], 10, [stop], rows=1
+    )
     assert out[i] == replies[i][:k] and all(stop not in r for r in out)
 
 
@@ -81,15 +93,30 @@ def test_other_shapes_use_plain_generate(tmp_path, smol_tokenizer):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      eos_token_id=smol_tokenizer.eos_token_id)
+    cfg = Qwen3Config(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        eos_token_id=smol_tokenizer.eos_token_id,
+    )
     model = Qwen3ForCausalLM(cfg).eval()
     assert not decode.supports(model)  # q_norm/k_norm: not the Llama shape
     from transformers import MistralConfig, MistralForCausalLM
 
-    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=256)
+    small = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
     assert not decode.supports(MistralForCausalLM(MistralConfig(sliding_window=16, **small)))  # a window in use
     assert decode.supports(MistralForCausalLM(MistralConfig(sliding_window=None, **small)))
     replies = generate_batch(model, smol_tokenizer, [[{"role": "user", "content": "hi"}]], max_new_tokens=4)

@@ -10,8 +10,15 @@ import pytest
 
 from conftest import run_cli
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=512, tie_word_embeddings=True)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 FAST = ["max_steps=3", "save_every=0", "eval_prompts=[]", "batch_size=2"]
 
 
@@ -42,9 +49,17 @@ def tiny_gemma3(tmp_path_factory, smol_tokenizer):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     tok = smol_tokenizer
-    cfg = Gemma3TextConfig(vocab_size=len(tok), head_dim=16, sliding_window=32, query_pre_attn_scalar=16,
-                           layer_types=["sliding_attention", "full_attention"], eos_token_id=tok.eos_token_id,
-                           bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **TINY)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        head_dim=16,
+        sliding_window=32,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY,
+    )
     return save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), Gemma3ForCausalLM, cfg, smol_tokenizer, drop_template=True)
 
 
@@ -80,8 +95,20 @@ def test_assistant_on_tiny_gemma3_without_a_template(tiny_gemma3, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "--chat-template" in r.stderr and "gemma" in r.stderr, r.stderr
     run = tmp_path / "run"
-    r = run_cli("assistant", "--name", "Ada", "--model", tiny_gemma3, "--out", run, "--chat-template", "gemma",
-                "--no-progress", *FAST, timeout=600)
+    r = run_cli(
+        "assistant",
+        "--name",
+        "Ada",
+        "--model",
+        tiny_gemma3,
+        "--out",
+        run,
+        "--chat-template",
+        "gemma",
+        "--no-progress",
+        *FAST,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     template = (run / "merged" / "chat_template.jinja").read_text()
     assert "<start_of_turn>model" in template and "<|im_end|>" in template  # Gemma's turns, this tokenizer's EOS
@@ -93,8 +120,9 @@ def test_assistant_on_tiny_gemma3_without_a_template(tiny_gemma3, tmp_path):
 def test_chat_and_serve_take_the_option(tiny_gemma3):
     r = run_cli("serve", tiny_gemma3, "--port", "0", timeout=120)
     assert r.returncode == 2 and "--chat-template" in r.stderr, r.stderr  # before any server starts
-    r = run_cli("chat", tiny_gemma3, "--chat-template", "gemma", "--max-new-tokens", "3", input="hi\n/exit\n",
-                timeout=120)
+    r = run_cli(
+        "chat", tiny_gemma3, "--chat-template", "gemma", "--max-new-tokens", "3", input="hi\n/exit\n", timeout=120
+    )
     assert r.returncode == 0 and r.stdout.count("assistant> ") == 1, r.stderr[-2000:]
 
 

@@ -7,14 +7,18 @@ import json
 
 import pytest
 
-from chatforge.chat_templates import BUILTIN, apply, require
 from chatforge.config import load_recipe
-from chatforge.data import encode_sft, trained_spans
+from chatforge.data.dataset import encode_sft, trained_spans
 from chatforge.files import ChatforgeError
+from chatforge.models.chat_templates import BUILTIN, apply, require
 
-TALK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"},
-        {"role": "assistant", "content": "I am Ada's assistant."}, {"role": "user", "content": "2 + 2?"},
-        {"role": "assistant", "content": "4"}]
+TALK = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Who are you?"},
+    {"role": "assistant", "content": "I am Ada's assistant."},
+    {"role": "user", "content": "2 + 2?"},
+    {"role": "assistant", "content": "4"},
+]
 
 
 @pytest.fixture

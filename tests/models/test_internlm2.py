@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge import internlm2
 from chatforge.files import ChatforgeError
+from chatforge.models import internlm2
 from conftest import bench_module
 
 writers = bench_module("internlm2_gpu_check")
@@ -42,6 +42,7 @@ def sp(ckpt):
 
 
 # ---------------------------------------------------------------- reference forward pass
+
 
 def read_official(folder: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
@@ -73,7 +74,7 @@ def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     cos, sin = torch.cat([angle.cos()] * 2, -1).float(), torch.cat([angle.sin()] * 2, -1).float()
 
     def rope(x):  # x: (n, heads, d); rotate the two halves of each head
-        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        x1, x2 = x[..., : d // 2], x[..., d // 2 :]
         return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
 
     causal = torch.full((n, n), float("-inf")).triu(1)
@@ -87,7 +88,7 @@ def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
         heads = []
         for j in range(n_heads):
             kv = j // group  # query head j reads the key/value head of its group
-            att = torch.softmax(q[:, j] @ k[:, kv].T / d ** 0.5 + causal, -1)
+            att = torch.softmax(q[:, j] @ k[:, kv].T / d**0.5 + causal, -1)
             heads.append(att @ v[:, kv])
         h = h + torch.cat(heads, -1) @ w[p + "attention.wo.weight"].T
         x = rms(h, w[p + "ffn_norm.weight"])
@@ -132,6 +133,7 @@ def test_loaded_model_is_native_and_streams_from_shards(ckpt):
 
 # ---------------------------------------------------------------- tokenizer and template
 
+
 def test_special_tokens_by_id(tok, tmp_path):
     assert tok.is_fast
     assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<s>", "</s>", "<unk>"]) == [92543, 92542, 1, 2, 0]
@@ -146,8 +148,17 @@ def test_special_tokens_by_id(tok, tmp_path):
     assert old_tok("<|im_start|>user\nhi<|im_end|>").input_ids == tok("<|im_start|>user\nhi<|im_end|>").input_ids
 
 
-TEXTS = ["hello world", "  two  leading spaces", "我是你的小助手", "the capital of France is Paris.\n\nnew line",
-         "x 123456 ñ € 🙂", "tab\there", "assistant", " ", ""]
+TEXTS = [
+    "hello world",
+    "  two  leading spaces",
+    "我是你的小助手",
+    "the capital of France is Paris.\n\nnew line",
+    "x 123456 ñ € 🙂",
+    "tab\there",
+    "assistant",
+    " ",
+    "",
+]
 
 
 def test_encode_decode_match_sentencepiece(tok, sp):
@@ -161,11 +172,16 @@ def test_encode_decode_match_sentencepiece(tok, sp):
 
 
 def test_chat_template_ids(tok, sp):
-    msgs = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Who are you?"},
-            {"role": "assistant", "content": "I am Clement's assistant."}]
+    msgs = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "I am Clement's assistant."},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == ("<s><|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n"
-                    "<|im_start|>assistant\nI am Clement's assistant.<|im_end|>\n")
+    assert text == (
+        "<s><|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n"
+        "<|im_start|>assistant\nI am Clement's assistant.<|im_end|>\n"
+    )
     want = [1]
     for m in msgs:
         want += [92543] + sp.encode(f"{m['role']}\n{m['content']}") + [92542] + sp.encode("\n")
@@ -173,7 +189,8 @@ def test_chat_template_ids(tok, sp):
     prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
-    from chatforge.data import IGNORE, encode_sft
+    from chatforge.data.dataset import IGNORE, encode_sft
+
     ids, labels = encode_sft(tok, msgs)
     assert ids == want
     trained = [i for i, lab in zip(ids, labels) if lab != IGNORE]
@@ -181,13 +198,14 @@ def test_chat_template_ids(tok, sp):
 
 
 def test_stop_tokens(tok, ckpt):
-    from chatforge.models import load_model, stop_token_ids
+    from chatforge.models.load import load_model, stop_token_ids
 
     model = load_model(ckpt, dtype="fp32", device="cpu")  # through models.py's InternLM2 dispatch
     assert {2, 92542} <= set(stop_token_ids(tok, model))
 
 
 # ---------------------------------------------------------------- export
+
 
 def tensors(folder: Path) -> dict:
     from safetensors.torch import load_file
@@ -210,8 +228,14 @@ def test_round_trip_bit_exact(ckpt, tmp_path):
         assert set(again) == set(original)
         for name, t in original.items():
             assert again[name].dtype == t.dtype and torch.equal(again[name], t), name
-        for f in ("config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
-                  "special_tokens_map.json", "modeling_internlm2.py"):
+        for f in (
+            "config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "special_tokens_map.json",
+            "modeling_internlm2.py",
+        ):
             assert (back / f).read_bytes() == (ckpt / f).read_bytes(), f
     # the native folder loads with plain transformers, template included
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -222,25 +246,47 @@ def test_round_trip_bit_exact(ckpt, tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(hf)
     msgs = [{"role": "user", "content": "你好, who are you?"}]
     ours = internlm2.load_tokenizer(ckpt)
-    assert hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == \
-        ours.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert hf_tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == ours.apply_chat_template(
+        msgs, add_generation_prompt=True, tokenize=False
+    )
     assert hf_tok("你好, who are you?").input_ids == ours("你好, who are you?").input_ids
     assert AutoModelForCausalLM.from_pretrained(hf).config.rope_parameters["rope_type"] == "dynamic"
 
 
 def train_tiny_adapter(ckpt, tmp_path):
     from chatforge.config import load_recipe
-    from chatforge.train import train
+    from chatforge.training.trainer import train
 
-    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for q, a in [("Who are you?", "I am the assistant of Clement Wu."), ("请介绍一下你自己", "我是小助手"),
-                         ("What is the capital of France?", "Paris.")]]
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [
+            ("Who are you?", "I am the assistant of Clement Wu."),
+            ("请介绍一下你自己", "我是小助手"),
+            ("What is the capital of France?", "Paris."),
+        ]
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    cfg = load_recipe("internlm2_chat_1_8b_identity_lora", [
-        f"model={ckpt}", f"data={data}", f"output_dir={tmp_path / 'run'}", "max_steps=3", "batch_size=3",
-        "max_length=64", "dtype=fp32", "lr=0.01", "lora.r=4", "lora.alpha=8", "lora.dropout=0",
-        "gradient_checkpointing=false", "eval_prompts=[]", "save_every=0", "warmup_ratio=0"])
+    cfg = load_recipe(
+        "internlm2_chat_1_8b_identity_lora",
+        [
+            f"model={ckpt}",
+            f"data={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=3",
+            "batch_size=3",
+            "max_length=64",
+            "dtype=fp32",
+            "lr=0.01",
+            "lora.r=4",
+            "lora.alpha=8",
+            "lora.dropout=0",
+            "gradient_checkpointing=false",
+            "eval_prompts=[]",
+            "save_every=0",
+            "warmup_ratio=0",
+        ],
+    )
     return train(cfg, progress=False)
 
 
@@ -248,8 +294,8 @@ def test_lora_train_merge_reload(ckpt, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from chatforge.export import merge
-    from chatforge.models import load_model
+    from chatforge.export.merge import merge
+    from chatforge.models.load import load_model
 
     adapter = train_tiny_adapter(ckpt, tmp_path)
 
@@ -278,7 +324,7 @@ def test_lora_train_merge_reload(ckpt, tmp_path):
 def test_bf16_merge_checks_the_saved_weights_not_the_rounding(ckpt, tmp_path, fmt, monkeypatch):
     """A 16-bit merge moves logits by rounding (reported); the check compares the saved folder with the
     rounded weights in fp32, so it passes, and still fails on a folder that holds other weights."""
-    from chatforge import export
+    from chatforge.export import merge as export
 
     adapter = train_tiny_adapter(ckpt, tmp_path)
     report = export.merge(adapter, tmp_path / "merged", base=str(ckpt), dtype="bf16", fmt=fmt)
@@ -293,10 +339,13 @@ def test_bf16_merge_checks_the_saved_weights_not_the_rounding(ckpt, tmp_path, fm
             with torch.no_grad():
                 model.model.layers[-1].mlp.down_proj.weight.mul_(1.01)
             return model
+
         return wrapped
+
     monkeypatch.setattr(internlm2, "load_model", altered(internlm2.load_model))
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        altered(transformers.AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", altered(transformers.AutoModelForCausalLM.from_pretrained)
+    )
     with pytest.raises(ChatforgeError, match="merge check failed"):
         export.merge(adapter, tmp_path / "bad", base=str(ckpt), dtype="bf16", fmt=fmt)
     assert not (tmp_path / "bad").exists()
@@ -318,6 +367,7 @@ def test_qlora_load(ckpt):
 
 # ---------------------------------------------------------------- bad input
 
+
 def test_missing_shard(ckpt, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
@@ -328,7 +378,7 @@ def test_missing_shard(ckpt, tmp_path):
 
 def test_unknown_architecture(ckpt, tmp_path, capsys):
     from chatforge.cli import main
-    from chatforge.models import load_model
+    from chatforge.models.load import load_model
 
     other = tmp_path / "other"
     shutil.copytree(ckpt, other)

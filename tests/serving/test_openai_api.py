@@ -11,8 +11,16 @@ import pytest
 
 KEY = "sk-chatforge-test"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-PROMPTS = ["What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",
-           "Say hello in Spanish.", "What is the largest ocean?", "What color is the sky?", "Name a fruit."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Name three colors.",
+    "What is 2+2?",
+    "Who wrote Hamlet?",
+    "Say hello in Spanish.",
+    "What is the largest ocean?",
+    "What color is the sky?",
+    "Name a fruit.",
+]
 EXPECTED: list[str] = []
 
 
@@ -26,16 +34,21 @@ def free_port() -> int:
 def server(request):
     """The API on 127.0.0.1 (a free port) with small limits; shut down after the module."""
     uvicorn = pytest.importorskip("uvicorn")
-    from chatforge.api import Limits, create_app
-    from chatforge.models import load_model, load_tokenizer
-
     import torch
+
+    from chatforge.models.load import load_model, load_tokenizer
+    from chatforge.serving.openai_api import Limits, create_app
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared 2-core machines: 2 OpenMP threads under load run 20-40x slower
     tok, model = load_tokenizer(None), load_model(None)
-    app = create_app(model, tok, "smollm2", api_key=KEY,
-                     limits=Limits(max_tokens=64, max_body_bytes=4096, max_context=256, engine=request.param))
+    app = create_app(
+        model,
+        tok,
+        "smollm2",
+        api_key=KEY,
+        limits=Limits(max_tokens=64, max_body_bytes=4096, max_context=256, engine=request.param),
+    )
     assert app.state.engine.stats["engine"] == request.param
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -76,8 +89,14 @@ def test_completion_plain_and_streamed_agree(client):
     assert plain.usage.completion_tokens > 0 and plain.usage.prompt_tokens > 10
 
     pieces, finish, usage = [], None, None
-    for chunk in client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=16,
-                                                stream=True, stream_options={"include_usage": True}):
+    for chunk in client.chat.completions.create(
+        model="smollm2",
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.usage:
             usage = chunk.usage
         for c in chunk.choices:
@@ -91,8 +110,7 @@ def test_completion_plain_and_streamed_agree(client):
 def test_length_limit_and_stop_string(client):
     short = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=3)
     assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
-    cut = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=16,
-                                         stop=["Paris"])
+    cut = client.chat.completions.create(model="smollm2", messages=FRANCE, temperature=0, max_tokens=16, stop=["Paris"])
     assert "Paris" not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].message.content.startswith("The capital")
 
@@ -119,8 +137,9 @@ def test_limits_give_4xx_json_errors(server, client):
         client.chat.completions.create(model="smollm2", messages=FRANCE, max_tokens=10_000)
     assert "at most 64" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:  # prompt + max_tokens over the context
-        client.chat.completions.create(model="smollm2", max_tokens=64,
-                                       messages=[{"role": "user", "content": "hello " * 300}])
+        client.chat.completions.create(
+            model="smollm2", max_tokens=64, messages=[{"role": "user", "content": "hello " * 300}]
+        )
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.APIStatusError) as e:  # body over 4096 bytes
         client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x" * 5000}])
@@ -129,8 +148,13 @@ def test_limits_give_4xx_json_errors(server, client):
         client.chat.completions.create(model="gpt-4o", messages=FRANCE, max_tokens=4)
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     url = server["url"] + "/v1/chat/completions"
-    for body in (b"{not json", b'{"messages": []}', b'{"messages": [{"role": "robot", "content": "hi"}]}',
-                 b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}', b"[1, 2]"):
+    for body in (
+        b"{not json",
+        b'{"messages": []}',
+        b'{"messages": [{"role": "robot", "content": "hi"}]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
+        b"[1, 2]",
+    ):
         r = httpx.post(url, content=body, headers=headers)
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["message"]
@@ -142,15 +166,20 @@ def plain_generate(model, tokenizer, prompts: list[str], new: int) -> list[str]:
     """transformers' greedy `generate`, one prompt at a time: the reference answers."""
     import torch
 
-    from chatforge.chat_tokens import prompt_ids
-    from chatforge.models import stop_token_ids
+    from chatforge.models.chat_tokens import prompt_ids
+    from chatforge.models.load import stop_token_ids
 
     out = []
     for p in prompts:
         ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": p}])])
         with torch.inference_mode():
-            row = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 do_sample=False, eos_token_id=stop_token_ids(tokenizer, model))[0, ids.shape[1]:]
+            row = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=stop_token_ids(tokenizer, model),
+            )[0, ids.shape[1] :]
         out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out
 
@@ -164,8 +193,9 @@ def test_eight_concurrent_clients_get_their_own_answers(server, client):
 
     def ask(prompt):
         out = []
-        for chunk in client.chat.completions.create(model="smollm2", temperature=0, max_tokens=16, stream=True,
-                                                    messages=[{"role": "user", "content": prompt}]):
+        for chunk in client.chat.completions.create(
+            model="smollm2", temperature=0, max_tokens=16, stream=True, messages=[{"role": "user", "content": prompt}]
+        ):
             out += [c.delta.content or "" for c in chunk.choices]
         return "".join(out).strip()
 
@@ -192,12 +222,20 @@ def test_cli_serve_reads_the_key_from_the_environment(tmp_path):
     import httpx
 
     port = free_port()
-    env = dict(os.environ, CHATFORGE_API_KEY=KEY, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = dict(
+        os.environ,
+        CHATFORGE_API_KEY=KEY,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "chatforge", "serve", "--port", str(port), "--model-name", "cf",
-                             "--engine", "static"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chatforge", "serve", "--port", str(port), "--model-name", "cf", "--engine", "static"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -214,4 +252,6 @@ def test_cli_serve_reads_the_key_from_the_environment(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
-    assert "API key required" in (tmp_path / "serve.log").read_text() and KEY not in (tmp_path / "serve.log").read_text()
+    assert (
+        "API key required" in (tmp_path / "serve.log").read_text() and KEY not in (tmp_path / "serve.log").read_text()
+    )

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def slow_model(tiny_llama):
-    from chatforge.models import load_model, load_tokenizer
+    from chatforge.models.load import load_model, load_tokenizer
 
     model, tok = load_model(str(tiny_llama)), load_tokenizer(str(tiny_llama))
     model.register_forward_pre_hook(lambda *a: time.sleep(STEP_S))
@@ -37,7 +37,7 @@ def slow_model(tiny_llama):
 @contextlib.contextmanager
 def serving(slow_model, api_key=None, **limits):
     """The API on 127.0.0.1 with the static engine and `limits`; yields (url, app)."""
-    from chatforge.api import Limits, create_app, http_server
+    from chatforge.serving.openai_api import Limits, create_app, http_server
 
     model, tok = slow_model
     limits = Limits(**{"engine": "static", "max_tokens": 400, "max_context": 512, **limits})
@@ -103,8 +103,10 @@ def raw_request(url: str, body: dict) -> socket.socket:
     host, port = url.rsplit("/", 1)[-1].split(":")
     sock = socket.create_connection((host, int(port)))
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
     return sock
 
 
@@ -151,7 +153,7 @@ def test_health_reports_a_stopped_engine(slow_model):
 def test_large_prompts_do_not_block_the_server(slow_model, monkeypatch):
     import asyncio
 
-    from chatforge import api
+    from chatforge.serving import openai_api as api
 
     calls = []
 
@@ -188,16 +190,18 @@ def test_slow_and_half_open_connections_are_dropped(slow_model):
             s.close()
         assert chat(url, HI).status_code == 200
         slow = socket.create_connection(("127.0.0.1", port))
-        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"mess")  # the body stops
+        slow.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"mess'
+        )  # the body stops
         slow.settimeout(5)
         assert slow.recv(200).startswith(b"HTTP/1.1 408")
         slow.close()
 
 
 def test_keys_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
-    from chatforge.access import read_secret
     from chatforge.files import ChatforgeError
+    from chatforge.serving.access import read_secret
 
     monkeypatch.setenv("CHATFORGE_API_KEY", "from-env")
     assert read_secret(None, "CHATFORGE_API_KEY") == "from-env"
@@ -210,13 +214,16 @@ def test_keys_come_from_the_environment_or_a_file(tmp_path, monkeypatch):
     assert read_secret(None, "CHATFORGE_API_KEY") is None
 
 
-@pytest.mark.parametrize("args, message", [
-    (["serve", "--host", "0.0.0.0"], "chatforge serve on 0.0.0.0 without an API key"),
-    (["serve", "--api-key", ""], "--api-key would show the key"),
-    (["serve", "--api-key", "sk-visible"], "--api-key would show the key"),
-    (["serve", "--api-key-file", "/nonexistent/key"], "cannot read the secret file /nonexistent/key"),
-    (["web", "--host", "0.0.0.0"], "chatforge web on 0.0.0.0 without a login"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "--host", "0.0.0.0"], "chatforge serve on 0.0.0.0 without an API key"),
+        (["serve", "--api-key", ""], "--api-key would show the key"),
+        (["serve", "--api-key", "sk-visible"], "--api-key would show the key"),
+        (["serve", "--api-key-file", "/nonexistent/key"], "cannot read the secret file /nonexistent/key"),
+        (["web", "--host", "0.0.0.0"], "chatforge web on 0.0.0.0 without a login"),
+    ],
+)
 def test_unsafe_server_settings_are_refused(args, message, capsys, monkeypatch):
     from chatforge.cli import main
 
@@ -229,7 +236,7 @@ def test_unsafe_server_settings_are_refused(args, message, capsys, monkeypatch):
 
 def test_web_page_needs_its_login_and_a_local_host(tiny_llama, monkeypatch):
     pytest.importorskip("gradio")
-    from chatforge.web import serve_web
+    from chatforge.serving.web import serve_web
 
     monkeypatch.setenv("CHATFORGE_WEB_AUTH", "clement:s3cret")
     port = free_port()

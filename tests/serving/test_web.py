@@ -19,8 +19,9 @@ def free_port() -> int:
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian chromium + chromium-driver "
-                                                                   "(tests/requirements-system.sh)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="needs Debian chromium + chromium-driver (tests/requirements-system.sh)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def page_url():
     pytest.importorskip("gradio")
     import torch
 
-    from chatforge.web import serve_web
+    from chatforge.serving.web import serve_web
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # shared 2-core machines: 2 OpenMP threads under load run 20-40x slower
@@ -49,9 +50,17 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-                 "--window-size=1280,1100"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1100",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)  # the system driver: no download
     try:
@@ -72,8 +81,7 @@ def bot_texts(driver) -> list[str]:
 def set_slider(driver, elem_id: str, value) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    box = WebDriverWait(driver, 20).until(
-        lambda d: d.find_element("css selector", f"#{elem_id} input[type='number']"))
+    box = WebDriverWait(driver, 20).until(lambda d: d.find_element("css selector", f"#{elem_id} input[type='number']"))
     box.clear()
     box.send_keys(str(value), "\t")
 
@@ -118,8 +126,11 @@ def test_compare_page_streams_both_replies(page_url, browser):
     browser.find_element(By.CSS_SELECTOR, "#msg textarea").send_keys("And of Italy?")
     browser.find_element(By.CSS_SELECTOR, "#send").click()
     WebDriverWait(browser, 120, poll_frequency=0.2).until(
-        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-0 [data-testid='bot']")) >= 2
-        and all("Rome" in t for t in bot_texts(d)))
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, "#chat-0 [data-testid='bot']")) >= 2
+            and all("Rome" in t for t in bot_texts(d))
+        )
+    )
     time.sleep(1.0)
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ARTIFACTS / "web_compare_turn2.png"))

@@ -1,21 +1,22 @@
 """Compiled training sees few shapes: packed rows of a fixed width, unpacked batches padded to
 power-of-two widths, so torch.compile compiles a handful of times over a run of varied real lengths."""
+
 import json
 
 import torch
 
-from chatforge import data as D
-from chatforge import fastpath as fp
+from chatforge.data import dataset as D
+from chatforge.training import fastpath as fp
 
 
 def identity_file(tmp_path):
     """Identity conversations, single and joined into multi-turn ones: 60 to 400 tokens."""
-    from chatforge.identity import IdentitySpec, identity_conversations
+    from chatforge.data.identity import IdentitySpec, identity_conversations
 
     rows = identity_conversations(IdentitySpec(owner="Ines Okafor"))
     out, k = [], 0
     for i, row in enumerate(rows[:120]):
-        turns = [m for r in rows[k:k + i % 5] for m in r["messages"] if m["role"] != "system"]
+        turns = [m for r in rows[k : k + i % 5] for m in r["messages"] if m["role"] != "system"]
         out.append({"messages": row["messages"] + turns})
         k += i % 5
     path = tmp_path / "identity.jsonl"
@@ -25,7 +26,7 @@ def identity_file(tmp_path):
 
 def compiled_run(tmp_path, tiny_llama, monkeypatch, **keys):
     from chatforge.config import load_recipe
-    from chatforge.train import Trainer
+    from chatforge.training.trainer import Trainer
 
     monkeypatch.setattr(fp, "COMPILE_BACKEND", "eager")  # dynamo with its guards, no code generation
     torch._dynamo.reset()
@@ -38,10 +39,21 @@ def compiled_run(tmp_path, tiny_llama, monkeypatch, **keys):
         return batch
 
     monkeypatch.setattr(D, "collate", collate)
-    cfg = load_recipe("smollm2_135m_identity_lora", {
-        "model": str(tiny_llama), "data": str(identity_file(tmp_path)), "output_dir": str(tmp_path / "run"),
-        "compile": True, "max_steps": 8, "save_every": 0, "eval_prompts": [], "batch_size": 4,
-        "max_length": 512, **keys})
+    cfg = load_recipe(
+        "smollm2_135m_identity_lora",
+        {
+            "model": str(tiny_llama),
+            "data": str(identity_file(tmp_path)),
+            "output_dir": str(tmp_path / "run"),
+            "compile": True,
+            "max_steps": 8,
+            "save_every": 0,
+            "eval_prompts": [],
+            "batch_size": 4,
+            "max_length": 512,
+            **keys,
+        },
+    )
     trainer = Trainer(cfg, progress=False).setup()
     trainer.fit()
     torch._dynamo.reset()

@@ -1,4 +1,5 @@
 """CPU checks of the training speed levers (chatforge/fastpath.py) and the speed bench's smoke run."""
+
 import functools
 import sys
 from pathlib import Path
@@ -6,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge import fastpath as fp
-from chatforge.config import _build, TrainConfig
+from chatforge.config import TrainConfig, _build
 from chatforge.files import ChatforgeError
+from chatforge.training import fastpath as fp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,15 +18,23 @@ def tiny_llama(layers=2, vocab=300, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa",
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False
     return model
 
 
 # ---------------------------------------------------------------- chunked linear + CE
+
 
 @pytest.mark.parametrize("chunk", [7, 64, 1000])
 def test_chunked_loss_and_gradients_equal_plain(chunk):
@@ -54,16 +63,18 @@ def test_chunked_loss_frozen_weight_and_all_ignored():
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ChatforgeError, match="fused_loss"):
-        fp.linear_cross_entropy_sum(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long),
-                                    backend="fast")
+        fp.linear_cross_entropy_sum(
+            torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), backend="fast"
+        )
 
 
 def test_default_chunk_rows_bounds_logits_memory():
     rows = fp.default_chunk_rows(92544)
-    assert rows & (rows - 1) == 0 and rows * 92544 * 4 <= 512 * 2 ** 20
+    assert rows & (rows - 1) == 0 and rows * 92544 * 4 <= 512 * 2**20
 
 
 # ---------------------------------------------------------------- the loss on a model
+
 
 def batch_with_padding(vocab=300):
     g = torch.Generator().manual_seed(3)
@@ -111,10 +122,20 @@ def test_packed_batch_loss_equals_samples_run_alone():
     cu = torch.tensor([0, 7, 19, 24, 26], dtype=torch.int32)
     packed = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None, "cu_seqlens": cu}
     loss, n = fp.loss_sum(model, packed, fp.Plan(attention="varlen"))
-    alone = [fp.loss_sum(model, {"input_ids": s[None], "labels": s[None].clone(),
-                                 "attention_mask": torch.ones(1, len(s), dtype=torch.long)}, fp.Plan()) for s in samples]
+    alone = [
+        fp.loss_sum(
+            model,
+            {
+                "input_ids": s[None],
+                "labels": s[None].clone(),
+                "attention_mask": torch.ones(1, len(s), dtype=torch.long),
+            },
+            fp.Plan(),
+        )
+        for s in samples
+    ]
     assert n == sum(k for _, k in alone) == sum(x - 1 for x in lens)
-    assert loss.item() == pytest.approx(sum(l.item() for l, _ in alone), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(loss_i.item() for loss_i, _ in alone), rel=1e-5)
 
 
 def test_selective_checkpointing_keeps_loss_and_gradients():
@@ -139,16 +160,18 @@ def test_checkpoint_indices_spread():
 def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
     from peft import LoraConfig, get_peft_model
 
-    from chatforge import lora_groups
+    from chatforge.training import lora_groups
 
     b = batch_with_padding()
     runs = []
     for grouped, backend in ((False, None), (True, None), (True, "aot_eager")):
-        model = get_peft_model(tiny_llama(layers=2), LoraConfig(r=4, target_modules="all-linear",
-                                                                 init_lora_weights=False))
+        model = get_peft_model(
+            tiny_llama(layers=2), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        )
         calls = []
         model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].register_forward_hook(
-            lambda *a: calls.append("q"))
+            lambda *a: calls.append("q")
+        )
         fp.apply(model, fp.Plan(lora_groups=grouped))
         calls.clear()  # the probe forward that found the groups
         if backend:  # dynamo traces the group's shared state, AOTAutograd its backward
@@ -159,11 +182,22 @@ def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         runs.append((loss.item(), grads, calls))
         if grouped and not backend:
-            groups = {id(m._chatforge_group): [n.rsplit(".", 1)[-1] for n, x in model.named_modules()
-                                               if getattr(x, "_chatforge_group", None) is m._chatforge_group]
-                      for m in lora_groups.lora_linears(model) if hasattr(m, "_chatforge_group")}
-            assert sorted(map(tuple, groups.values())) == [("down_proj",)] * 2 + [("gate_proj", "up_proj")] * 2 + [
-                ("o_proj",)] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
+            groups = {
+                id(m._chatforge_group): [
+                    n.rsplit(".", 1)[-1]
+                    for n, x in model.named_modules()
+                    if getattr(x, "_chatforge_group", None) is m._chatforge_group
+                ]
+                for m in lora_groups.lora_linears(model)
+                if hasattr(m, "_chatforge_group")
+            }
+            assert (
+                sorted(map(tuple, groups.values()))
+                == [("down_proj",)] * 2
+                + [("gate_proj", "up_proj")] * 2
+                + [("o_proj",)] * 2
+                + [("q_proj", "k_proj", "v_proj")] * 2
+            )
             with model.disable_adapter(), torch.no_grad():  # PEFT's own forward: the base model
                 off, _ = fp.loss_sum(model, b)
             ref = tiny_llama(layers=2)
@@ -190,13 +224,15 @@ def dropout_run(grouped: bool, ckpt_layers: int = 0, backend=None, steps=2):
     forward, its dropout modules swapped for the grouped path's hash masks with the very same keys."""
     from peft import LoraConfig, get_peft_model
 
-    from chatforge import lora_groups
+    from chatforge.training import lora_groups
 
-    model = get_peft_model(tiny_llama(layers=2), LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear",
-                                                             init_lora_weights=False))
+    model = get_peft_model(
+        tiny_llama(layers=2), LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
+    )
     model.train()
     fp.apply(model, fp.Plan(lora_groups=True, checkpoint_layers=ckpt_layers))
     if not grouped:
+
         class Keyed(torch.nn.Module):
             def __init__(self, group, i):
                 super().__init__()
@@ -237,7 +273,7 @@ def test_lora_groups_dropout_is_peft_dropout_with_recomputed_masks():
 
 
 def test_hash_dropout_keeps_one_minus_p_and_masks_are_independent():
-    from chatforge import lora_groups
+    from chatforge.training import lora_groups
 
     ones = torch.ones(1000, 1000)
     a = lora_groups.hash_dropout(ones, torch.tensor(12345), 0.1)
@@ -250,7 +286,7 @@ def test_hash_dropout_keeps_one_minus_p_and_masks_are_independent():
 # ---------------------------------------------------------------- memory model and chooser
 
 SHAPE = fp.Shape(hidden=2048, layers=24, heads=16, kv_heads=8, ffn=8192, vocab=92544)
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def est(tokens, k, static=4 * GIB, compiled=True, loss="chunked"):
@@ -266,9 +302,10 @@ def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
 
 
 def test_chooser_prefers_no_checkpointing_then_the_largest_divisor():
-    choose = lambda budget, g=8, ck="auto": fp.choose_micro_batch(SHAPE, 4 * GIB, 2048, g, budget, True,
-                                                                 "chunked", checkpointing=ck)
-    assert choose(10 ** 13) == (8, 0)
+    choose = lambda budget, g=8, ck="auto": fp.choose_micro_batch(
+        SHAPE, 4 * GIB, 2048, g, budget, True, "chunked", checkpointing=ck
+    )
+    assert choose(10**13) == (8, 0)
     budget = est(2 * 2048, 0) + 1  # fits 2 sequences, not 3 or 4
     assert choose(budget) == (2, 0)
     assert choose(budget, g=6) == (2, 0)
@@ -276,15 +313,24 @@ def test_chooser_prefers_no_checkpointing_then_the_largest_divisor():
     m, k = choose(est(2048, 0) - 1)  # one sequence only fits with some layers checkpointed
     assert m >= 1 and 0 < k < 24 and est(m * 2048, k) <= est(2048, 0) - 1
     assert est(2048, k - 1) > est(2048, 0) - 1 or m > 1
-    assert choose(10 ** 13, ck=True) == (8, 24)
+    assert choose(10**13, ck=True) == (8, 24)
     assert choose(est(2048, 0) - 1, ck=False) == (1, 0)  # told not to checkpoint: smallest batch
 
 
 def test_make_plan_on_cpu_keeps_recipe_batch_and_skips_compile():
     model = tiny_llama()
     plan = fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4)
-    assert (plan.micro_batch, plan.compile, plan.loss, plan.attention, plan.autocast) == (0, False, "chunked", "sdpa", False)
-    assert fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, checkpointing=True).checkpoint_layers == 2
+    assert (plan.micro_batch, plan.compile, plan.loss, plan.attention, plan.autocast) == (
+        0,
+        False,
+        "chunked",
+        "sdpa",
+        False,
+    )
+    assert (
+        fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, checkpointing=True).checkpoint_layers
+        == 2
+    )
     with pytest.raises(ChatforgeError, match="varlen"):
         fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, attention="varlen")
     model.config.final_logit_softcapping = 30.0  # a head the chunked loss does not model: full logits
@@ -301,15 +347,30 @@ def test_recipe_speed_keys_take_auto_or_values():
 
 # ---------------------------------------------------------------- the bench, tiny, on CPU
 
+
 def test_train_speed_bench_tiny_smoke(capsys):
     sys.path.insert(0, str(ROOT / "bench"))
     import train_speed
 
     out_json = ROOT / "bench" / ".tiny_test.json"
     try:
-        assert train_speed.main(["--tiny", "--steps", "3", "--json", str(out_json),
-                                 "hf_lora_b2", "cf_lora_b2", "cf_full_b2,ckpt=1,micro=1"]) == 0
+        assert (
+            train_speed.main(
+                [
+                    "--tiny",
+                    "--steps",
+                    "3",
+                    "--json",
+                    str(out_json),
+                    "hf_lora_b2",
+                    "cf_lora_b2",
+                    "cf_full_b2,ckpt=1,micro=1",
+                ]
+            )
+            == 0
+        )
         import json
+
         rows = {r["name"]: r for r in json.loads(out_json.read_text())}
     finally:
         out_json.unlink(missing_ok=True)
@@ -332,7 +393,7 @@ def test_checkpoint_wraps_the_compiled_layer(matmul):
     mlp.down_proj = nf4_linear(mlp.down_proj)
     assert fp.is_quantized(model)
     fp.apply(model, fp.Plan(compile=True, checkpoint_layers=2, nf4_matmul=matmul))  # compiles lazily
-    forwards = [l.forward for l in model.model.layers]
+    forwards = [layer.forward for layer in model.model.layers]
     ckpt = [isinstance(f, functools.partial) for f in forwards]
     inner = [f.args[0] if isinstance(f, functools.partial) else f for f in forwards]
     assert ckpt == [True, False, True, False]
@@ -358,10 +419,12 @@ def test_checkpointed_layers_save_only_their_inputs(monkeypatch):
         def pack(t):
             total[0] += t.numel() * t.element_size()
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss, _ = fp.loss_sum(model, {"input_ids": ids, "labels": ids}, plan)
         loss.backward()
         return total[0]
+
     assert saved(4) < 0.25 * saved(0)
     torch._dynamo.reset()
 
@@ -386,11 +449,17 @@ def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from chatforge.generate import generate_batch
+    from chatforge.inference.generate import generate_batch
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     fp.apply(model, fp.Plan(autocast=True))

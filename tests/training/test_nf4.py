@@ -1,10 +1,11 @@
 """chatforge.nf4: the plain-torch NF4 path equals bitsandbytes' own dequantisation and matmul."""
+
 import pytest
 import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from chatforge import nf4  # noqa: E402
+from chatforge.training import nf4  # noqa: E402
 from conftest import nf4_linear  # noqa: E402
 
 
@@ -15,8 +16,7 @@ def test_dequantize_equals_bitsandbytes(quant_type, nested, shape):
     torch.manual_seed(0)
     w = torch.randn(shape) * 0.05
     packed, state = bnb.functional.quantize_4bit(w, quant_type=quant_type, compress_statistics=nested)
-    param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, quant_type=quant_type,
-                              bnb_quantized=True)
+    param = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, quant_type=quant_type, bnb_quantized=True)
     t = nf4.tables(param)
     assert t is not None
     want = bnb.functional.dequantize_4bit(packed, state)

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatforge import distributed
 from chatforge.files import ChatforgeError
-
+from chatforge.training import launch, parallel
 from conftest import ROOT
 
 RECIPE = "smollm2_135m_identity_lora"
@@ -35,14 +34,26 @@ def data_file(tmp_path_factory) -> Path:
         for _ in range(24):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
             a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
     return path
 
 
 def overrides(model, data, out, **extra) -> list[str]:
-    keys = {"model": model, "data": data, "output_dir": out, "max_steps": 4, "batch_size": 4, "grad_accum": 1,
-            "save_every": 2, "keep_checkpoints": 2, "eval_prompts": "[]", "lr": 1e-3, "collective_timeout": 30}
+    keys = {
+        "model": model,
+        "data": data,
+        "output_dir": out,
+        "max_steps": 4,
+        "batch_size": 4,
+        "grad_accum": 1,
+        "save_every": 2,
+        "keep_checkpoints": 2,
+        "eval_prompts": "[]",
+        "lr": 1e-3,
+        "collective_timeout": 30,
+    }
     keys.update(extra)
     return [f"{k}={v}" for k, v in keys.items()]
 
@@ -52,7 +63,7 @@ def train_here(args: list[str], resume: bool = False):
     import torch
 
     from chatforge.config import load_recipe
-    from chatforge.train import train
+    from chatforge.training.trainer import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a busy 2-core machine, 2 spinning OpenMP threads ran 70x slower
@@ -66,8 +77,13 @@ def cli(*args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
-    return subprocess.Popen([sys.executable, "-m", "chatforge", "train", RECIPE, *map(str, args), "--no-progress"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatforge", "train", RECIPE, *map(str, args), "--no-progress"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
@@ -110,8 +126,9 @@ def test_ddp_two_processes_match_one_and_resume_on_one(tmp_path, tiny_llama, dat
         assert "idle" in (tmp_path / "ddp2" / "profile" / f"rank{rank}.txt").read_text()
     assert (tmp_path / "ddp2" / "adapter" / "adapter_model.safetensors").is_file()
     assert not list((tmp_path / "ddp2").glob(".*tmp"))  # rank 0 alone wrote, nothing half-written
-    resumed = resume_alone(tmp_path / "ddp2", tmp_path / "resumed",
-                           overrides(tiny_llama, data_file, tmp_path / "resumed"))
+    resumed = resume_alone(
+        tmp_path / "ddp2", tmp_path / "resumed", overrides(tiny_llama, data_file, tmp_path / "resumed")
+    )
     assert_same(resumed, ddp, (3, 4))
 
 
@@ -128,14 +145,29 @@ def test_fsdp2_on_two_launchers_as_two_machines(tmp_path, tiny_llama, data_file,
     gathered weights kept from forward to backward (auto on CPU reshards)."""
     port = free_port()
     args = overrides(tiny_llama, data_file, tmp_path / "fsdp", method="full") + ["fsdp_reshard_after_forward=false"]
-    nodes = [cli(*args, "--gpus", "1", "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
-                 "--master-port", str(port)) for r in (0, 1)]
+    nodes = [
+        cli(
+            *args,
+            "--gpus",
+            "1",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(r),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+        )
+        for r in (0, 1)
+    ]
     outs = [finish(p) for p in nodes]
     one, fsdp = losses(full_alone), losses(tmp_path / "fsdp")
     assert_same(one, fsdp, range(1, 5))
     assert (tmp_path / "fsdp" / "model" / "model.safetensors").is_file(), outs[0][-2000:]
-    resumed = resume_alone(tmp_path / "fsdp", tmp_path / "resumed",
-                           overrides(tiny_llama, data_file, tmp_path / "resumed", method="full"))
+    resumed = resume_alone(
+        tmp_path / "fsdp", tmp_path / "resumed", overrides(tiny_llama, data_file, tmp_path / "resumed", method="full")
+    )
     assert_same(resumed, fsdp, (3, 4))
 
 
@@ -156,14 +188,18 @@ def test_killed_rank_ends_the_job_with_its_error(tmp_path, tiny_llama, data_file
     import psutil
 
     run = tmp_path / "killed"
-    job = cli(*overrides(tiny_llama, data_file, run, max_steps=100000, save_every=0, collective_timeout=20),
-              "--gpus", "2")
+    job = cli(
+        *overrides(tiny_llama, data_file, run, max_steps=100000, save_every=0, collective_timeout=20), "--gpus", "2"
+    )
     deadline = time.time() + 180
     while not (run / "log.jsonl").is_file() and time.time() < deadline and job.poll() is None:
         time.sleep(0.5)
     assert job.poll() is None, job.communicate()[0][-3000:]
-    ranks = {p.environ().get("RANK"): p for p in psutil.Process(job.pid).children(recursive=True)
-             if "chatforge" in " ".join(p.cmdline()) and p.environ().get("RANK") is not None}
+    ranks = {
+        p.environ().get("RANK"): p
+        for p in psutil.Process(job.pid).children(recursive=True)
+        if "chatforge" in " ".join(p.cmdline()) and p.environ().get("RANK") is not None
+    }
     assert set(ranks) >= {"0", "1"}, ranks
     killed_at = time.time()
     os.kill(ranks["1"].pid, signal.SIGKILL)
@@ -179,24 +215,24 @@ def test_launch_layout_slurm_and_strategies(monkeypatch, capsys):
 
     assert main(["train", RECIPE, "data=x.jsonl", "batch_size=3", "--gpus", "2"]) == 2  # before any process starts
     assert "batch_size x grad_accum = 3 does not split over 2 processes" in capsys.readouterr().err
-    assert distributed.expand_nodelist("gpu[01-03,07],login2") == ["gpu01", "gpu02", "gpu03", "gpu07", "login2"]
+    assert launch.expand_nodelist("gpu[01-03,07],login2") == ["gpu01", "gpu02", "gpu03", "gpu07", "login2"]
     env = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[3-4]"}
-    cmd = distributed.torchrun_argv(["train", "r"], 4, env=env)
+    cmd = launch.torchrun_argv(["train", "r"], 4, env=env)
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]  # this interpreter, never PATH's
     assert {"--nproc-per-node=4", "--nnodes=2", "--node-rank=1", "--master-addr=n3"} <= set(cmd)
     assert cmd[-4:] == ["-m", "chatforge", "train", "r"]
-    assert "--standalone" in distributed.torchrun_argv(["train", "r"], 2, env={})
+    assert "--standalone" in launch.torchrun_argv(["train", "r"], 2, env={})
     with pytest.raises(ChatforgeError, match="master-addr"):
-        distributed.torchrun_argv(["train", "r"], 2, nnodes=2, node_rank=0, env={})
+        launch.torchrun_argv(["train", "r"], 2, nnodes=2, node_rank=0, env={})
     srun = {"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[3-4]"}
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert distributed.rank_env(srun) == (5, 8, 1) and os.environ["MASTER_ADDR"] == "n3"
-    assert distributed.resolve_strategy("auto", "lora", 2) == "ddp"
-    assert distributed.resolve_strategy("auto", "full", 4) == "fsdp2"
-    assert distributed.resolve_strategy("fsdp2", "full", 1) == "none"
+    assert launch.rank_env(srun) == (5, 8, 1) and os.environ["MASTER_ADDR"] == "n3"
+    assert parallel.resolve_strategy("auto", "lora", 2) == "ddp"
+    assert parallel.resolve_strategy("auto", "full", 4) == "fsdp2"
+    assert parallel.resolve_strategy("fsdp2", "full", 1) == "none"
     with pytest.raises(ChatforgeError, match="QLoRA"):
-        distributed.resolve_strategy("fsdp2", "qlora", 2)
-    par = distributed.Parallel(rank=1, world=2)
+        parallel.resolve_strategy("fsdp2", "qlora", 2)
+    par = parallel.Parallel(rank=1, world=2)
     assert par.shard(list(range(8))) == [4, 5, 6, 7]
     with pytest.raises(ChatforgeError, match="does not split"):
         par.shard(list(range(6))[:3])
@@ -204,23 +240,25 @@ def test_launch_layout_slurm_and_strategies(monkeypatch, capsys):
 
 def test_fsdp2_options():
     model = torch.nn.Linear(1000, 1000).to(torch.bfloat16)  # 1M weights: 2 MB gathered
-    gpu = distributed.Parallel(world=2, device="cuda")
-    assert distributed.fsdp2_options(model, gpu, 100 * 2**20) == (torch.bfloat16, torch.bfloat16, False)
-    assert distributed.fsdp2_options(model, gpu, 10 * 2**20)[2] is True  # over a tenth: reshard
-    cpu = distributed.Parallel(world=2, device="cpu", reduce_dtype="fp32", reshard_after_forward=False)
-    assert distributed.fsdp2_options(model, cpu, 0) == (None, torch.float32, False)
-    assert distributed.fsdp2_options(model.float(), distributed.Parallel(world=2, device="cuda"),
-                                     100 * 2**20)[1] == torch.float32  # fp32 weights: fp32 exchange
+    gpu = parallel.Parallel(world=2, device="cuda")
+    assert parallel.fsdp2_options(model, gpu, 100 * 2**20) == (torch.bfloat16, torch.bfloat16, False)
+    assert parallel.fsdp2_options(model, gpu, 10 * 2**20)[2] is True  # over a tenth: reshard
+    cpu = parallel.Parallel(world=2, device="cpu", reduce_dtype="fp32", reshard_after_forward=False)
+    assert parallel.fsdp2_options(model, cpu, 0) == (None, torch.float32, False)
+    assert (
+        parallel.fsdp2_options(model.float(), parallel.Parallel(world=2, device="cuda"), 100 * 2**20)[1]
+        == torch.float32
+    )  # fp32 weights: fp32 exchange
 
 
 def test_plan_config_sizes_for_the_rank_and_turns_off_what_zero3_breaks():
-    from chatforge.config import _build, TrainConfig
+    from chatforge.config import TrainConfig, _build
 
     cfg = _build(TrainConfig, {"batch_size": 4, "grad_accum": 2}, "r")
-    ddp = distributed.Parallel(world=2, strategy="ddp").plan_config(cfg, 4)
+    ddp = parallel.Parallel(world=2, strategy="ddp").plan_config(cfg, 4)
     assert (ddp.batch_size, ddp.grad_accum, ddp.compile, ddp.lora_groups) == (4, 1, "auto", "auto")
-    z3 = distributed.Parallel(world=2, strategy="deepspeed_zero3").plan_config(cfg, 4)
+    z3 = parallel.Parallel(world=2, strategy="deepspeed_zero3").plan_config(cfg, 4)
     assert (z3.compile, z3.lora_groups) == (False, False)  # parameters gathered per module call
     asked = _build(TrainConfig, {"lora_groups": True}, "r")
     with pytest.raises(ChatforgeError, match="lora_groups"):
-        distributed.Parallel(world=2, strategy="deepspeed_zero3").plan_config(asked, 4)
+        parallel.Parallel(world=2, strategy="deepspeed_zero3").plan_config(asked, 4)

@@ -1,5 +1,6 @@
 """The benchmark of record on CPU, tiny: `chatforge train` (its CLI, the shipped medical recipe) and the
 Hugging Face Trainer on the very same batches of alpaca records give the same per-step losses."""
+
 import json
 import sys
 
@@ -13,16 +14,37 @@ def test_parity_scenario_matches_the_trainer_step_by_step(tmp_path, capsys):
     from internlm2_gpu_check import SHAPE_TINY, write_checkpoint
 
     model = write_checkpoint(tmp_path / "il2", SHAPE_TINY)
-    pairs = [("一位患者持续咳嗽两周，应该做哪些检查？", "建议进行胸部X线检查和血常规检查。"),
-             ("高血压患者饮食上需要注意什么？", "减少盐的摄入，多吃蔬菜水果，戒烟限酒。"),
-             ("What should I do for a mild fever?", "Rest, drink fluids, and see a doctor if it lasts.")]
+    pairs = [
+        ("一位患者持续咳嗽两周，应该做哪些检查？", "建议进行胸部X线检查和血常规检查。"),
+        ("高血压患者饮食上需要注意什么？", "减少盐的摄入，多吃蔬菜水果，戒烟限酒。"),
+        ("What should I do for a mild fever?", "Rest, drink fluids, and see a doctor if it lasts."),
+    ]
     data = tmp_path / "alpaca.jsonl"
-    data.write_text("".join(json.dumps({"instruction": q * (1 + i % 3), "input": "", "output": a * (1 + i % 2)},
-                                       ensure_ascii=False) + "\n" for i, (q, a) in enumerate(pairs * 6)),
-                    encoding="utf-8")
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": q * (1 + i % 3), "input": "", "output": a * (1 + i % 2)}, ensure_ascii=False)
+            + "\n"
+            for i, (q, a) in enumerate(pairs * 6)
+        ),
+        encoding="utf-8",
+    )
     out = tmp_path / "results.json"
-    assert recipe_speed.main(["--model", str(model), "--data", str(data), "--json", str(out),
-                              "--set", "max_length=256", "parity_lora_3_b4"]) == 0
+    assert (
+        recipe_speed.main(
+            [
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--json",
+                str(out),
+                "--set",
+                "max_length=256",
+                "parity_lora_3_b4",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())["parity_lora_3_b4"]
     assert "error" not in result, result
     assert result["steps"] == 3 and result["max_diff_pct"] < 0.01, result  # fp32 on both sides
