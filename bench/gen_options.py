@@ -7,7 +7,7 @@ Guidance for choosing chatforge's generation path, not a figure of record (that 
   generate+static           `cache_implementation="static"`: transformers compiles the decoding step (CUDA)
   continuous[+graphs][+cN]  `init_continuous_batching` (paged KV cache) as chatforge's serve engine uses it,
                             with CUDA graphs on and compile level N (`ContinuousBatchingConfig`)
-  decode[+reuse]            chatforge/decode.py: slots with their own positions in a static KV cache, the
+  decode[+reuse]            chatforge/inference/decode.py: slots with their own positions in a static KV cache, the
                             step captured as a CUDA graph on CUDA (set-up and capture counted in each run;
                             +reuse: the warm-up's cache and graph serve again, as in a chat session)
 

@@ -74,7 +74,7 @@ class TrainConfig:
     chat_template: str | None = None  # a built-in name (chatml, llama3, ...) or file, for models without one
     eval_prompts: list = field(default_factory=list)  # answered before training and at checkpoints
     eval_max_new_tokens: int = 48
-    # speed keys (chatforge/fastpath.py, docs/speed.md): `auto` picks what fits the memory budget fastest
+    # speed keys (chatforge/training/fastpath.py, docs/speed.md): `auto` picks what fits the memory budget fastest
     gradient_checkpointing: Any = "auto"  # auto (as few layers as the budget needs) | true | false
     micro_batch: Any = "auto"  # samples per forward pass; the step still takes batch_size x grad_accum
     memory_budget_gib: Any = "auto"  # GPU memory the run may use; auto: 92% of the card's free memory
@@ -83,9 +83,9 @@ class TrainConfig:
     attention: Attention = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
     packing: bool = True  # several samples per max_length sequence (no attention across them); batch_size
     # then counts sequences. On by default, as XTuner's pack_to_max_length; false: one sample per row
-    nf4_matmul: Nf4Matmul = "auto"  # QLoRA: auto/torch (compilable, chatforge/nf4.py) | bitsandbytes
+    nf4_matmul: Nf4Matmul = "auto"  # QLoRA: auto/torch (compilable, chatforge/training/nf4.py) | bitsandbytes
     lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: no dropout, or compiled
-    # several GPUs (chatforge/distributed.py, docs/distributed.md); batch_size x grad_accum stays the global batch
+    # several GPUs (chatforge/training/parallel.py, docs/distributed.md); batch_size x grad_accum stays the global batch
     strategy: Strategy = (
         "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
     )

@@ -1,6 +1,6 @@
 """The generation engines behind `chatforge serve`: requests are *batched*, never mixed.
 
-- `slots` (default where the model is Llama-shaped): chatforge/decode.py's slots; a request is prefilled
+- `slots` (default where the model is Llama-shaped): chatforge/inference/decode.py's slots; a request is prefilled
   into a free slot between two decoding steps, and every step (a CUDA graph on a GPU) advances all
   requests by one token. 6,900 tokens/s for 32 streams of the 1.8B model on an H200 (docs/speed.md).
 - `continuous`: transformers' continuous batching; a request joins the running batch at

@@ -1,6 +1,6 @@
 """Text generation for chat: batched greedy/sampled answers and token streaming.
 
-Llama-shaped models decode with chatforge/decode.py (own KV-cache slots, the step as a CUDA graph on a
+Llama-shaped models decode with chatforge/inference/decode.py (own KV-cache slots, the step as a CUDA graph on a
 GPU); other models with `model.generate`."""
 
 from __future__ import annotations

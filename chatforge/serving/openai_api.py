@@ -1,7 +1,7 @@
 """`chatforge serve`: an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health).
 
 Built on FastAPI + uvicorn (the `serve` extra; both also come with Gradio): an async server that keeps
-many streams open on one thread. Generation runs in an engine (chatforge/engines.py); the event loop
+many streams open on one thread. Generation runs in an engine (chatforge/inference/engines.py); the event loop
 only moves bytes: prompts are tokenised on worker threads and replies decoded on the engine's.
 Measured (bench/serve_latency.py, default model, 1 CPU thread, 8 clients x 64 tokens): continuous
 19.1 tok/s total, mean time to first token 2.8 s; static 19.8 tok/s, 7.6 s; one at a time 8.9 tok/s, 25 s.

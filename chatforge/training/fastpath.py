@@ -179,7 +179,7 @@ def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor
     Packed batches (position_ids restarting per sample, cu_seqlens) never train a token to predict
     the next sample's first token.
     """
-    plan = plan or getattr(model, "_chatforge_plan", None) or Plan()
+    plan = plan or Plan()
     ids = batch["input_ids"]
     # Targets shifted left with IGNORE at each row's end: the hidden states keep the batch's full width,
     # so the chunked loss sees the same shapes whatever the data (no slice, no odd last chunk).
@@ -640,15 +640,13 @@ def apply(model, plan: Plan):
                 torch.compile(layer.forward, dynamic=False, backend=COMPILE_BACKEND) if plan.compile else layer.forward
             )
             layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
-    model._chatforge_plan = plan
     return model
 
 
 @contextlib.contextmanager
-def inference(model):
+def inference(model, plan: Plan):
     """Generation between training steps: compiled layers run eagerly (other shapes), and in the
     training's dtypes (bf16 autocast when fp32 LoRA weights meet bf16 base weights)."""
-    plan = getattr(model, "_chatforge_plan", None) or Plan()
     device = next(model.parameters()).device.type
     stance = getattr(torch.compiler, "set_stance", None)
     with (
@@ -687,8 +685,3 @@ def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf")) -
         nf4_matmul=cfg.nf4_matmul,
         lora_groups=cfg.lora_groups,
     )
-
-
-def micro_batch_of(model, default: int) -> int:
-    plan = getattr(model, "_chatforge_plan", None)
-    return plan.micro_batch if plan is not None and plan.micro_batch > 0 else default

@@ -12,6 +12,7 @@ bench/train_speed.py runs the same object on its own model and samples.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -151,12 +152,12 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 # ---------------------------------------------------------------- loss
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss_sum(model, batch: dict, plan: fastpath.Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over trained tokens (labels != IGNORE), and their count.
 
     fastpath.loss_sum: the full logits are never materialised (chunked linear + CE), packed batches
     stay within their samples."""
-    return fastpath.loss_sum(model, batch)
+    return fastpath.loss_sum(model, batch, plan)
 
 
 def accumulate(engine, batches: list, n_trained: int, par: parallel.Parallel) -> torch.Tensor:
@@ -372,7 +373,7 @@ def load_weights(ckpt: Path, model, method: str) -> None:
 # ---------------------------------------------------------------- samples and plots
 
 
-def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig) -> None:
+def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig, plan: fastpath.Plan) -> None:
     """Answers to the recipe's fixed prompts (XTuner's evaluation_inputs), kept per step."""
     if not cfg.eval_prompts:
         return
@@ -384,7 +385,7 @@ def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig) 
         ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
         for p in cfg.eval_prompts
     ]
-    with fastpath.inference(model):  # eager layers, and the training dtypes (bf16 autocast on a GPU)
+    with fastpath.inference(model, plan):  # eager layers, and the training dtypes (bf16 autocast on a GPU)
         replies = generate_batch(model, tokenizer, convs, max_new_tokens=cfg.eval_max_new_tokens)
     model.config.use_cache = False
     model.train(was_training)
@@ -505,12 +506,14 @@ class Trainer:
         ckpt = self.ckpt
         if ckpt is not None:
             load_weights(ckpt, self.model, cfg.method)
-        self.engine = par.wrap(self.model, token_loss_sum)  # DDP / FSDP2 around model + loss; one process: the loss
+        self.engine = par.wrap(
+            self.model, functools.partial(token_loss_sum, plan=self.plan)
+        )  # DDP / FSDP2 around model + loss; one process: the loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = fastpath.make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
         self.sampler = StepSampler(len(units), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of a global step
-        self.micro_batch = min(share, fastpath.micro_batch_of(self.model, cfg.batch_size))
+        self.micro_batch = min(share, self.plan.micro_batch or cfg.batch_size)
         self.engine, self.optimizer = par.wrap_optimizer(
             self.engine, optimizer, cfg, self.micro_batch, math.ceil(share / self.micro_batch)
         )  # DeepSpeed
@@ -615,7 +618,7 @@ class Trainer:
 
         cfg, par = self.cfg, self.par
         if self.step_no == 0 and par.is_main and par.can_generate and self.tokenizer is not None:
-            write_samples(self.run_dir, 0, self.model, self.tokenizer, cfg)  # before training
+            write_samples(self.run_dir, 0, self.model, self.tokenizer, cfg, self.plan)  # before training
         self.bar = tqdm(
             total=self.steps,
             initial=self.step_no,
@@ -672,7 +675,7 @@ class Trainer:
         )
         if par.is_main:
             if par.can_generate and self.tokenizer is not None:
-                write_samples(self.run_dir, self.step_no, self.model, self.tokenizer, self.cfg)
+                write_samples(self.run_dir, self.step_no, self.model, self.tokenizer, self.cfg, self.plan)
             plot_loss(self.run_dir)
 
     def save_final(self) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from chatforge.hub.publish import git_env
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_FAKEtoken_7c1d9e2b44"
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 pytestmark = pytest.mark.skipif(

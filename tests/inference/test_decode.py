@@ -1,4 +1,4 @@
-"""chatforge/decode.py on CPU: the slots decode what plain `generate` decodes (greedy, token for token),
+"""chatforge/inference/decode.py on CPU: the slots decode what plain `generate` decodes (greedy, token for token),
 with refilled slots, mixed sampling rows, stops, and streaming; other shapes fall back to `generate`."""
 
 from __future__ import annotations

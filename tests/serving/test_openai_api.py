@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import ROOT
+
 KEY = "sk-chatforge-test"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = [
@@ -217,7 +219,6 @@ def test_cli_serve_reads_the_key_from_the_environment(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     import httpx
 
@@ -227,7 +228,7 @@ def test_cli_serve_reads_the_key_from_the_environment(tmp_path):
         CHATFORGE_API_KEY=KEY,
         OMP_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+        PYTHONPATH=str(ROOT),
     )
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
+
+from conftest import ROOT
 
 
 def free_port() -> int:
@@ -17,7 +18,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER), reason="needs Debian chromium + chromium-driver (tests/requirements-system.sh)"

@@ -1,8 +1,7 @@
-"""CPU checks of the training speed levers (chatforge/fastpath.py) and the speed bench's smoke run."""
+"""CPU checks of the training speed levers (chatforge/training/fastpath.py) and the speed bench's smoke run."""
 
 import functools
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +9,7 @@ import torch
 from chatforge.config import TrainConfig, _build
 from chatforge.files import ChatforgeError
 from chatforge.training import fastpath as fp
-
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 
 def tiny_llama(layers=2, vocab=300, seed=0):
@@ -462,9 +460,10 @@ def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
     )
     model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-    fp.apply(model, fp.Plan(autocast=True))
+    plan = fp.Plan(autocast=True)
+    fp.apply(model, plan)
     conv = [[{"role": "user", "content": "Who are you?"}]]
     with pytest.raises(RuntimeError, match="dtype"):
         generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)
-    with fp.inference(model):
+    with fp.inference(model, plan):
         assert len(generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)) == 1

@@ -1,4 +1,4 @@
-"""The step profiler's GPU timeline arithmetic (chatforge/profiling.py)."""
+"""The step profiler's GPU timeline arithmetic (chatforge/training/profiling.py)."""
 
 import pytest
 
