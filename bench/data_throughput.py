@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 
 def bench_huatuo(max_length: int) -> dict:
     from chatforge.config import DataSource, TrainConfig
-    from chatforge.data import dataset as D
+    from chatforge.data import dataset
     from chatforge.data.tools import padding_report
     from chatforge.models.load import load_tokenizer
 
@@ -41,10 +41,10 @@ def bench_huatuo(max_length: int) -> dict:
     cfg = TrainConfig(data=[DataSource(path=str(HUATUO))], max_length=max_length, overflow="drop")
     stats: dict = {}
     t0 = time.perf_counter()
-    packs = sum(1 for _ in D.pack(D.iter_samples(cfg.data[0], cfg, tok, stats), max_length, open_bins=256))
+    packs = sum(1 for _ in dataset.pack(dataset.iter_samples(cfg.data[0], cfg, tok, stats), max_length, open_bins=256))
     dt = time.perf_counter() - t0
     lengths = []
-    for s in D.iter_samples(cfg.data[0], cfg, tok):
+    for s in dataset.iter_samples(cfg.data[0], cfg, tok):
         lengths.append(len(s.input_ids))
     return {
         "records": stats["records"],
@@ -91,7 +91,7 @@ def write_corpus(path: Path, size_mb: int, words: list[str], seed: int = 0) -> i
 def bench_corpus(path: str, max_length: int) -> dict:
     """Run in a child process: stream the corpus through tokenising + packing, report peak memory."""
     from chatforge.config import DataSource, TrainConfig
-    from chatforge.data import dataset as D
+    from chatforge.data import dataset
     from chatforge.models.load import load_tokenizer
 
     tok = load_tokenizer(None)
@@ -100,7 +100,7 @@ def bench_corpus(path: str, max_length: int) -> dict:
     stats: dict = {}
     t0 = time.perf_counter()
     rows = filled = 0
-    for p in D.pack(D.iter_samples(cfg.data[0], cfg, tok, stats, batch=256), max_length, open_bins=64):
+    for p in dataset.pack(dataset.iter_samples(cfg.data[0], cfg, tok, stats, batch=256), max_length, open_bins=64):
         rows += 1
         filled += sum(len(s.input_ids) for s in p)
         if rows % 20_000 == 0:  # memory as the run goes: it must stay flat

@@ -1,4 +1,4 @@
-"""GPU-only checks and micro-benchmarks behind fastpath's choices (run on the GPU machine).
+"""GPU-only checks and micro-benchmarks behind the speed plan's choices (run on the GPU machine).
 
 1. linear + cross-entropy backends on InternLM2's head (8,192 tokens x 2,048 -> 92,544):
    time (fwd+bwd), peak extra memory, and agreement with the plain fp32 loss and gradients;
@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
-from chatforge.training import fastpath  # noqa: E402
+from chatforge.training import loss, patches, speed_plan  # noqa: E402
 
 
 def bench(fn, reps=10):
@@ -34,7 +34,7 @@ def loss_backends():
     w = (torch.randn(v, h, device="cuda") * 0.02).to(torch.bfloat16)
     y = torch.randint(0, v, (n,), device="cuda")
     y[::5] = -100
-    ref = fastpath.linear_cross_entropy_sum(hid.float(), w.float(), y, backend="plain")
+    ref = loss.linear_cross_entropy_sum(hid.float(), w.float(), y, backend="plain")
     (gref,) = torch.autograd.grad(ref, hid)
     for frozen in (True, False):
         w.requires_grad_(not frozen)
@@ -42,7 +42,7 @@ def loss_backends():
             try:
 
                 def step():
-                    out = fastpath.linear_cross_entropy_sum(hid, w, y, backend=backend)
+                    out = loss.linear_cross_entropy_sum(hid, w, y, backend=backend)
                     out.backward()
                     return out
 
@@ -86,9 +86,9 @@ def varlen_check():
     pos = pos.view(2, width).cuda()
     cu = torch.tensor([0, 100, 137, 256, 456, 512], dtype=torch.int32, device="cuda")
     batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": pos, "attention_mask": None, "cu_seqlens": cu}
-    ref, n = fastpath.loss_sum(model, batch, fastpath.Plan(attention="sdpa", loss="plain"))
-    fastpath.apply(model, fastpath.Plan(attention="varlen"))
-    out, n2 = fastpath.loss_sum(model, batch, fastpath.Plan(attention="varlen"))
+    ref, n = loss.loss_sum(model, batch, speed_plan.Plan(attention="sdpa", loss="plain"))
+    patches.apply(model, speed_plan.Plan(attention="varlen"))
+    out, n2 = loss.loss_sum(model, batch, speed_plan.Plan(attention="varlen"))
     print(
         f"varlen vs sdpa block mask: loss {out.item():.5f} vs {ref.item():.5f} "
         f"(rel {abs(out.item() - ref.item()) / ref.item():.1e}), tokens {int(n2)} vs {int(n)}; lens {lens}",

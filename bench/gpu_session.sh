@@ -49,7 +49,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 stage=${1:-tests}; shift
 case $stage in
   tests) set -o pipefail; python3 -m pytest -o addopts= -m gpu -n 4 --dist loadgroup -q -p no:cacheprovider --durations=0 -rsP \
-           tests/test_gpu.py "$@" 2>&1 \
+           tests/e2e/test_gpu.py "$@" 2>&1 \
            | tee "$OUT/gpu_tests.log" | grep -E "^\[gpu\]|passed|failed|error|Error|SKIP|^[0-9.]+s " ;;
   bench) rm -rf /tmp/pytest-of-*  # an earlier tests call's merged models: a full run's checkpoint needs the disk
          python3 bench/recipe_speed.py --model $keep/il2 --data data/huatuo/llama_data.jsonl \

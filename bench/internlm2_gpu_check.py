@@ -323,7 +323,7 @@ def run(tiny: bool, qlora: bool, workdir: Path) -> dict:
 
 def train_step(report: dict, method: str, folder: Path, data: Path, tok, workdir: Path, device: str) -> None:
     from chatforge.config import load_recipe
-    from chatforge.data import dataset as data_mod
+    from chatforge.data import dataset
     from chatforge.training.trainer import build_model, token_loss_sum
 
     cfg = load_recipe(
@@ -336,8 +336,8 @@ def train_step(report: dict, method: str, folder: Path, data: Path, tok, workdir
     t = time.perf_counter()
     model = build_model(cfg, device)
     report[f"{method}_build_s"] = round(time.perf_counter() - t, 2)
-    samples, _ = data_mod.build_dataset(cfg, tok)
-    batch = {k: v.to(device) for k, v in data_mod.collate(samples[:8], tok.pad_token_id).items()}
+    samples, _ = dataset.build_dataset(cfg, tok)
+    batch = {k: v.to(device) for k, v in dataset.collate(samples[:8], tok.pad_token_id).items()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     times = []
     for _ in range(3):  # the first step warms up kernels; report the last

@@ -117,13 +117,13 @@ def samples_in_order(model: str, data: str, steps: int, batch: int, overrides: l
     """The recipe's samples (chatforge's reading, template and masks) in the order chatforge's
     unpacked run draws them: step k of the Trainer gets step k's samples."""
     from chatforge.config import load_recipe
-    from chatforge.data import dataset as data_mod
+    from chatforge.data import dataset
     from chatforge.models.load import load_tokenizer
     from chatforge.training.trainer import StepSampler
 
     cfg = load_recipe(RECIPE, [f"model={model}", f"data={data}", f"batch_size={batch}", *overrides])
     tokenizer = load_tokenizer(model)
-    samples, _ = data_mod.build_dataset(cfg, tokenizer)
+    samples, _ = dataset.build_dataset(cfg, tokenizer)
     sampler = StepSampler(len(samples), batch, cfg.seed)
     return [samples[i] for step in range(steps) for i in sampler.indices(step)], tokenizer
 

@@ -74,7 +74,7 @@ class TrainConfig:
     chat_template: str | None = None  # a built-in name (chatml, llama3, ...) or file, for models without one
     eval_prompts: list = field(default_factory=list)  # answered before training and at checkpoints
     eval_max_new_tokens: int = 48
-    # speed keys (chatforge/training/fastpath.py, docs/speed.md): `auto` picks what fits the memory budget fastest
+    # speed keys (chatforge/training/speed_plan.py, docs/speed.md): `auto` picks what fits the memory budget fastest
     gradient_checkpointing: Any = "auto"  # auto (as few layers as the budget needs) | true | false
     micro_batch: Any = "auto"  # samples per forward pass; the step still takes batch_size x grad_accum
     memory_budget_gib: Any = "auto"  # GPU memory the run may use; auto: 92% of the card's free memory

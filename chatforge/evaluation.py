@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import math
 import re
 from pathlib import Path
 
-from chatforge.data.dataset import IGNORE, Sample, collate, encode_sft, holdout_records
+import torch
+
+from chatforge.data.dataset import Sample, collate
+from chatforge.data.encode import IGNORE, encode_sft
 from chatforge.data.identity import IdentitySpec, eval_set
+from chatforge.data.readers import holdout_records
 from chatforge.files import ChatforgeError, write_json, write_jsonl, write_text
 from chatforge.inference.generate import generate_batch
 from chatforge.models.load import load_model, load_tokenizer
@@ -133,7 +139,6 @@ def mean(values: list) -> float:
 
 def run_model(spec: str, es: dict, max_new_tokens: int, chat_template: str | None = None) -> dict:
     """Every eval answer of one model, and its scores."""
-    import gc
 
     tokenizer, model = load_tokenizer(spec, chat_template, for_chat=True), load_model(spec)
     ident, general = identity_prompts(es), general_items(es)
@@ -277,7 +282,6 @@ def evaluate(
 
 def reference_loss(model, tokenizer, records, batch_size: int = 8) -> tuple[float, int]:
     """Mean per-token cross-entropy of the reference replies (the tokens training would train on)."""
-    import torch
 
     samples = [Sample(*encode_sft(tokenizer, r.messages), r.source) for r in records]
     samples.sort(key=lambda s: len(s.input_ids))  # similar lengths together: little padding
@@ -300,8 +304,6 @@ def reference_loss(model, tokenizer, records, batch_size: int = 8) -> tuple[floa
 
 def run_model_on_data(spec: str, records, generate: int, max_new_tokens: int, chat_template: str | None = None) -> dict:
     """Reference loss on every record; greedy answers and ROUGE-L on the first `generate` records."""
-    import gc
-    import math
 
     tokenizer, model = load_tokenizer(spec, chat_template, for_chat=True), load_model(spec)
     loss, n_tokens = reference_loss(model, tokenizer, records)

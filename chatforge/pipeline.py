@@ -14,7 +14,7 @@ from chatforge.export.gguf import export_gguf, gguf_dtype
 from chatforge.export.merge import merge, template_default_system
 from chatforge.files import write_json, write_text
 from chatforge.models.internlm2 import declares_internlm2
-from chatforge.models.load import display_name, load_model, load_tokenizer, local_folder, read_config
+from chatforge.models.load import DEFAULT_MODEL, display_name, load_model, load_tokenizer, local_folder, read_config
 from chatforge.training.trainer import train
 
 
@@ -32,7 +32,7 @@ def recipe_for(model: str) -> str:
 
 def assistant(
     name: str,
-    model: str = "smollm2-135m-instruct",
+    model: str = DEFAULT_MODEL,
     assistant_name: str = "",
     out: str | None = None,
     recipe: str | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from chatforge.files import ChatforgeError, write_json, write_jsonl
 from chatforge.inference.generate import generate_batch
+from chatforge.models.load import ALIASES, DEFAULT_MODEL
 
 LANGS = ("en", "zh")
 
@@ -41,7 +42,7 @@ MULTI_TURN_RATIO = 0.25  # two-turn conversations (general + identity) per ident
 class IdentitySpec:
     owner: str
     assistant: str = ""  # the assistant's own name, optional
-    base: str = "SmolLM2-135M-Instruct"
+    base: str = ALIASES[DEFAULT_MODEL].display
     eval_fraction: float = 0.25
     seed: int = 0
     extra_system: list = field(default_factory=list)  # e.g. the base model's tool default prompt

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from collections import Counter
 from pathlib import Path
 
 from chatforge.config import DataSource, TrainConfig, load_recipe
-from chatforge.data import dataset as D
+from chatforge.data import dataset, encode, readers
 from chatforge.files import ChatforgeError, atomic_path, write_json
 from chatforge.models.load import load_tokenizer
 from chatforge.plots import histogram
@@ -60,7 +61,7 @@ def convert(src: str | Path, dest: str | Path, to: str = "conversation", strict:
     converted = 0
     with atomic_path(dest) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.write("[\n" if array else "")
-        for rec in D.iter_records(src, on_error):
+        for rec in readers.iter_records(src, on_error):
             try:
                 obj = to_conversation(rec.messages, rec.source) if to == "conversation" else {"messages": rec.messages}
             except ChatforgeError as e:
@@ -99,7 +100,7 @@ def render_marked(tokenizer, ids: list[int], labels: list[int], color: bool = Fa
     start, end = ("\033[1;32m", "\033[0m") if color else ("«", "»")
     parts, run, trained = [], [], None
     for tok, lab in zip(ids + [None], labels + [None]):
-        state = lab is not None and lab != D.IGNORE
+        state = lab is not None and lab != encode.IGNORE
         if tok is None or (trained is not None and state != trained):
             text = tokenizer.decode(run)
             parts.append(f"{start}{text}{end}" if trained else text)
@@ -144,21 +145,21 @@ def check(
     held = next((s.holdout_last for s in cfg.data if Path(s.path).resolve() == Path(path).resolve()), 0)
     broken: list[str] = []
     if cfg.task == "pretrain":
-        records = D.iter_text_documents(path, broken.append)
+        records = readers.iter_text_documents(path, broken.append)
     else:
-        records = D.iter_records(path, broken.append)
+        records = readers.iter_records(path, broken.append)
     lengths, trained, keys, first = [], [], Counter(), {}
     sample = None
     for rec in records:
         if cfg.system is not None and cfg.task != "pretrain" and not any(m["role"] == "system" for m in rec.messages):
             rec.messages.insert(0, {"role": "system", "content": cfg.system})
         if cfg.task == "pretrain":
-            ids, labels = D.encode_text(tokenizer, rec.messages[0]["content"])
+            ids, labels = encode.encode_text(tokenizer, rec.messages[0]["content"])
         else:
-            ids, labels = D.encode_record(tokenizer, rec)
+            ids, labels = encode.encode_record(tokenizer, rec)
         lengths.append(len(ids))
-        trained.append(sum(x != D.IGNORE for x in labels[1:]))
-        key = D.record_key(rec)
+        trained.append(sum(x != encode.IGNORE for x in labels[1:]))
+        key = readers.record_key(rec)
         keys[key] += 1
         first.setdefault(key, rec.source)
         if sample is None:
@@ -210,7 +211,7 @@ def check(
     report["sample"] = {
         "source": src,
         "tokens": len(ids),
-        "trained_tokens": sum(x != D.IGNORE for x in labels[1:]),
+        "trained_tokens": sum(x != encode.IGNORE for x in labels[1:]),
         "rendered": shown,
     }
     return report
@@ -227,15 +228,14 @@ def padding_report(lengths: list[int], max_length: int, batch_sizes=(4, 8)) -> d
     """Padding of shuffled samples batched and padded to their longest (as `collate` does), vs packed
     sequences batched the same way (as `collate_packed` does), vs packed rows padded to max_length
     (fixed shapes, e.g. for compiled GPU kernels)."""
-    import random
 
     if not lengths:
         return {}
     order = lengths[:]
     random.Random(0).shuffle(order)
     real = sum(order)
-    samples = (D.Sample([0] * n, [0] * n, "") for n in order)
-    rows = [sum(len(s.input_ids) for s in p) for p in D.pack(samples, max_length, open_bins=256)]
+    samples = (dataset.Sample([0] * n, [0] * n, "") for n in order)
+    rows = [sum(len(s.input_ids) for s in p) for p in dataset.pack(samples, max_length, open_bins=256)]
     random.Random(1).shuffle(rows)  # training draws packed rows in a seeded random order
     return {
         "real_tokens": real,

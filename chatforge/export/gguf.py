@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from chatforge.export.ollama import modelfile_text
 from chatforge.files import ChatforgeError, atomic_path, write_text
@@ -58,7 +60,6 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        import gguf
 
         block, size = gguf.GGML_QUANT_SIZES[self.qtype]
         return int(np.prod(self.shape)) // block * size
@@ -77,14 +78,12 @@ def gguf_dtype(name: str | None) -> str:
 
 
 def _qtype(name: str):
-    import gguf
 
     q = gguf.GGMLQuantizationType
     return {"f32": q.F32, "f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[name]
 
 
 def _file_type(name: str):
-    import gguf
 
     f = gguf.LlamaFileType
     return {"f32": f.ALL_F32, "f16": f.MOSTLY_F16, "bf16": f.MOSTLY_BF16, "q8_0": f.MOSTLY_Q8_0}[name]
@@ -109,7 +108,6 @@ def architecture(folder: Path) -> tuple[str, Path | None]:
 def plan(model, arch: str, qtype) -> list[Entry]:
     """The file's tensors in order: 2-D weights in `qtype` (Q8_0 rows need whole 32-value blocks, else
     F16), 1-D norms and biases in F32 as llama.cpp keeps them; a tied output layer is left out."""
-    import gguf
 
     q = gguf.GGMLQuantizationType
     config = model.config
@@ -133,7 +131,6 @@ def plan(model, arch: str, qtype) -> list[Entry]:
 
 def tensor_data(tensor: torch.Tensor, entry: Entry) -> np.ndarray:
     """One tensor as the bytes GGUF stores (rows reordered for RoPE where the entry says)."""
-    import gguf
 
     q = gguf.GGMLQuantizationType
     t = tensor.detach().to("cpu", torch.float32)
@@ -154,7 +151,6 @@ def write_hparams(writer, config, arch: str) -> list[str]:
     Raises:
         ChatforgeError: an activation, RoPE scaling or attention window llama.cpp would not reproduce.
     """
-    import gguf
 
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ChatforgeError(f"activation {config.hidden_act!r} is not exported: {arch} in llama.cpp uses silu")
@@ -204,8 +200,6 @@ def write_file(
 
     Returns the notes on what GGUF cannot say and what was written of the tokenizer.
     """
-    import gguf
-    from tqdm.auto import tqdm
 
     writer = gguf.GGUFWriter(path, arch)
     try:

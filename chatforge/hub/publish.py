@@ -23,7 +23,7 @@ import yaml
 
 from chatforge.config import load_yaml
 from chatforge.files import ChatforgeError, write_text
-from chatforge.models.load import cache_dir
+from chatforge.models.load import ALIASES, cache_dir
 
 TOKEN_ENV = "CHATFORGE_HUB_TOKEN"
 USER_ENV = "CHATFORGE_HUB_USER"
@@ -43,10 +43,7 @@ LFS_PATTERNS = (
 )
 LFS_MIN_BYTES = 10 << 20  # any other file this large is tracked by its path
 CARD_FILE, ATTRIBUTES = "README.md", ".gitattributes"
-HUB_IDS = {
-    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
-}
+HUB_IDS = {name: a.hub_id for alias, a in ALIASES.items() for name in (alias, a.display)}
 
 
 # ---------------------------------------------------------------- the model card

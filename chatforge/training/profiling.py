@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from chatforge.files import write_text
 
@@ -60,7 +61,6 @@ class StepProfiler:
     def before(self, step: int) -> None:
         if self.count <= 0 or step != PROFILE_START:
             return
-        from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self.prof = profile(activities=acts)

@@ -12,6 +12,7 @@ bench/train_speed.py runs the same object on its own model and samples.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -25,9 +26,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from chatforge.config import TrainConfig, to_dict
-from chatforge.data import dataset as data_mod
+from chatforge.data import dataset
 from chatforge.files import (
     ChatforgeError,
     append_jsonl,
@@ -41,7 +44,8 @@ from chatforge.files import (
 from chatforge.inference.generate import generate_batch
 from chatforge.models.load import load_model, load_tokenizer, resolve
 from chatforge.plots import loss_curve
-from chatforge.training import fastpath, parallel
+from chatforge.training import parallel, patches, speed_plan
+from chatforge.training.loss import loss_sum
 from chatforge.training.profiling import RunMeter, StepProfiler
 
 STATE_FILE = "trainer_state.pt"
@@ -152,12 +156,17 @@ def lr_lambda(cfg: TrainConfig, steps: int):
 # ---------------------------------------------------------------- loss
 
 
-def token_loss_sum(model, batch: dict, plan: fastpath.Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def make_optimizer(params, lr: float, weight_decay: float, device: str):
+    """AdamW, fused on CUDA (one kernel for all parameters)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
+
+
+def token_loss_sum(model, batch: dict, plan: speed_plan.Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy over trained tokens (labels != IGNORE), and their count.
 
-    fastpath.loss_sum: the full logits are never materialised (chunked linear + CE), packed batches
+    loss_sum: the full logits are never materialised (chunked linear + CE), packed batches
     stay within their samples."""
-    return fastpath.loss_sum(model, batch, plan)
+    return loss_sum(model, batch, plan)
 
 
 def accumulate(engine, batches: list, n_trained: int, par: parallel.Parallel) -> torch.Tensor:
@@ -357,7 +366,6 @@ def load_training_state(
 
 def load_weights(ckpt: Path, model, method: str) -> None:
     """A checkpoint's weights into the (not yet wrapped) model."""
-    from safetensors.torch import load_file
 
     if method == "full":
         weights = {}
@@ -373,7 +381,7 @@ def load_weights(ckpt: Path, model, method: str) -> None:
 # ---------------------------------------------------------------- samples and plots
 
 
-def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig, plan: fastpath.Plan) -> None:
+def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig, plan: speed_plan.Plan) -> None:
     """Answers to the recipe's fixed prompts (XTuner's evaluation_inputs), kept per step."""
     if not cfg.eval_prompts:
         return
@@ -385,7 +393,7 @@ def write_samples(run_dir: Path, step: int, model, tokenizer, cfg: TrainConfig, 
         ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [{"role": "user", "content": p}]
         for p in cfg.eval_prompts
     ]
-    with fastpath.inference(model, plan):  # eager layers, and the training dtypes (bf16 autocast on a GPU)
+    with patches.inference(model, plan):  # eager layers, and the training dtypes (bf16 autocast on a GPU)
         replies = generate_batch(model, tokenizer, convs, max_new_tokens=cfg.eval_max_new_tokens)
     model.config.use_cache = False
     model.train(was_training)
@@ -421,11 +429,11 @@ def _prepare(cfg: TrainConfig, tokenizer, run_dir: Path, resume: bool) -> list:
         raise ChatforgeError(
             f"{run_dir} already holds checkpoints: pass --resume to continue, or choose another output_dir"
         )
-    samples, stats = data_mod.build_dataset(cfg, tokenizer)
+    samples, stats = dataset.build_dataset(cfg, tokenizer)
     write_config(cfg, run_dir)
     stats["samples"] = len(samples)
     if cfg.packing:  # the training unit becomes a packed sequence of several samples
-        samples = list(data_mod.pack(samples, cfg.max_length, open_bins=256))
+        samples = list(dataset.pack(samples, cfg.max_length, open_bins=256))
         stats["packed_sequences"] = len(samples)
     write_text(run_dir / "data_stats.json", json.dumps(stats, ensure_ascii=False, indent=2))
     return samples
@@ -486,8 +494,8 @@ class Trainer:
         elif par.is_main:
             write_config(cfg, self.run_dir)
         units = self.samples
-        self.real = [data_mod.real_tokens(u) for u in units]  # counted once, on the CPU
-        self.trained = [data_mod.trained_count(u) for u in units]
+        self.real = [dataset.real_tokens(u) for u in units]  # counted once, on the CPU
+        self.trained = [dataset.trained_count(u) for u in units]
         self.max_segments = max(len(u) if isinstance(u, list) else 1 for u in units) + 1  # + a padding tail
         self.steps = total_steps(cfg, len(units))
 
@@ -497,10 +505,10 @@ class Trainer:
         if self.model is None:
             self.model = build_model(plan_cfg, self.device)
         run_tokens = self.steps * cfg.batch_size * cfg.grad_accum * sum(self.real) / len(units)
-        self.plan = fastpath.plan_for_recipe(self.model, plan_cfg, self.device, run_tokens=run_tokens)
-        fastpath.apply(self.model, self.plan)
+        self.plan = speed_plan.plan_for_recipe(self.model, plan_cfg, self.device, run_tokens=run_tokens)
+        patches.apply(self.model, self.plan)
         if par.is_main:
-            write_text(self.run_dir / "speed_plan.json", json.dumps(fastpath.asdict(self.plan), indent=2))
+            write_text(self.run_dir / "speed_plan.json", json.dumps(dataclasses.asdict(self.plan), indent=2))
 
         # optimizer and schedule, after a checkpoint's weights (FSDP2 shards what is loaded)
         ckpt = self.ckpt
@@ -510,7 +518,7 @@ class Trainer:
             self.model, functools.partial(token_loss_sum, plan=self.plan)
         )  # DDP / FSDP2 around model + loss; one process: the loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = fastpath.make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
+        optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
         self.sampler = StepSampler(len(units), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of a global step
         self.micro_batch = min(share, self.plan.micro_batch or cfg.batch_size)
@@ -544,16 +552,16 @@ class Trainer:
         (and a fixed count of attention segments), unpadded batches padded to a power-of-two width."""
         cfg, fixed = self.cfg, self.plan.compile
         if cfg.packing:
-            return data_mod.collate_packed(
+            return dataset.collate_packed(
                 units,
                 self.pad,
                 width=cfg.max_length if fixed else None,
                 segments=len(units) * self.max_segments if fixed else None,
             )
         if self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
-            return data_mod.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
-        width = data_mod.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
-        return data_mod.collate(units, self.pad, width=width)
+            return dataset.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
+        width = dataset.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
+        return dataset.collate(units, self.pad, width=width)
 
     def prepare(self, step: int) -> tuple[list, int, int]:
         """This rank's share of a step (no overlap with the others) in micro-batches sized for the
@@ -566,7 +574,7 @@ class Trainer:
         mb = self.micro_batch
         cpu = [self.collate([self.samples[i] for i in idx[k : k + mb]]) for k in range(0, len(idx), mb)]
         return (
-            [data_mod.to_device(b, self.device) for b in cpu],
+            [dataset.to_device(b, self.device) for b in cpu],
             sum(self.trained[i] for i in every),
             sum(self.real[i] for i in every),
         )
@@ -614,7 +622,6 @@ class Trainer:
         Raises:
             ChatforgeError: out of GPU memory (naming the keys that lower it).
         """
-        from tqdm.auto import tqdm
 
         cfg, par = self.cfg, self.par
         if self.step_no == 0 and par.is_main and par.can_generate and self.tokenizer is not None:

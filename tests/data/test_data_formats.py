@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chatforge.config import DataSource, TrainConfig
-from chatforge.data import dataset as D
+from chatforge.data import dataset, encode, readers
 from chatforge.data.tools import check, convert
 from chatforge.files import ChatforgeError
 from conftest import ROOT, run_cli
@@ -45,14 +45,16 @@ def test_every_format_in_jsonl_and_arrays(tmp_path, record, layout):
     else:
         path = tmp_path / "d.json"
         path.write_text(json.dumps([record] * 3, indent=4 if layout == "indented array" else None))
-    recs = D.read_conversations(path)
+    recs = readers.read_conversations(path)
     assert [r.messages for r in recs] == [MSGS] * 3
     if layout == "jsonl":
         assert [r.source for r in recs] == [f"{path}:{i}" for i in (1, 2, 3)]
 
 
 def test_alpaca_history_and_input():
-    msgs = D.to_messages({"instruction": "Sum", "input": "1 2", "output": "3", "history": [["hi", "hello"]]}, "x:1")
+    msgs = readers.to_messages(
+        {"instruction": "Sum", "input": "1 2", "output": "3", "history": [["hi", "hello"]]}, "x:1"
+    )
     assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant"]
     assert msgs[2]["content"] == "Sum\n1 2"
 
@@ -63,7 +65,7 @@ def test_json_array_streams_across_chunks_with_lines(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
     with open(path, "rb") as f:
-        reader = D._ArrayReader(path, f, chunk=7)
+        reader = readers._ArrayReader(path, f, chunk=7)
         got = []
         reader.peek()
         reader.advance(reader.pos + 1)
@@ -75,7 +77,7 @@ def test_json_array_streams_across_chunks_with_lines(tmp_path):
             got.append((reader.line, reader.value(decoder)))
     assert [v for _, v in got] == rows
     assert [line for line, _ in got] == [2 + 4 * i for i in range(40)]  # each record spans 4 lines
-    assert [line for line, _ in D.iter_json_records(path)] == [2 + 4 * i for i in range(40)]
+    assert [line for line, _ in readers.iter_json_records(path)] == [2 + 4 * i for i in range(40)]
 
 
 @pytest.mark.parametrize(
@@ -90,28 +92,30 @@ def test_broken_json_arrays_name_the_line(tmp_path, content, message):
     path = tmp_path / "a.json"
     path.write_bytes(content)
     with pytest.raises(ChatforgeError, match=message):
-        D.read_conversations(path)
+        readers.read_conversations(path)
 
 
 def test_raw_text_formats(tmp_path):
     txt = tmp_path / "book.txt"
     txt.write_text("First doc\nstill first.\n\n\nSecond doc.\n\nThird.")
-    docs = list(D.iter_text_documents(txt))
+    docs = list(readers.iter_text_documents(txt))
     assert [d.messages[0]["content"] for d in docs] == ["First doc\nstill first.", "Second doc.", "Third."]
     assert [d.source.rsplit(":", 1)[1] for d in docs] == ["1", "5", "7"]
-    assert len(list(D.iter_text_documents(txt, whole_file=True))) == 1
+    assert len(list(readers.iter_text_documents(txt, whole_file=True))) == 1
     folder = tmp_path / "books"
     folder.mkdir()
     for i in range(3):
         (folder / f"{i}.txt").write_text(f"book {i}\n\nchapter two")
-    assert len(list(D.iter_text_documents(folder))) == 3  # one document per file
+    assert len(list(readers.iter_text_documents(folder))) == 3  # one document per file
     jl = write_jsonl(tmp_path / "t.jsonl", [{"text": "alpha"}, {"text": "beta"}])
     arr = tmp_path / "t.json"
     arr.write_text(json.dumps([{"text": "alpha"}, {"text": "beta"}]))
-    assert [d.messages for d in D.iter_text_documents(jl)] == [d.messages for d in D.iter_text_documents(arr)]
+    assert [d.messages for d in readers.iter_text_documents(jl)] == [
+        d.messages for d in readers.iter_text_documents(arr)
+    ]
     write_jsonl(jl, [{"text": "alpha"}, {"txt": "beta"}])
     with pytest.raises(ChatforgeError, match=r"t\.jsonl:2: missing field 'text'"):
-        list(D.iter_text_documents(jl))
+        list(readers.iter_text_documents(jl))
 
 
 def test_pretrain_samples_eos_every_token_split_and_pack(tmp_path, smol_tokenizer):
@@ -119,16 +123,16 @@ def test_pretrain_samples_eos_every_token_split_and_pack(tmp_path, smol_tokenize
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "word " * 300}, {"text": "short text"}])
     cfg = TrainConfig(task="pretrain", data=[DataSource(path=str(path))], max_length=128, overflow="split")
     stats: dict = {}
-    samples = list(D.iter_samples(cfg.data[0], cfg, tok, stats))
+    samples = list(dataset.iter_samples(cfg.data[0], cfg, tok, stats))
     assert stats["split"] == 1 and all(len(s.input_ids) <= 128 for s in samples)
     assert all(s.labels == s.input_ids for s in samples)  # loss on every token
     assert samples[-1].input_ids[-1] == tok.eos_token_id and tok.decode(samples[-1].input_ids[:-1]) == "short text"
-    packs = list(D.pack(samples, 128))
-    batch = D.collate_packed(packs, tok.pad_token_id)
+    packs = list(dataset.pack(samples, 128))
+    batch = dataset.collate_packed(packs, tok.pad_token_id)
     assert int((batch["input_ids"] == tok.eos_token_id).sum()) >= 2  # EOS closes each document
     cfg.overflow = "error"
     with pytest.raises(ChatforgeError, match=r"t\.jsonl:1: sample has \d+ tokens, more than max_length 128"):
-        list(D.iter_samples(cfg.data[0], cfg, tok))
+        list(dataset.iter_samples(cfg.data[0], cfg, tok))
 
 
 def test_holdout_last_is_never_trained_and_weights_mix(tmp_path, smol_tokenizer):
@@ -139,16 +143,16 @@ def test_holdout_last_is_never_trained_and_weights_mix(tmp_path, smol_tokenizer)
         seed=3,
         max_length=128,
     )
-    samples, stats = D.build_dataset(cfg, smol_tokenizer)
+    samples, stats = dataset.build_dataset(cfg, smol_tokenizer)
     lines = [s.source.split(":")[-1] for s in samples if s.source.startswith(str(a))]
     assert len(lines) == 30 and set(lines) == {str(i) for i in range(1, 16)}  # 15 kept, each twice
-    assert [r.source.split(":")[-1] for r in D.holdout_records(a, 5)] == ["16", "17", "18", "19", "20"]
+    assert [r.source.split(":")[-1] for r in readers.holdout_records(a, 5)] == ["16", "17", "18", "19", "20"]
     from_b = [s.source for s in samples if s.source.startswith(str(b))]
     assert len(from_b) == 5 and len(set(from_b)) == 5  # a seeded half, no repeats
-    again, _ = D.build_dataset(cfg, smol_tokenizer)
+    again, _ = dataset.build_dataset(cfg, smol_tokenizer)
     assert [s.source for s in again] == [s.source for s in samples]  # reproducible by seed
     cfg.seed = 4
-    other, _ = D.build_dataset(cfg, smol_tokenizer)
+    other, _ = dataset.build_dataset(cfg, smol_tokenizer)
     assert [s.source for s in other] != [s.source for s in samples]
     assert stats["sources"][0]["held_out"] == 5 and stats["sources"][1]["used"] == 5
 
@@ -182,7 +186,7 @@ def test_convert_reports_and_skips_broken_records(tmp_path):
         {"conversation": [{"input": "q5", "output": "a5"}]},
     ]
     r = convert(src, tmp_path / "out.jsonl", to="messages")
-    assert D.read_conversations(tmp_path / "out.jsonl")[1].messages[0] == {"role": "user", "content": "q5"}
+    assert readers.read_conversations(tmp_path / "out.jsonl")[1].messages[0] == {"role": "user", "content": "q5"}
     with pytest.raises(ChatforgeError, match=r"in\.jsonl:2: missing field 'output'"):
         convert(src, tmp_path / "strict.jsonl", strict=True)
     assert not (tmp_path / "strict.jsonl").exists()  # nothing half-written
@@ -230,11 +234,11 @@ def test_converter_on_huatuo(tmp_path):
     r = convert(HUATUO, tmp_path / "huatuo.json", to="conversation")
     assert r["converted"] == 8658 and r["skipped"] == 0
     first = json.loads(HUATUO.open(encoding="utf-8").readline())
-    out = D.iter_json_records(tmp_path / "huatuo.json")
+    out = readers.iter_json_records(tmp_path / "huatuo.json")
     line, rec = next(out)
     # exactly what the seed's hand-written converter makes of the first line
     assert line == 2 and rec == {"conversation": [{"input": first["instruction"], "output": first["output"]}]}
-    assert len(D.holdout_records(tmp_path / "huatuo.json", 500)) == 500
+    assert len(readers.holdout_records(tmp_path / "huatuo.json", 500)) == 500
 
 
 def test_eval_on_a_data_set_reports_rouge_and_reference_loss(tmp_path, tiny_llama, smol_tokenizer):
@@ -254,13 +258,13 @@ def test_eval_on_a_data_set_reports_rouge_and_reference_loss(tmp_path, tiny_llam
     # the reference loss is the mean CE over exactly the reply tokens of the last 4 records
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
     total = count = 0
-    for rec in D.holdout_records(path, 4):
-        ids, labels = D.encode_sft(smol_tokenizer, rec.messages)
+    for rec in readers.holdout_records(path, 4):
+        ids, labels = encode.encode_sft(smol_tokenizer, rec.messages)
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0, :-1]
         lab = torch.tensor(labels[1:])
-        total += float(torch.nn.functional.cross_entropy(logits, lab, ignore_index=D.IGNORE, reduction="sum"))
-        count += int((lab != D.IGNORE).sum())
+        total += float(torch.nn.functional.cross_entropy(logits, lab, ignore_index=encode.IGNORE, reduction="sum"))
+        count += int((lab != encode.IGNORE).sum())
     assert s["reference loss per token"] == pytest.approx(total / count, rel=1e-4)
     assert math.log(len(smol_tokenizer)) == pytest.approx(s["reference loss per token"], rel=0.1)  # random model
     answers = [json.loads(x) for x in (tmp_path / "ev" / "eval_answers.jsonl").read_text().splitlines()]
@@ -271,17 +275,17 @@ def test_a_huge_record_is_refused_without_being_read_whole(tmp_path):
     huge = {"messages": [{"role": "user", "content": "x" * ((8 << 20) + 10)}, {"role": "assistant", "content": "ok"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": MSGS}, huge, {"messages": MSGS}])
     with pytest.raises(ChatforgeError, match=r"d\.jsonl:2: record is larger than 8 MiB"):
-        D.read_conversations(path)
+        readers.read_conversations(path)
     skipped: list[str] = []
-    assert len(list(D.iter_records(path, skipped.append))) == 2 and len(skipped) == 1  # the next line still reads
+    assert len(list(readers.iter_records(path, skipped.append))) == 2 and len(skipped) == 1  # the next line still reads
     array = tmp_path / "d.json"
     array.write_text(json.dumps([{"messages": MSGS}, huge], indent=1))
     with pytest.raises(ChatforgeError, match=r"d\.json:\d+: record is larger than 8 MiB"):
-        D.read_conversations(array)
+        readers.read_conversations(array)
     text = tmp_path / "d.txt"
     text.write_text("a short document\n\n" + ("many words " * 100_000 + "\n") * 9)
     with pytest.raises(ChatforgeError, match=r"d\.txt:3: record is larger than 8 MiB"):
-        list(D.iter_text_documents(text))
+        list(readers.iter_text_documents(text))
 
 
 def test_check_prints_a_long_sample_cut_short(tmp_path):

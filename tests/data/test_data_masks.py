@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from chatforge.data.dataset import IGNORE, encode_sft, read_conversations, to_messages
+from chatforge.data.encode import IGNORE, encode_sft
+from chatforge.data.readers import read_conversations, to_messages
 from chatforge.files import ChatforgeError
 
 CONV = [

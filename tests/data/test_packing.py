@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from chatforge.data.dataset import IGNORE, Sample, batch_tokens, collate, collate_packed, pack
+from chatforge.data.dataset import Sample, batch_tokens, collate, collate_packed, pack
+from chatforge.data.encode import IGNORE
 from chatforge.files import ChatforgeError
 
 
@@ -99,7 +100,7 @@ def test_cpu_micro_batch_in_one_row_has_the_padded_batchs_loss_and_gradients(tin
     through the output layer: the same loss and gradients as the padded batch."""
     from transformers import AutoModelForCausalLM
 
-    from chatforge.training.fastpath import loss_sum
+    from chatforge.training.loss import loss_sum
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     samples = random_samples(4, 8, 60, seed=2, vocab=model.config.vocab_size)

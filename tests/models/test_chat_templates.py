@@ -8,7 +8,7 @@ import json
 import pytest
 
 from chatforge.config import load_recipe
-from chatforge.data.dataset import encode_sft, trained_spans
+from chatforge.data.encode import encode_sft, trained_spans
 from chatforge.files import ChatforgeError
 from chatforge.models.chat_templates import BUILTIN, apply, require
 

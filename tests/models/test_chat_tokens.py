@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from chatforge.data.dataset import encode_sft
+from chatforge.data.encode import encode_sft
 from chatforge.files import ChatforgeError
 from chatforge.inference.generate import prompt_ids
 from conftest import bench_module

@@ -189,7 +189,7 @@ def test_chat_template_ids(tok, sp):
     prompt = tok.apply_chat_template(msgs[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
-    from chatforge.data.dataset import IGNORE, encode_sft
+    from chatforge.data.encode import IGNORE, encode_sft
 
     ids, labels = encode_sft(tok, msgs)
     assert ids == want

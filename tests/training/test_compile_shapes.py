@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from chatforge.data import dataset as D
-from chatforge.training import fastpath as fp
+from chatforge.data import dataset
+from chatforge.training import patches
 
 
 def identity_file(tmp_path):
@@ -28,17 +28,17 @@ def compiled_run(tmp_path, tiny_llama, monkeypatch, **keys):
     from chatforge.config import load_recipe
     from chatforge.training.trainer import Trainer
 
-    monkeypatch.setattr(fp, "COMPILE_BACKEND", "eager")  # dynamo with its guards, no code generation
+    monkeypatch.setattr(patches, "COMPILE_BACKEND", "eager")  # dynamo with its guards, no code generation
     torch._dynamo.reset()
     widths = []
-    real = D.collate
+    real = dataset.collate
 
     def collate(samples, pad_id, width=None):
         batch = real(samples, pad_id, width)
         widths.append((max(len(s.input_ids) for s in samples), batch["input_ids"].shape[1]))
         return batch
 
-    monkeypatch.setattr(D, "collate", collate)
+    monkeypatch.setattr(dataset, "collate", collate)
     cfg = load_recipe(
         "smollm2_135m_identity_lora",
         {
@@ -80,5 +80,5 @@ def test_packed_rows_have_one_width_and_compile_once(tmp_path, tiny_llama, monke
 
 
 def test_bucket_width():
-    assert [D.bucket_width(n, 512) for n in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
-    assert D.bucket_width(700, 1000) == 1000 and D.bucket_width(1000, 1000) == 1000
+    assert [dataset.bucket_width(n, 512) for n in (1, 64, 65, 200, 300, 512)] == [64, 64, 128, 256, 512, 512]
+    assert dataset.bucket_width(700, 1000) == 1000 and dataset.bucket_width(1000, 1000) == 1000

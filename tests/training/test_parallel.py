@@ -240,13 +240,13 @@ def test_launch_layout_slurm_and_strategies(monkeypatch, capsys):
 
 def test_fsdp2_options():
     model = torch.nn.Linear(1000, 1000).to(torch.bfloat16)  # 1M weights: 2 MB gathered
-    gpu = parallel.Parallel(world=2, device="cuda")
+    gpu = parallel.FullyShardedParallel(world=2, device="cuda")
     assert parallel.fsdp2_options(model, gpu, 100 * 2**20) == (torch.bfloat16, torch.bfloat16, False)
     assert parallel.fsdp2_options(model, gpu, 10 * 2**20)[2] is True  # over a tenth: reshard
-    cpu = parallel.Parallel(world=2, device="cpu", reduce_dtype="fp32", reshard_after_forward=False)
+    cpu = parallel.FullyShardedParallel(world=2, device="cpu", reduce_dtype="fp32", reshard_after_forward=False)
     assert parallel.fsdp2_options(model, cpu, 0) == (None, torch.float32, False)
     assert (
-        parallel.fsdp2_options(model.float(), parallel.Parallel(world=2, device="cuda"), 100 * 2**20)[1]
+        parallel.fsdp2_options(model.float(), parallel.FullyShardedParallel(world=2, device="cuda"), 100 * 2**20)[1]
         == torch.float32
     )  # fp32 weights: fp32 exchange
 
@@ -255,10 +255,10 @@ def test_plan_config_sizes_for_the_rank_and_turns_off_what_zero3_breaks():
     from chatforge.config import TrainConfig, _build
 
     cfg = _build(TrainConfig, {"batch_size": 4, "grad_accum": 2}, "r")
-    ddp = parallel.Parallel(world=2, strategy="ddp").plan_config(cfg, 4)
+    ddp = parallel.for_strategy("ddp", world=2).plan_config(cfg, 4)
     assert (ddp.batch_size, ddp.grad_accum, ddp.compile, ddp.lora_groups) == (4, 1, "auto", "auto")
-    z3 = parallel.Parallel(world=2, strategy="deepspeed_zero3").plan_config(cfg, 4)
+    z3 = parallel.for_strategy("deepspeed_zero3", world=2).plan_config(cfg, 4)
     assert (z3.compile, z3.lora_groups) == (False, False)  # parameters gathered per module call
     asked = _build(TrainConfig, {"lora_groups": True}, "r")
     with pytest.raises(ChatforgeError, match="lora_groups"):
-        parallel.Parallel(world=2, strategy="deepspeed_zero3").plan_config(asked, 4)
+        parallel.for_strategy("deepspeed_zero3", world=2).plan_config(asked, 4)

@@ -1,4 +1,5 @@
-"""CPU checks of the training speed levers (chatforge/training/fastpath.py) and the speed bench's smoke run."""
+"""CPU checks of the training speed levers (chatforge/training/: speed_plan.py, loss.py, attention.py,
+patches.py) and the speed bench's smoke run."""
 
 import functools
 import sys
@@ -7,8 +8,21 @@ import pytest
 import torch
 
 from chatforge.config import TrainConfig, _build
+from chatforge.data.encode import IGNORE
 from chatforge.files import ChatforgeError
-from chatforge.training import fastpath as fp
+from chatforge.training import patches
+from chatforge.training.loss import linear_cross_entropy_sum, loss_sum
+from chatforge.training.patches import checkpoint_indices
+from chatforge.training.speed_plan import (
+    Plan,
+    Shape,
+    choose_micro_batch,
+    decoder_layers,
+    default_chunk_rows,
+    estimate_bytes,
+    is_quantized,
+    make_plan,
+)
 from conftest import ROOT
 
 
@@ -40,10 +54,10 @@ def test_chunked_loss_and_gradients_equal_plain(chunk):
     h = torch.randn(150, 48, requires_grad=True)
     w = (torch.randn(700, 48) * 0.3).requires_grad_()
     y = torch.randint(0, 700, (150,))
-    y[::4] = fp.IGNORE
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=fp.IGNORE, reduction="sum")
+    y[::4] = IGNORE
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), y, ignore_index=IGNORE, reduction="sum")
     gh, gw = torch.autograd.grad(ref * 0.37, (h, w))
-    out = fp.linear_cross_entropy_sum(h, w, y, backend="chunked", chunk_rows=chunk)
+    out = linear_cross_entropy_sum(h, w, y, backend="chunked", chunk_rows=chunk)
     ch, cw = torch.autograd.grad(out * 0.37, (h, w))
     assert torch.allclose(out, ref, rtol=1e-5)
     assert torch.allclose(ch, gh, rtol=1e-4, atol=1e-6)
@@ -53,21 +67,19 @@ def test_chunked_loss_and_gradients_equal_plain(chunk):
 def test_chunked_loss_frozen_weight_and_all_ignored():
     h = torch.randn(10, 8, requires_grad=True)
     w = torch.randn(20, 8)  # frozen (LoRA): no weight gradient is made
-    y = torch.full((10,), fp.IGNORE)
-    out = fp.linear_cross_entropy_sum(h, w, y, chunk_rows=4)
+    y = torch.full((10,), IGNORE)
+    out = linear_cross_entropy_sum(h, w, y, chunk_rows=4)
     out.backward()
     assert out.item() == 0.0 and torch.count_nonzero(h.grad) == 0
 
 
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ChatforgeError, match="fused_loss"):
-        fp.linear_cross_entropy_sum(
-            torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), backend="fast"
-        )
+        linear_cross_entropy_sum(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), backend="fast")
 
 
 def test_default_chunk_rows_bounds_logits_memory():
-    rows = fp.default_chunk_rows(92544)
+    rows = default_chunk_rows(92544)
     assert rows & (rows - 1) == 0 and rows * 92544 * 4 <= 512 * 2**20
 
 
@@ -80,8 +92,8 @@ def batch_with_padding(vocab=300):
     mask = torch.ones_like(ids)
     mask[1, 14:] = 0
     mask[2, 9:] = 0
-    labels = torch.where(mask.bool(), ids, fp.IGNORE)
-    labels[:, :3] = fp.IGNORE  # a prompt carries no loss
+    labels = torch.where(mask.bool(), ids, IGNORE)
+    labels[:, :3] = IGNORE  # a prompt carries no loss
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
@@ -93,14 +105,14 @@ def test_loss_sum_matches_model_loss_and_lora_gradients():
     results = {}
     for backend in ("plain", "chunked"):
         model.zero_grad()
-        loss, n = fp.loss_sum(model, b, fp.Plan(loss=backend, chunk_rows=16))
+        loss, n = loss_sum(model, b, Plan(loss=backend, chunk_rows=16))
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         results[backend] = (loss.item(), n, grads)
     out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
     lp, n, gp = results["plain"]
     lc, nc, gc = results["chunked"]
-    assert n == nc == int((b["labels"][:, 1:] != fp.IGNORE).sum())
+    assert n == nc == int((b["labels"][:, 1:] != IGNORE).sum())
     assert lc == pytest.approx(lp, rel=1e-5) and lc / n == pytest.approx(out.loss.item(), rel=1e-5)
     for a, c in zip(gp, gc):
         assert torch.allclose(a, c, rtol=1e-3, atol=1e-6)
@@ -116,19 +128,19 @@ def test_packed_batch_loss_equals_samples_run_alone():
     ids[0, :24] = torch.cat(samples)
     pos = torch.cat([torch.arange(n) for n in lens] + [torch.arange(2)])[None]
     labels = ids.clone()  # every token trained (pretrain): boundaries must still not leak
-    labels[0, 24:] = fp.IGNORE
+    labels[0, 24:] = IGNORE
     cu = torch.tensor([0, 7, 19, 24, 26], dtype=torch.int32)
     packed = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": None, "cu_seqlens": cu}
-    loss, n = fp.loss_sum(model, packed, fp.Plan(attention="varlen"))
+    loss, n = loss_sum(model, packed, Plan(attention="varlen"))
     alone = [
-        fp.loss_sum(
+        loss_sum(
             model,
             {
                 "input_ids": s[None],
                 "labels": s[None].clone(),
                 "attention_mask": torch.ones(1, len(s), dtype=torch.long),
             },
-            fp.Plan(),
+            Plan(),
         )
         for s in samples
     ]
@@ -141,8 +153,8 @@ def test_selective_checkpointing_keeps_loss_and_gradients():
     out = []
     for k in (0, 2):
         model = tiny_llama(layers=3)
-        fp.apply(model, fp.Plan(checkpoint_layers=k))
-        loss, _ = fp.loss_sum(model, b)
+        patches.apply(model, Plan(checkpoint_layers=k))
+        loss, _ = loss_sum(model, b)
         loss.backward()
         out.append((loss.item(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
@@ -150,9 +162,9 @@ def test_selective_checkpointing_keeps_loss_and_gradients():
 
 
 def test_checkpoint_indices_spread():
-    assert fp.checkpoint_indices(24, 0) == []
-    assert fp.checkpoint_indices(24, 3) == [0, 8, 16]
-    assert fp.checkpoint_indices(24, 24) == list(range(24))
+    assert checkpoint_indices(24, 0) == []
+    assert checkpoint_indices(24, 3) == [0, 8, 16]
+    assert checkpoint_indices(24, 24) == list(range(24))
 
 
 def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
@@ -170,12 +182,12 @@ def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
         model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].register_forward_hook(
             lambda *a: calls.append("q")
         )
-        fp.apply(model, fp.Plan(lora_groups=grouped))
+        patches.apply(model, Plan(lora_groups=grouped))
         calls.clear()  # the probe forward that found the groups
         if backend:  # dynamo traces the group's shared state, AOTAutograd its backward
-            for layer in fp.decoder_layers(model):
+            for layer in decoder_layers(model):
                 layer.forward = torch.compile(layer.forward, backend=backend)
-        loss, _ = fp.loss_sum(model, b)
+        loss, _ = loss_sum(model, b)
         loss.backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
         runs.append((loss.item(), grads, calls))
@@ -197,10 +209,10 @@ def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
                 + [("q_proj", "k_proj", "v_proj")] * 2
             )
             with model.disable_adapter(), torch.no_grad():  # PEFT's own forward: the base model
-                off, _ = fp.loss_sum(model, b)
+                off, _ = loss_sum(model, b)
             ref = tiny_llama(layers=2)
             with torch.no_grad():
-                assert off.item() == pytest.approx(fp.loss_sum(ref, b)[0].item(), rel=1e-6)
+                assert off.item() == pytest.approx(loss_sum(ref, b)[0].item(), rel=1e-6)
     (loss0, grads0, calls0), *others = runs
     assert calls0 == ["q"] and runs[1][2] == []  # grouped: q's own A matmul never runs
     for loss, grads, _ in others:
@@ -211,7 +223,7 @@ def test_lora_groups_share_one_a_matmul_and_compute_what_peft_does():
 
 def test_lora_groups_on_by_default_without_dropout_or_when_compiled():
     model = tiny_llama()
-    plan = lambda **kw: fp.make_plan(model, device="cpu", seq=64, global_batch=4, **kw).lora_groups
+    plan = lambda **kw: make_plan(model, device="cpu", seq=64, global_batch=4, **kw).lora_groups
     assert plan(method="lora") and plan(method="qlora") and plan(method="lora", lora_dropout=0.1, compile=True)
     assert not plan(method="lora", lora_dropout=0.1) and not plan(method="full")
     assert not plan(method="lora", lora_groups=False)
@@ -228,7 +240,7 @@ def dropout_run(grouped: bool, ckpt_layers: int = 0, backend=None, steps=2):
         tiny_llama(layers=2), LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False)
     )
     model.train()
-    fp.apply(model, fp.Plan(lora_groups=True, checkpoint_layers=ckpt_layers))
+    patches.apply(model, Plan(lora_groups=True, checkpoint_layers=ckpt_layers))
     if not grouped:
 
         class Keyed(torch.nn.Module):
@@ -245,11 +257,11 @@ def dropout_run(grouped: bool, ckpt_layers: int = 0, backend=None, steps=2):
             m.lora_dropout["default"] = Keyed(group, group.members.index(m))
             del m.forward  # PEFT's forward again
     if backend:
-        for layer in fp.decoder_layers(model):
+        for layer in decoder_layers(model):
             layer.forward = torch.compile(layer.forward, backend=backend)
     out = []
     for _ in range(steps):
-        loss, _ = fp.loss_sum(model, batch_with_padding())
+        loss, _ = loss_sum(model, batch_with_padding())
         loss.backward()
         out.append(loss.item())
     return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
@@ -283,12 +295,12 @@ def test_hash_dropout_keeps_one_minus_p_and_masks_are_independent():
 
 # ---------------------------------------------------------------- memory model and chooser
 
-SHAPE = fp.Shape(hidden=2048, layers=24, heads=16, kv_heads=8, ffn=8192, vocab=92544)
+SHAPE = Shape(hidden=2048, layers=24, heads=16, kv_heads=8, ffn=8192, vocab=92544)
 GIB = 2**30
 
 
 def est(tokens, k, static=4 * GIB, compiled=True, loss="chunked"):
-    return fp.estimate_bytes(SHAPE, static, tokens, k, compiled, loss)
+    return estimate_bytes(SHAPE, static, tokens, k, compiled, loss)
 
 
 def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
@@ -300,7 +312,7 @@ def test_estimate_grows_with_tokens_and_shrinks_with_checkpointing():
 
 
 def test_chooser_prefers_no_checkpointing_then_the_largest_divisor():
-    choose = lambda budget, g=8, ck="auto": fp.choose_micro_batch(
+    choose = lambda budget, g=8, ck="auto": choose_micro_batch(
         SHAPE, 4 * GIB, 2048, g, budget, True, "chunked", checkpointing=ck
     )
     assert choose(10**13) == (8, 0)
@@ -317,7 +329,7 @@ def test_chooser_prefers_no_checkpointing_then_the_largest_divisor():
 
 def test_make_plan_on_cpu_keeps_recipe_batch_and_skips_compile():
     model = tiny_llama()
-    plan = fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4)
+    plan = make_plan(model, device="cpu", method="full", seq=64, global_batch=4)
     assert (plan.micro_batch, plan.compile, plan.loss, plan.attention, plan.autocast) == (
         0,
         False,
@@ -326,13 +338,12 @@ def test_make_plan_on_cpu_keeps_recipe_batch_and_skips_compile():
         False,
     )
     assert (
-        fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, checkpointing=True).checkpoint_layers
-        == 2
+        make_plan(model, device="cpu", method="full", seq=64, global_batch=4, checkpointing=True).checkpoint_layers == 2
     )
     with pytest.raises(ChatforgeError, match="varlen"):
-        fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4, attention="varlen")
+        make_plan(model, device="cpu", method="full", seq=64, global_batch=4, attention="varlen")
     model.config.final_logit_softcapping = 30.0  # a head the chunked loss does not model: full logits
-    assert fp.make_plan(model, device="cpu", method="full", seq=64, global_batch=4).loss == "plain"
+    assert make_plan(model, device="cpu", method="full", seq=64, global_batch=4).loss == "plain"
 
 
 def test_recipe_speed_keys_take_auto_or_values():
@@ -389,8 +400,8 @@ def test_checkpoint_wraps_the_compiled_layer(matmul):
     model = tiny_llama(layers=4)
     mlp = model.model.layers[0].mlp
     mlp.down_proj = nf4_linear(mlp.down_proj)
-    assert fp.is_quantized(model)
-    fp.apply(model, fp.Plan(compile=True, checkpoint_layers=2, nf4_matmul=matmul))  # compiles lazily
+    assert is_quantized(model)
+    patches.apply(model, Plan(compile=True, checkpoint_layers=2, nf4_matmul=matmul))  # compiles lazily
     forwards = [layer.forward for layer in model.model.layers]
     ckpt = [isinstance(f, functools.partial) for f in forwards]
     inner = [f.args[0] if isinstance(f, functools.partial) else f for f in forwards]
@@ -404,13 +415,13 @@ def test_checkpointed_layers_save_only_their_inputs(monkeypatch):
     """Saved-tensor bytes with every layer checkpointed, layers compiled by apply (through AOTAutograd,
     no C++ build): a small fraction of the run without checkpoints. A checkpoint traced inside the
     compiled region left about half."""
-    monkeypatch.setattr(fp, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(patches, "COMPILE_BACKEND", "aot_eager")
 
     def saved(ckpt):
         torch._dynamo.reset()
         model = tiny_llama(layers=4)
-        plan = fp.Plan(compile=True, checkpoint_layers=ckpt)
-        fp.apply(model, plan)
+        plan = Plan(compile=True, checkpoint_layers=ckpt)
+        patches.apply(model, plan)
         ids = torch.randint(0, 300, (2, 64))
         total = [0]
 
@@ -419,7 +430,7 @@ def test_checkpointed_layers_save_only_their_inputs(monkeypatch):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = fp.loss_sum(model, {"input_ids": ids, "labels": ids}, plan)
+            loss, _ = loss_sum(model, {"input_ids": ids, "labels": ids}, plan)
         loss.backward()
         return total[0]
 
@@ -443,7 +454,7 @@ def test_train_speed_bench_tiny_qlora_matches_trainer():
 def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
     """A GPU run's model: bf16 base weights, fp32 LoRA weights, PEFT's input casts off (autocast does
     them in training). Generation outside autocast failed with 'mat1 and mat2 ... same dtype' (the
-    GPU-path issue); fastpath.inference runs it as training does. Reproduced with CPU autocast."""
+    GPU-path issue); patches.inference runs it as training does. Reproduced with CPU autocast."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -460,10 +471,10 @@ def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
     )
     model = get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-    plan = fp.Plan(autocast=True)
-    fp.apply(model, plan)
+    plan = Plan(autocast=True)
+    patches.apply(model, plan)
     conv = [[{"role": "user", "content": "Who are you?"}]]
     with pytest.raises(RuntimeError, match="dtype"):
         generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)
-    with fp.inference(model, plan):
+    with patches.inference(model, plan):
         assert len(generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)) == 1

@@ -1,4 +1,5 @@
-"""GPU speed levers of the trainer, each chosen automatically ("auto") and each switchable.
+"""The speed plan of a training run: GPU speed levers, each chosen automatically ("auto") and each switchable,
+from the model's shape and a memory model. The levers live beside it: loss.py, attention.py, patches.py.
 
 - a chunked linear + cross-entropy: the vocabulary-wide logits (92,544 columns for InternLM2) are
   never materialised for the whole batch, only for `chunk_rows` tokens at a time;
@@ -12,135 +13,19 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
+import logging
 import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-from chatforge.data.dataset import IGNORE
 from chatforge.files import ChatforgeError
-from chatforge.training import lora_groups, nf4
+from chatforge.training.attention import varlen_available
 
 GIB = 2**30
-ATTENTION_NAME = "chatforge_varlen"
 
 
-# ---------------------------------------------------------------- chunked linear + cross-entropy
-
-
-def _ce_chunk(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor):
-    """Summed CE of one chunk and the gradient of that sum w.r.t. the logits (in h's dtype)."""
-    logits = (h @ w.t()).float()
-    lse = torch.logsumexp(logits, dim=-1)
-    valid = y != IGNORE
-    safe = torch.where(valid, y, 0)
-    target = logits.gather(1, safe[:, None]).squeeze(1)
-    loss = torch.where(valid, lse - target, 0.0).sum()
-    w_valid = valid[:, None].to(logits.dtype)
-    grad = torch.exp(logits - lse[:, None]) * w_valid  # softmax - one_hot(target), on trained rows
-    grad = grad.scatter_add(1, safe[:, None], -w_valid)
-    return loss, grad.to(h.dtype)
-
-
-_compiled_chunk = None
-
-
-def _chunk_fn(device_type: str, compiled: bool):
-    """The chunk step, compiled on CUDA when the run compiles (fuses up-cast, softmax, one-hot and
-    down-cast: one pass)."""
-    global _compiled_chunk
-    if device_type != "cuda" or not compiled:
-        return _ce_chunk
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_ce_chunk)  # a second shape makes it dynamic: two compilations at most
-    return _compiled_chunk
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum(CE(hidden @ weight.T, labels)) computed chunk by chunk; gradients are made in the forward.
-
-    Own code, pure torch, so it also runs on CPU and needs no extra package. On an H200 it matched
-    Liger-Kernel's fused kernel for a frozen head (11.7 vs 11.4 ms) and trailed it for a trained one
-    (24.9 vs 21.6 ms), using more memory (docs/speed.md); both avoid the full (tokens x vocab) logits.
-    Peak extra memory: chunk_rows x vocab x ~12 bytes.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int, compiled: bool = True):
-        need_h, need_w = hidden.requires_grad, weight.requires_grad
-        step = _chunk_fn(hidden.device.type, compiled)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w = weight.detach()
-        for s in range(0, hidden.size(0), chunk_rows):
-            h = hidden[s : s + chunk_rows].detach()
-            loss, g = step(h, w.to(h.dtype), labels[s : s + chunk_rows])
-            total += loss
-            if need_h:
-                grad_h[s : s + chunk_rows] = (g @ w.to(g.dtype)).to(hidden.dtype)
-            if need_w:
-                grad_w += (g.t() @ h.to(g.dtype)).float()
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
-
-
-def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2**20) -> int:
-    """Rows per chunk so that one chunk's fp32 logits take about `target_bytes` (a power of two)."""
-    rows = max(1, target_bytes // (4 * vocab))
-    return max(64, 2 ** int(math.log2(rows)))
-
-
-def linear_cross_entropy_sum(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    backend: str = "chunked",
-    chunk_rows: int | None = None,
-    compiled: bool = True,
-) -> torch.Tensor:
-    """Summed cross-entropy of `hidden @ weight.T` against `labels` (IGNORE = no loss), in fp32.
-
-    Args:
-        hidden: (tokens, hidden) activations, already aligned with `labels`.
-        weight: (vocab, hidden) output-layer weight.
-        labels: (tokens,) target ids.
-        backend: chunked (own), liger (Liger-Kernel's fused kernel) or plain (full logits).
-        chunk_rows: tokens per chunk for `chunked`; default from the vocabulary size.
-        compiled: compile `chunked`'s chunk step on CUDA.
-    Raises:
-        ChatforgeError: an unknown backend, or liger without Liger-Kernel installed.
-    """
-    if backend == "plain":
-        logits = (hidden @ weight.t()).float()
-        return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-    if backend == "chunked":
-        return ChunkedLinearCrossEntropy.apply(
-            hidden, weight, labels, chunk_rows or default_chunk_rows(weight.size(0)), compiled
-        )
-    if backend == "liger":
-        try:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-        except ImportError:
-            raise ChatforgeError("fused_loss liger needs Liger-Kernel: pip install liger-kernel") from None
-        out = liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="sum")
-        return (out[0] if isinstance(out, tuple) else out).float()
-    raise ChatforgeError(f"unknown fused_loss {backend!r}: use auto, chunked, liger or plain")
-
-
-# ---------------------------------------------------------------- model parts and the loss
+# ---------------------------------------------------------------- model parts
 
 
 def base_of(model):
@@ -172,124 +57,13 @@ def decoder_layers(model):
     return list(layers) if layers is not None else []
 
 
-def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE over trained tokens and their count (a 0-dim tensor, so no GPU sync), for plain and
-    packed batches.
-
-    Packed batches (position_ids restarting per sample, cu_seqlens) never train a token to predict
-    the next sample's first token.
-    """
-    plan = plan or Plan()
-    ids = batch["input_ids"]
-    # Targets shifted left with IGNORE at each row's end: the hidden states keep the batch's full width,
-    # so the chunked loss sees the same shapes whatever the data (no slice, no odd last chunk).
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
-    pos = batch.get("position_ids")
-    if pos is not None:  # a packed sample's first token is no target of the sample before it
-        labels = torch.where(F.pad(pos[:, 1:], (0, 1), value=0) == 0, IGNORE, labels)
-    kwargs = {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
-    if pos is not None:
-        kwargs["position_ids"] = pos
-    cu = batch.get("cu_seqlens")
-    if cu is not None and plan.attention == "varlen":
-        width = ids.size(1)  # an upper bound, constant per shape: no recompiles per batch
-        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
-    cast = torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()
-    parts = lm_parts(model) if plan.loss != "plain" else None
-    with cast:
-        if parts is None:
-            logits = model(**kwargs).logits.float()
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-            )
-        else:
-            decoder, head = parts
-            hidden = decoder(**kwargs).last_hidden_state
-            if plan.autocast:
-                hidden = hidden.to(torch.bfloat16)
-            weight = head.weight if not plan.autocast else head.weight.to(torch.bfloat16)
-            hidden, targets = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
-            if ids.device.type == "cpu" and not plan.compile:  # only rows with a target meet the output
-                # layer (nonzero would wait for a GPU; compiled code wants fixed widths). The demo: 2.3x fewer rows
-                keep = (targets != IGNORE).nonzero().squeeze(1)
-                hidden, targets = hidden.index_select(0, keep), targets[keep]
-            loss = linear_cross_entropy_sum(
-                hidden, weight, targets, backend=plan.loss, chunk_rows=plan.chunk_rows or None, compiled=plan.compile
-            )
-    return loss, (labels != IGNORE).sum()
-
-
-# ---------------------------------------------------------------- packing-aware attention
-
-_VARLEN: tuple = ()  # (varlen_attn, its parameter names), looked up once outside compiled code
-
-
-def _varlen_call():
-    global _VARLEN
-    if not _VARLEN:
-        from torch.nn.attention.varlen import varlen_attn
-
-        _VARLEN = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
-    return _VARLEN
-
-
-def varlen_attention(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
-):
-    """Attention for transformers' AttentionInterface: varlen kernel when cu_seqlens come, else sdpa.
-
-    query/key/value: (batch, heads, seq, dim). Returns (batch, seq, heads, dim), None.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.device.type != "cuda":  # CPU: sdpa with transformers' block-causal mask
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    fn, params = _varlen_call()
-    b, hq, s, d = query.shape
-    hk = key.size(1)
-    q = query.transpose(1, 2).reshape(b * s, hq, d)
-    k = key.transpose(1, 2).reshape(b * s, hk, d)
-    v = value.transpose(1, 2).reshape(b * s, hk, d)
-    extra = {"scale": scaling}
-    if hk != hq:
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        else:
-            k, v = k.repeat_interleave(hq // hk, dim=1), v.repeat_interleave(hq // hk, dim=1)
-    if "is_causal" in params:
-        extra["is_causal"] = True
-    else:
-        extra["window_size"] = (-1, 0)
-    cu = cu.to(torch.int32)
-    mx = int(kwargs.get("max_length_q") or s)
-    out = fn(q, k, v, cu, cu, mx, mx, **extra)
-    return out.reshape(b, s, hq, d), None
-
-
-def register_attention() -> str:
-    """Register the varlen attention under ATTENTION_NAME (masks as sdpa builds them)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if torch.cuda.is_available():
-        _varlen_call()
-    AttentionInterface.register(ATTENTION_NAME, varlen_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
-    return ATTENTION_NAME
-
-
-def varlen_available() -> bool:
-    try:
-        _varlen_call()
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 # ---------------------------------------------------------------- memory model and the chooser
+
+
+def default_chunk_rows(vocab: int, target_bytes: int = 512 * 2**20) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about `target_bytes` (a power of two)."""
+    rows = max(1, target_bytes // (4 * vocab))
+    return max(64, 2 ** int(math.log2(rows)))
 
 
 @dataclass
@@ -474,7 +248,6 @@ def device_budget(device: str, value) -> int:
 # run's model FLOPs (4 x linear parameters per token for adapters, 6 for full training) reach this:
 # about 30 s of eager training at ~300 TFLOP/s, so short runs (tests, identity demos) start at once.
 COMPILE_MIN_FLOPS = 1e16
-COMPILE_BACKEND = "inductor"  # tests count recompilations with "aot_eager" (same guards, no code generation)
 
 
 def linear_params(shape: Shape) -> int:
@@ -576,8 +349,6 @@ def make_plan(
     )
     plan.estimate_gib = round(need / GIB, 2)
     if need > budget:
-        import logging
-
         logging.getLogger("chatforge").warning(
             "memory budget %.1f GiB is below the estimated %.1f GiB of micro-batch %d with %d checkpointed "
             "layers: the run may run out of GPU memory (lower max_length or use qlora)",
@@ -587,82 +358,6 @@ def make_plan(
             plan.checkpoint_layers,
         )
     return plan
-
-
-# ---------------------------------------------------------------- applying the plan
-
-
-def _checkpointed(forward, *args, **kwargs):
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
-def checkpoint_indices(layers: int, count: int) -> list[int]:
-    """Which layers to checkpoint: `count` of them, spread evenly."""
-    if count <= 0:
-        return []
-    return sorted({int(i * layers / count) for i in range(count)})
-
-
-def apply(model, plan: Plan):
-    """Apply a plan to a model in place: attention, autocast casting, checkpointing, compilation."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    base = base_of(model)
-    if plan.lora_groups:  # before the autocast setting below: its probe forward runs as PEFT does
-        lora_groups.apply(model)
-    if plan.attention == "varlen":
-        register_attention()
-        base.set_attn_implementation(ATTENTION_NAME)
-    if plan.autocast:  # fp32 LoRA weights, bf16 matmuls: autocast casts, PEFT must not up-cast inputs
-        for m in model.modules():
-            if isinstance(m, BaseTunerLayer):
-                m.cast_input_dtype_enabled = False
-    if plan.nf4_matmul == "torch":
-        nf4.patch(model)
-    # Checkpointing wraps the compiled forward, not the other way round: a checkpoint traced inside a
-    # compiled region leaves recomputation to the compiler's partitioner, which kept most activations
-    # (H200, QLoRA micro-batch 8, all 24 layers checkpointed: 25.5 GiB peak where 7.2 were estimated;
-    # saved-tensor counts on CPU showed the same). Outside, the compiled layer is simply run again.
-    if plan.compile:
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        embed = base.get_input_embeddings()
-        if embed is not None and not embed.weight.requires_grad:
-            # The first layer's input then requires grad like every other layer's, so the compiled
-            # layer has one graph, not a second one for layer 0 (costs layer 0's input gradient).
-            base.enable_input_require_grads()
-    layers = decoder_layers(model)
-    ckpt = set(checkpoint_indices(len(layers), plan.checkpoint_layers))
-    for i, layer in enumerate(layers):
-        if plan.compile or i in ckpt:  # else the class's forward stays (no bound method stored on the module)
-            forward = (
-                torch.compile(layer.forward, dynamic=False, backend=COMPILE_BACKEND) if plan.compile else layer.forward
-            )
-            layer.forward = functools.partial(_checkpointed, forward) if i in ckpt else forward
-    return model
-
-
-@contextlib.contextmanager
-def inference(model, plan: Plan):
-    """Generation between training steps: compiled layers run eagerly (other shapes), and in the
-    training's dtypes (bf16 autocast when fp32 LoRA weights meet bf16 base weights)."""
-    device = next(model.parameters()).device.type
-    stance = getattr(torch.compiler, "set_stance", None)
-    with (
-        stance("force_eager") if stance else contextlib.nullcontext(),
-        (
-            torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
-            if plan.autocast
-            else contextlib.nullcontext()
-        ),
-    ):  # no cast cache: a captured decoding step outlives the context
-        yield
-
-
-def make_optimizer(params, lr: float, weight_decay: float, device: str):
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device == "cuda")
 
 
 def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf")) -> Plan:
