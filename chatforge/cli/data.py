@@ -7,7 +7,7 @@ import sys
 
 from chatforge.cli.common import TEMPLATE_HELP
 from chatforge.data.identity import IdentitySpec, write_identity_data
-from chatforge.data.tools import check, convert, format_check
+from chatforge.data.tools import FORMATS, check, convert, format_check
 from chatforge.models.load import DEFAULT_MODEL, display_name, load_model, load_tokenizer
 
 
@@ -55,7 +55,7 @@ def add_commands(sub) -> None:
     )
     s.add_argument("input")
     s.add_argument("output", help=".json: a JSON array; otherwise JSONL")
-    s.add_argument("--to", choices=["conversation", "messages"], default="conversation")
+    s.add_argument("--to", choices=FORMATS, default="conversation")
     s.add_argument("--strict", action="store_true", help="stop at the first broken record (default: skip it)")
     s.add_argument("--show", type=int, default=20, help="how many skipped lines to list")
     s.set_defaults(func=convert_file)

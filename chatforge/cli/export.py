@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from typing import get_args
 
 from chatforge.cli.common import TEMPLATE_HELP
 from chatforge.export.convert import convert as convert_layout
 from chatforge.export.gguf import export_gguf
 from chatforge.export.merge import merge as merge_adapter
+from chatforge.models.internlm2 import Layout
 
 
 def merge(a):
@@ -46,7 +48,7 @@ def add_commands(sub) -> None:
     s.add_argument("--default-system", help="replace the system prompt the chat template injects by default")
     s.add_argument(
         "--format",
-        choices=["hf", "internlm2"],
+        choices=get_args(Layout),
         default="hf",
         help="hf: native layout; internlm2: an InternLM2 base's original layout (fused wqkv)",
     )
@@ -60,7 +62,7 @@ def add_commands(sub) -> None:
     )
     s.add_argument("model", help="an InternLM2 folder, a native folder exported from one, or (gguf) any merged model")
     s.add_argument("out", help="a folder, or a .gguf file")
-    s.add_argument("--format", choices=["hf", "internlm2", "gguf"], help="default: gguf for OUT.gguf, else hf")
+    s.add_argument("--format", choices=[*get_args(Layout), "gguf"], help="default: gguf for OUT.gguf, else hf")
     s.add_argument(
         "--dtype",
         default="auto",

@@ -7,6 +7,7 @@ import random
 import statistics
 from collections import Counter
 from pathlib import Path
+from typing import Literal, get_args
 
 from chatforge.config import DataSource, TrainConfig, load_recipe
 from chatforge.data import dataset, encode, readers
@@ -14,7 +15,8 @@ from chatforge.files import ChatforgeError, atomic_path, write_json
 from chatforge.models.load import load_tokenizer
 from chatforge.plots import histogram
 
-FORMATS = ("conversation", "messages")
+Target = Literal["conversation", "messages"]  # what `chatforge data convert` writes
+FORMATS = get_args(Target)
 
 
 # ---------------------------------------------------------------- convert

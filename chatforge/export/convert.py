@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from chatforge.files import ChatforgeError, atomic_path
+from chatforge.models import internlm2
 from chatforge.models.checks import masked_logits, probe_batch
 from chatforge.models.internlm2 import ORIGINALS, originals, save_hf, save_internlm2
 from chatforge.models.load import load_model, load_tokenizer, local_folder, parse_dtype, read_config
@@ -19,8 +20,7 @@ def convert(
         ChatforgeError: unknown format, a model with no InternLM2 files to go back to, or a
             converted model whose logits differ from the source's.
     """
-    if fmt not in ("hf", "internlm2"):
-        raise ChatforgeError(f"unknown format {fmt!r}: use hf or internlm2")
+    internlm2.check_layout(fmt)
     folder = local_folder(model_spec)
     source = originals(folder)
     if fmt == "internlm2" and source is None:

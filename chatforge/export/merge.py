@@ -89,8 +89,7 @@ def merge(
     base = base or adapter_config.get("base_model_name_or_path")
     if not base:
         raise ChatforgeError(f"{adapter}: the adapter names no base model; pass --base")
-    if fmt not in ("hf", "internlm2"):
-        raise ChatforgeError(f"unknown format {fmt!r}: use hf or internlm2")
+    internlm2.check_layout(fmt)
     originals = internlm2.originals(local_folder(base))
     if fmt == "internlm2" and originals is None:
         raise ChatforgeError(f"--format internlm2 needs an InternLM2 base model; {base} is not one")

@@ -17,6 +17,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Literal, get_args
 
 import sentencepiece as spm
 import torch
@@ -30,6 +31,7 @@ from chatforge.files import ChatforgeError, write_json
 log = logging.getLogger(__name__)
 
 ARCH = "InternLM2ForCausalLM"
+Layout = Literal["hf", "internlm2"]  # a checkpoint's layout: native (transformers' Llama) or InternLM2's own
 META = "\u2581"  # sentencepiece's visible space
 ORIGINALS = "internlm2"  # in a native (hf) export: the InternLM2 files kept for the way back
 # Tool/chat markers by id (vocab 92544); old revisions name them [UNUSED_TOKEN_141..146].
@@ -63,6 +65,16 @@ TOP_RENAMES = {
 
 
 # ---------------------------------------------------------------- config
+
+
+def check_layout(fmt: str) -> None:
+    """Check a layout name (merge --format, convert --format).
+
+    Raises:
+        ChatforgeError: `fmt` is not one of Layout's values.
+    """
+    if fmt not in get_args(Layout):
+        raise ChatforgeError(f"unknown format {fmt!r}: use {' or '.join(get_args(Layout))}")
 
 
 def declares_internlm2(config: dict) -> bool:

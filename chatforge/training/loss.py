@@ -5,10 +5,12 @@ vocabulary-wide logits (92,544 columns for InternLM2) are never materialised for
 from __future__ import annotations
 
 import contextlib
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
+from chatforge.config import FusedLoss
 from chatforge.data.dataset import IGNORE
 from chatforge.files import ChatforgeError
 from chatforge.training.speed_plan import Plan, default_chunk_rows, lm_parts
@@ -113,7 +115,8 @@ def linear_cross_entropy_sum(
             raise ChatforgeError("fused_loss liger needs Liger-Kernel: pip install liger-kernel") from None
         out = liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="sum")
         return (out[0] if isinstance(out, tuple) else out).float()
-    raise ChatforgeError(f"unknown fused_loss {backend!r}: use auto, chunked, liger or plain")
+    *first, last = get_args(FusedLoss)
+    raise ChatforgeError(f"unknown fused_loss {backend!r}: use {', '.join(first)} or {last}")
 
 
 def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from typing import get_args
 
 import torch
 
+from chatforge.config import FusedLoss, Nf4Matmul
 from chatforge.files import ChatforgeError
 from chatforge.training.attention import varlen_available
 
@@ -300,8 +302,8 @@ def make_plan(
         lora_dropout = 0.0
     # chunked: the backend measured in full training runs (docs/speed.md); liger is selectable and may win.
     plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
-    if plan.loss not in ("chunked", "liger", "plain"):
-        raise ChatforgeError(f"recipe key 'fused_loss': {plan.loss!r} is not one of auto, chunked, liger, plain")
+    if plan.loss not in get_args(FusedLoss):
+        raise ChatforgeError(f"recipe key 'fused_loss': {plan.loss!r} is not one of {', '.join(get_args(FusedLoss))}")
     if plan.loss == "liger" and not cuda:
         raise ChatforgeError("fused_loss liger runs on CUDA only")
     want_varlen = _auto(attention, "varlen" if (packing and cuda and varlen_available()) else "sdpa")
@@ -314,8 +316,9 @@ def make_plan(
     overhead = OVERHEAD_TOKENS["compiled" if plan.compile else "eager"]
     if is_quantized(model):
         plan.nf4_matmul = _auto(nf4_matmul, "torch")
-        if plan.nf4_matmul not in ("torch", "bitsandbytes"):
-            raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use auto, torch or bitsandbytes")
+        if plan.nf4_matmul not in get_args(Nf4Matmul):
+            *first, last = get_args(Nf4Matmul)
+            raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use {', '.join(first)} or {last}")
         overhead = OVERHEAD_TOKENS["nf4_torch" if plan.nf4_matmul == "torch" else "nf4"]
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
