@@ -1,0 +1,1 @@
+"""Generation: batched and streamed replies, KV-cache slots, the batching engines of `chatforge serve`."""
