@@ -449,14 +449,16 @@ class Trainer:
 
     def collate(self, units: list) -> dict:
         """A micro-batch on the CPU. Compiled layers get few shapes: packed rows of exactly max_length
-        (and a fixed count of attention segments), unpadded batches padded to a power-of-two width."""
+        (and a fixed count of attention segments), unpadded batches padded to a power-of-two width; so
+        do eager ones on a GPU, where cuDNN's attention builds a plan for every new shape (~60 ms)."""
         cfg, fixed = self.cfg, self.plan.compile
         if cfg.packing:
             return data_mod.collate_packed(units, self.pad, width=cfg.max_length if fixed else None,
                                            segments=len(units) * self.max_segments if fixed else None)
         if self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
             return data_mod.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
-        width = data_mod.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
+        bucket = fixed or self.device != "cpu"
+        width = data_mod.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if bucket else None
         return data_mod.collate(units, self.pad, width=width)
 
     def prepare(self, step: int) -> tuple[list, int, int]:
