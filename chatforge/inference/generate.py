@@ -56,14 +56,15 @@ def generate_batch(
         width = max(map(len, chunk))
         ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=stops,
-            pad_token_id=pad,
-            **_sampling(temperature, top_p),
-        )
+        with decode.no_plan_attention():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stops,
+                pad_token_id=pad,
+                **_sampling(temperature, top_p),
+            )
         for row in out[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             replies.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
@@ -107,7 +108,7 @@ def stream_reply(
 
     def run():
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decode.no_plan_attention():
                 model.generate(**kwargs)
         except Exception as e:  # surface the worker's error in the caller
             errors.append(e)

@@ -549,7 +549,8 @@ class Trainer:
 
     def collate(self, units: list) -> dict:
         """A micro-batch on the CPU. Compiled layers get few shapes: packed rows of exactly max_length
-        (and a fixed count of attention segments), unpadded batches padded to a power-of-two width."""
+        (and a fixed count of attention segments), unpadded batches padded to a power-of-two width; so
+        do eager ones on a GPU, where cuDNN's attention builds a plan for every new shape (~60 ms)."""
         cfg, fixed = self.cfg, self.plan.compile
         if cfg.packing:
             return dataset.collate_packed(
@@ -560,7 +561,8 @@ class Trainer:
             )
         if self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
             return dataset.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
-        width = dataset.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if fixed else None
+        bucket = fixed or self.device != "cpu"
+        width = dataset.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if bucket else None
         return dataset.collate(units, self.pad, width=width)
 
     def prepare(self, step: int) -> tuple[list, int, int]:

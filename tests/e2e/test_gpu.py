@@ -109,6 +109,8 @@ def test_assistant_on_the_default_model_learns_the_identity(tmp_path):
         f"identity {tuned['identity']:.3f}"
     )
     assert tuned["identity"] >= 0.8, tuned
+    answers = [json.loads(line) for line in (run / "eval_answers.jsonl").read_text().splitlines()]
+    print("[gpu] answers naming the owner:", [a for a in answers if a.get("leak") and a["model"] == "fine-tuned"])
     for lang in ("en", "zh"):  # general answers naming the owner, per language
         assert next(v for k, v in tuned.items() if k.startswith(f"general leaks ({lang}")) <= 1, tuned
 

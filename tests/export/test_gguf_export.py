@@ -227,7 +227,8 @@ def qwen2_style_tokenizer(chat_template: str):
     )
 
 
-def test_qwen2_round_trip(smol_tokenizer, tmp_path):
+def test_qwen2_round_trip(smol_tokenizer, tmp_path, monkeypatch):
+    import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tok = qwen2_style_tokenizer(smol_tokenizer.chat_template)
@@ -260,6 +261,21 @@ def test_qwen2_round_trip(smol_tokenizer, tmp_path):
         tok.apply_chat_template(MIXED_CHAT, tokenize=False, add_generation_prompt=True),
     ):
         assert back.encode(text) == tok.encode(text)
+
+    # chatforge's cache of the GGUF: the file parsed once for config, tokenizer and weights, the same logits
+    parsed = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))
+    cached = load_model(str(out), dtype=torch.float32, device="cpu")
+    assert len(parsed) == 1 and gguf.GGUFReader is Counting, parsed
+    assert float((masked_logits(cached, batch) - masked_logits(source, batch)).abs().max()) <= 1e-4
+    assert load_tokenizer(str(out)).encode(text) == tok.encode(text)
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,13 @@ def test_other_shapes_use_plain_generate(tmp_path, smol_tokenizer):
     assert decode.supports(MistralForCausalLM(MistralConfig(sliding_window=None, **small)))
     replies = generate_batch(model, smol_tokenizer, [[{"role": "user", "content": "hi"}]], max_new_tokens=4)
     assert len(replies) == 1 and isinstance(replies[0], str)
+
+
+def test_eager_inference_keeps_off_cudnn_attention_and_restores_it():
+    """cuDNN's SDPA builds a plan per new shape (~60 ms on an H200): eager inference keeps to flash and
+    memory-efficient attention inside `no_plan_attention`, and the process's choice comes back after."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode.no_plan_attention():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
