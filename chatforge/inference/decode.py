@@ -23,6 +23,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from chatforge.host_copy import copy_to_host
+
 log = logging.getLogger(__name__)
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
@@ -166,19 +168,11 @@ class Decoder:
         self.cos, self.sin = rope_table(self.base, max_len, self.device)
         if self.device.type == "cuda":  # see `_host`
             self.pinned = torch.zeros(rows, dtype=torch.long, pin_memory=True)
-            self.copied = torch.cuda.Event()
 
     def _host(self, t: torch.Tensor) -> list[int]:
-        """t's values on the host. On CUDA an async copy to pinned memory and a wait on an event, which
-        releases the GIL while the step runs (tolist() holds it throughout): a server's event loop streams
-        the previous tokens in that time."""
-        if self.device.type != "cuda":
-            return t.tolist()
-        out = self.pinned[: t.numel()]
-        out.copy_(t, non_blocking=True)
-        self.copied.record()
-        self.copied.synchronize()
-        return out.tolist()
+        """t's values on the host; on CUDA the wait releases the GIL while the step runs, so a server's
+        event loop streams the previous tokens in that time."""
+        return copy_to_host(t, getattr(self, "pinned", None))().tolist()
 
     # ------------------------------------------------------------------ the model, layer by layer
     def _forward(self, ids, positions, write, mask, decode: int = 0):
@@ -255,14 +249,15 @@ class Decoder:
         with no_plan_attention():
             h = self._forward(ids, positions, write, mask[:, None])
         last = h[torch.arange(n, device=self.device), lengths - 1]
-        temp = torch.tensor(temperature or [0.0] * n, device=self.device, dtype=torch.float)
-        tp = torch.tensor(top_p or [1.0] * n, device=self.device, dtype=torch.float)
-        first = pick(self.head(last), temp, tp, bool((temp > 0).any()))
+        temps, tops = temperature or [0.0] * n, top_p or [1.0] * n
+        temp = torch.tensor(temps, device=self.device, dtype=torch.float)
+        tp = torch.tensor(tops, device=self.device, dtype=torch.float)
+        first = pick(self.head(last), temp, tp, any(t > 0 for t in temps))
         self.valid[s] = False
         self.valid[s, :width] = real
         self.tok[s], self.pos[s], self.active[s] = first, lengths, True
         self.temperature[s], self.top_p[s] = temp, tp
-        for slot, p, t in zip(slots, prompts, temperature or [0.0] * n):
+        for slot, p, t in zip(slots, prompts, temps):
             self.at[slot], self.sampling[slot] = len(p), t > 0
         return slots, self._host(first)
 

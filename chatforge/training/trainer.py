@@ -41,6 +41,7 @@ from chatforge.files import (
     write_jsonl,
     write_text,
 )
+from chatforge.host_copy import copy_to_host
 from chatforge.inference.generate import generate_batch
 from chatforge.models.load import load_model, load_tokenizer, resolve
 from chatforge.plots import loss_curve
@@ -182,23 +183,15 @@ def accumulate(engine, batches: list, n_trained: int, par: parallel.Parallel) ->
 
 
 def read_later(values: list) -> Callable[[], list[float | None]]:
-    """A function that returns `values` (scalar tensors, numbers or None) as floats. CUDA tensors are
-    copied to pinned host memory now, behind the work queued so far, and the function waits for that
-    copy alone: float() on a CUDA tensor waits for everything queued before the read, i.e. the next
-    step too, which put each step's time mark one step late (tokens/s after warm-up came out high)."""
+    """A function that returns `values` (scalar tensors, numbers or None) as floats; CUDA tensors are
+    copied now, read without waiting for the steps queued after (chatforge/host_copy.py)."""
     cuda = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor) and v.is_cuda]
-    if not cuda:
-        return lambda: [None if v is None else float(v) for v in values]
-    host = torch.empty(len(cuda), dtype=torch.float64, pin_memory=True)
-    host.copy_(torch.stack([values[i].detach().double().reshape(()) for i in cuda]), non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record()
+    wait = copy_to_host(torch.stack([values[i].detach().double().reshape(()) for i in cuda])) if cuda else None
 
     def read() -> list[float | None]:
-        copied.synchronize()
-        out = [None if v is None else v for v in values]
+        out = list(values)
         for j, i in enumerate(cuda):
-            out[i] = host[j].item()
+            out[i] = wait()[j]
         return [None if v is None else float(v) for v in out]
 
     return read
