@@ -7,7 +7,7 @@ from typing import get_args
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from chatforge.cli.common import TEMPLATE_HELP
-from chatforge.config import Strategy, copy_recipe, list_recipes, load_recipe
+from chatforge.config import Strategy, copy_recipe, describe_keys, list_recipes, load_recipe
 from chatforge.files import ChatforgeError
 from chatforge.training import launch
 from chatforge.training.parallel import Parallel
@@ -18,6 +18,8 @@ def recipes(a):
     if a.action == "list":
         for name in list_recipes(a.arg):
             print(name)
+    elif a.action == "keys":
+        print(describe_keys())
     elif a.action == "copy":
         if not a.arg or not a.dest:
             raise ChatforgeError("usage: chatforge recipes copy NAME DIR")
@@ -64,8 +66,10 @@ def train(a):
 
 
 def add_commands(sub) -> None:
-    s = sub.add_parser("recipes", help="list or copy the shipped recipes (xtuner list-cfg / copy-cfg)")
-    s.add_argument("action", choices=["list", "copy"])
+    s = sub.add_parser(
+        "recipes", help="list or copy the shipped recipes (xtuner list-cfg / copy-cfg), or print every recipe key"
+    )
+    s.add_argument("action", choices=["list", "copy", "keys"])
     s.add_argument("arg", nargs="?", help="pattern (list) or recipe name (copy)")
     s.add_argument("dest", nargs="?", help="folder to copy into")
     s.set_defaults(func=recipes)

@@ -252,13 +252,13 @@ def test_fsdp2_options():
 
 
 def test_plan_config_sizes_for_the_rank_and_turns_off_what_zero3_breaks():
-    from chatforge.config import TrainConfig, _build
+    from chatforge.config import TrainConfig, build
 
-    cfg = _build(TrainConfig, {"batch_size": 4, "grad_accum": 2}, "r")
+    cfg = build(TrainConfig, {"batch_size": 4, "grad_accum": 2}, "r")
     ddp = parallel.for_strategy("ddp", world=2).plan_config(cfg, 4)
     assert (ddp.batch_size, ddp.grad_accum, ddp.compile, ddp.lora_groups) == (4, 1, "auto", "auto")
     z3 = parallel.for_strategy("deepspeed_zero3", world=2).plan_config(cfg, 4)
     assert (z3.compile, z3.lora_groups) == (False, False)  # parameters gathered per module call
-    asked = _build(TrainConfig, {"lora_groups": True}, "r")
+    asked = build(TrainConfig, {"lora_groups": True}, "r")
     with pytest.raises(ChatforgeError, match="lora_groups"):
         parallel.for_strategy("deepspeed_zero3", world=2).plan_config(asked, 4)

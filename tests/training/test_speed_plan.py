@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from chatforge.config import TrainConfig, _build
+from chatforge.config import TrainConfig, build
 from chatforge.data.encode import IGNORE
 from chatforge.files import ChatforgeError
 from chatforge.training import patches
@@ -347,11 +347,11 @@ def test_make_plan_on_cpu_keeps_recipe_batch_and_skips_compile():
 
 
 def test_recipe_speed_keys_take_auto_or_values():
-    cfg = _build(TrainConfig, {"micro_batch": 2, "compile": False, "memory_budget_gib": 7.5}, "r")
+    cfg = build(TrainConfig, {"micro_batch": 2, "compile": False, "memory_budget_gib": 7.5}, "r")
     assert (cfg.micro_batch, cfg.compile, cfg.memory_budget_gib, cfg.gradient_checkpointing) == (2, False, 7.5, "auto")
     for bad in ({"micro_batch": 0}, {"compile": "fast"}, {"memory_budget_gib": -1}, {"gradient_checkpointing": 3}):
         with pytest.raises(ChatforgeError, match=list(bad)[0]):
-            _build(TrainConfig, bad, "r")
+            build(TrainConfig, bad, "r")
 
 
 # ---------------------------------------------------------------- the bench, tiny, on CPU

@@ -1,38 +1,14 @@
-"""Atomic writes and recipe loading."""
+"""Recipes: loading, overrides, errors that name the key, the keys by group."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
-from chatforge.config import list_recipes, load_recipe, parse_overrides
-from chatforge.files import ChatforgeError, atomic_path, write_json
-
-
-def test_atomic_file_is_all_or_nothing(tmp_path):
-    target = tmp_path / "out.json"
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("crash mid-write")
-    assert not target.exists()
-    assert list(tmp_path.iterdir()) == []  # no temp debris either
-    write_json(target, {"a": 1})
-    assert target.read_text().strip().startswith("{")
-
-
-def test_atomic_dir_replaces_old_only_on_success(tmp_path):
-    target = tmp_path / "model"
-    with atomic_path(target, is_dir=True) as tmp:
-        (tmp / "w.bin").write_text("v1")
-    with pytest.raises(ValueError):
-        with atomic_path(target, is_dir=True) as tmp:
-            (tmp / "w.bin").write_text("v2-partial")
-            raise ValueError
-    assert (target / "w.bin").read_text() == "v1"
-    with atomic_path(target, is_dir=True) as tmp:
-        (tmp / "w.bin").write_text("v2")
-    assert (target / "w.bin").read_text() == "v2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+from chatforge.config import GROUPS, TrainConfig, describe_keys, list_recipes, load_recipe, parse_overrides, to_dict
+from chatforge.files import ChatforgeError
 
 
 def test_every_shipped_recipe_loads():
@@ -109,3 +85,31 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path):
     assert bomb.stat().st_size < 500
     with pytest.raises(ChatforgeError, match=r"bomb\.yaml: the YAML expands to more than 50000 values"):
         load_recipe(str(bomb))
+
+
+def test_every_key_is_in_one_group_with_its_help():
+    """A key added to TrainConfig outside a group, or without the line `chatforge recipes keys` prints, fails."""
+    grouped = [f.name for g in GROUPS.values() for f in dataclasses.fields(g)]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    assert len(grouped) == len(set(grouped))
+    text = describe_keys()
+    for name in grouped:
+        assert f"  {name} = " in text or f"  {name}." in text, name
+    assert "#  \n" not in text + "\n" and "[speed]" in text
+    cfg = load_recipe("internlm2_chat_1_8b_medical_sft")
+    assert list(to_dict(cfg)) == grouped  # config.yaml in group order
+    assert load_recipe("internlm2_chat_1_8b_medical_sft", to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.0.format=alpacca", "recipe key 'data[0].format': 'alpacca' is not one of"),
+        ("lora.dropout=1", "recipe key 'lora.dropout'"),
+        ("warmup_ratio=2", "recipe key 'warmup_ratio'"),
+        ("collective_timeout=0", "recipe key 'collective_timeout': must be at least 1"),
+    ],
+)
+def test_each_group_checks_its_keys(override, message):
+    with pytest.raises(ChatforgeError, match=re.escape(message)):
+        load_recipe("internlm2_chat_1_8b_medical_sft", [override])

@@ -1,4 +1,5 @@
-"""Recipes: YAML files of training settings, loaded into a typed, validated TrainConfig."""
+"""Recipes: YAML files of training settings (chatforge/config/settings.py), loaded with overrides into a
+typed, validated TrainConfig; the shipped ones listed, found and copied."""
 
 from __future__ import annotations
 
@@ -6,100 +7,22 @@ import dataclasses
 import fnmatch
 import math
 import shutil
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from chatforge.config.settings import GROUPS, DataSource, TrainConfig
 from chatforge.files import ChatforgeError
-from chatforge.models.load import DEFAULT_MODEL
-
-# The one list of each key's allowed values: recipe validation, the CLI's choices and the code read these.
-Method = Literal["lora", "qlora", "full"]
-Task = Literal["sft", "pretrain"]
-Overflow = Literal["error", "drop", "truncate", "split"]
-LrScheduler = Literal["cosine", "linear", "constant"]
-FusedLoss = Literal["auto", "chunked", "liger", "plain"]
-Attention = Literal["auto", "sdpa", "varlen"]
-Nf4Matmul = Literal["auto", "torch", "bitsandbytes"]
-ReduceDtype = Literal["auto", "fp32", "bf16"]
-Strategy = Literal["auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"]
 
 
-@dataclass
-class LoraConfig:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0  # dropout costs speed and, for identity data, buys nothing
-    target_modules: Any = "all-linear"
+def build(cls, values: dict, where: str):
+    """A settings dataclass from a dict, values coerced to the keys' types.
 
-
-@dataclass
-class DataSource:
-    path: str = ""
-    weight: float = 1.0
-    format: str = "auto"  # auto | conversation | messages | alpaca | text | document (a .txt file is one document)
-    holdout_last: int = 0  # the last N records of the file are never trained on (the fixed eval split)
-
-
-@dataclass
-class TrainConfig:
-    """Every recipe key. Unknown keys are errors, never silently ignored."""
-
-    model: str = DEFAULT_MODEL
-    method: Method = "lora"  # lora | qlora | full
-    task: Task = "sft"  # sft (loss on assistant replies) | pretrain (loss on every token)
-    data: list = field(default_factory=list)  # list of DataSource (a bare path string works too)
-    output_dir: str = "runs/default"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    max_length: int = 512
-    overflow: Overflow = "error"  # a sample longer than max_length: error | drop | truncate | split (pretrain only)
-    batch_size: int = 4
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int = 0  # > 0 overrides epochs
-    lr: float = 2e-4
-    lr_scheduler: LrScheduler = "cosine"  # cosine | linear | constant
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    dtype: str = "auto"
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    system: str | None = None  # system prompt added to conversations that have none
-    chat_template: str | None = None  # a built-in name (chatml, llama3, ...) or file, for models without one
-    eval_prompts: list = field(default_factory=list)  # answered before training and at checkpoints
-    eval_max_new_tokens: int = 48
-    # speed keys (chatforge/training/speed_plan.py, docs/speed.md): `auto` picks what fits the memory budget fastest
-    gradient_checkpointing: Any = "auto"  # auto (as few layers as the budget needs) | true | false
-    micro_batch: Any = "auto"  # samples per forward pass; the step still takes batch_size x grad_accum
-    memory_budget_gib: Any = "auto"  # GPU memory the run may use; auto: 92% of the card's free memory
-    compile: Any = "auto"  # torch.compile each decoder layer; auto: on CUDA
-    fused_loss: FusedLoss = "auto"  # auto | chunked | liger | plain (plain materialises the full logits)
-    attention: Attention = "auto"  # auto | sdpa | varlen (packed batches: no attention across samples)
-    packing: bool = True  # several samples per max_length sequence (no attention across them); batch_size
-    # then counts sequences. On by default, as XTuner's pack_to_max_length; false: one sample per row
-    nf4_matmul: Nf4Matmul = "auto"  # QLoRA: auto/torch (compilable, chatforge/training/nf4.py) | bitsandbytes
-    lora_groups: Any = "auto"  # one LoRA A matmul for projections with the same input; auto: no dropout, or compiled
-    # several GPUs (chatforge/training/parallel.py, docs/distributed.md); batch_size x grad_accum stays the global batch
-    strategy: Strategy = (
-        "auto"  # auto (ddp for LoRA/QLoRA, fsdp2 for full) | ddp | fsdp2 | deepspeed_zero2 | deepspeed_zero3
-    )
-    collective_timeout: int = 1800  # seconds a rank waits in a collective before the job fails
-    # FSDP2: keep layers' gathered weights from forward to backward (no second all-gather); auto: when
-    # the whole model's 16-bit weights take under a tenth of the GPU's memory
-    fsdp_reshard_after_forward: Any = "auto"  # auto | true | false
-    reduce_dtype: ReduceDtype = "auto"  # gradient exchange dtype under FSDP2: auto (the weights' dtype) | fp32 | bf16
-    profile_steps: int = 0  # > 0: profile this many steps after 3 warm-up steps (run folder: profile/rank{R}.txt)
-    description: str = ""
-
-
-def _build(cls, values: dict, where: str):
-    """Build a dataclass from a dict, naming the offending key on error."""
+    Raises:
+        ChatforgeError: an unknown key or a value of the wrong type, naming the key and `where`.
+    """
     if not isinstance(values, dict):
         raise ChatforgeError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name: f for f in dataclasses.fields(cls)}
@@ -114,11 +37,11 @@ def _build(cls, values: dict, where: str):
 def _coerce(f: dataclasses.Field, value: Any, where: str):
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     if dataclasses.is_dataclass(default):
-        return _build(type(default), value or {}, where)
+        return build(type(default), value or {}, where)
     if f.name == "data":
         items = value if isinstance(value, list) else [value]
         return [
-            _build(DataSource, {"path": v} if isinstance(v, str) else v, f"{where}[{i}]") for i, v in enumerate(items)
+            build(DataSource, {"path": v} if isinstance(v, str) else v, f"{where}[{i}]") for i, v in enumerate(items)
         ]
     if f.name in AUTO_KEYS:
         return _coerce_auto(AUTO_KEYS[f.name], value, where)
@@ -299,64 +222,63 @@ def load_recipe(name_or_path: str, overrides: list[str] | dict | None = None) ->
     tree = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     if not isinstance(tree, dict):
         raise ChatforgeError(f"{path}: a recipe must be a mapping of keys")
-    cfg = _build(TrainConfig, tree, str(path))
+    cfg = build(TrainConfig, tree, str(path))
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
-        cfg = _build(TrainConfig, _merge(to_dict(cfg), extra), "override")
+        cfg = build(TrainConfig, _merge(to_dict(cfg), extra), "override")
     validate(cfg)
     return cfg
 
 
-CHOICES = {key: get_args(hint) for key, hint in get_type_hints(TrainConfig).items() if get_origin(hint) is Literal}
+def choices(cls) -> dict[str, tuple]:
+    """The allowed values of each of a settings class's Literal keys."""
+    return {key: get_args(hint) for key, hint in get_type_hints(cls).items() if get_origin(hint) is Literal}
+
+
+CHOICES = choices(TrainConfig)
 
 
 def validate(cfg: TrainConfig) -> None:
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise ChatforgeError(f"recipe key {key!r}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key in (
-        "batch_size",
-        "grad_accum",
-        "max_length",
-        "collective_timeout",
-        "log_every",
-        "eval_max_new_tokens",
-        "lora.r",
-    ):
-        if _get(cfg, key) < 1:
-            raise ChatforgeError(f"recipe key {key!r}: must be at least 1")
-    for key in ("max_steps", "save_every", "keep_checkpoints", "weight_decay", "max_grad_norm", "profile_steps"):
-        if _get(cfg, key) < 0:
-            raise ChatforgeError(f"recipe key {key!r}: must be at least 0")
-    for key in ("lr", "epochs", "lora.alpha"):
-        if not _get(cfg, key) > 0:
-            raise ChatforgeError(f"recipe key {key!r}: must be above 0")
-    if not 0 <= cfg.warmup_ratio <= 1:
-        raise ChatforgeError("recipe key 'warmup_ratio': must be between 0 and 1")
-    if not 0 <= cfg.lora.dropout < 1:
-        raise ChatforgeError("recipe key 'lora.dropout': must be at least 0 and below 1")
-    if cfg.chat_template is not None and not isinstance(cfg.chat_template, str):
-        raise ChatforgeError("recipe key 'chat_template': expected a template name or file")
-    if not cfg.data:
-        raise ChatforgeError("recipe key 'data': no training data given (data=PATH)")
-    if cfg.overflow == "split" and cfg.task != "pretrain":
-        raise ChatforgeError(
-            "recipe key 'overflow': split only suits task pretrain (a conversation cut "
-            "in pieces loses its prompt); use drop or truncate"
-        )
-    for i, src in enumerate(cfg.data):
-        if src.weight <= 0 or src.holdout_last < 0:
-            raise ChatforgeError(f"recipe key 'data[{i}]': weight must be above 0 and holdout_last at least 0")
+    """Allowed values, then each group's ranges (TrainConfig.check).
 
-
-def _get(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
+    Raises:
+        ChatforgeError: the first bad key, named.
+    """
+    items = [("", cfg, CHOICES)] + [(f"data[{i}].", s, choices(DataSource)) for i, s in enumerate(cfg.data)]
+    for prefix, obj, allowed_by_key in items:
+        for key, allowed in allowed_by_key.items():
+            if getattr(obj, key) not in allowed:
+                raise ChatforgeError(
+                    f"recipe key {prefix + key!r}: {getattr(obj, key)!r} is not one of {', '.join(allowed)}"
+                )
+    cfg.check()
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The recipe keys as plain values, group by group (the order of a run's config.yaml)."""
+    flat = dataclasses.asdict(cfg)
+    if not isinstance(cfg, TrainConfig):
+        return flat
+    ordered = [f.name for group in GROUPS.values() for f in dataclasses.fields(group)]
+    return {k: flat[k] for k in ordered}
+
+
+def describe_keys() -> str:
+    """Every recipe key by group: name, default, help (`chatforge recipes keys`)."""
+    lines = []
+    for name, group in GROUPS.items():
+        lines.append(f"[{name}]")
+        for f in dataclasses.fields(group):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                for sub in dataclasses.fields(default):
+                    lines.append(f"  {f.name}.{sub.name} = {getattr(default, sub.name)!r}  # {sub.metadata['help']}")
+                continue
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata['help']}")
+        if name == "data":
+            for sub in dataclasses.fields(DataSource):
+                lines.append(f"  data[i].{sub.name} = {sub.default!r}  # {sub.metadata['help']}")
+    return "\n".join(lines)
 
 
 def copy_recipe(name: str, dest_dir: str) -> Path:

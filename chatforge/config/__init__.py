@@ -1,0 +1,56 @@
+"""Recipe settings: the keys by group with their allowed values (settings), YAML recipes with overrides
+(recipes)."""
+
+from chatforge.config.recipes import (
+    build,
+    copy_recipe,
+    describe_keys,
+    find_recipe,
+    list_recipes,
+    load_recipe,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+    validate,
+)
+from chatforge.config.settings import (
+    GROUPS,
+    Attention,
+    DataSource,
+    FusedLoss,
+    LoraConfig,
+    LrScheduler,
+    Method,
+    Nf4Matmul,
+    Overflow,
+    ReduceDtype,
+    Strategy,
+    Task,
+    TrainConfig,
+)
+
+__all__ = [
+    "GROUPS",
+    "Attention",
+    "DataSource",
+    "FusedLoss",
+    "LoraConfig",
+    "LrScheduler",
+    "Method",
+    "Nf4Matmul",
+    "Overflow",
+    "ReduceDtype",
+    "Strategy",
+    "Task",
+    "TrainConfig",
+    "build",
+    "copy_recipe",
+    "describe_keys",
+    "find_recipe",
+    "list_recipes",
+    "load_recipe",
+    "load_yaml",
+    "parse_overrides",
+    "to_dict",
+    "validate",
+]
