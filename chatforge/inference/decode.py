@@ -143,7 +143,10 @@ class Decoder:
         self.device = self.head.weight.device
         self.layers, self.kv_heads, self.head_dim = kv_layout(inner)
         self.groups = inner.config.num_attention_heads // self.kv_heads
-        shape, dtype = (rows, self.kv_heads, max_len, self.head_dim), self.base.embed_tokens.weight.dtype
+        dtype = self.base.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(self.device.type):  # keys and values come out in autocast's dtype
+            dtype = torch.get_autocast_dtype(self.device.type)
+        shape = (rows, self.kv_heads, max_len, self.head_dim)
         self.cache = [
             (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in self.layers

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from chatforge.files import ChatforgeError, atomic_path
+from chatforge.files import ChatforgeError, atomic_path, exclusive
 from chatforge.models import chat_templates, gguf_read, internlm2
 from chatforge.models.chat_templates import END_OF_TURN_TOKENS
 
@@ -175,6 +175,13 @@ def _materialise_gguf(src: ModelSource) -> Path:
     target = _gguf_cache(src)
     if (target / "config.json").is_file():
         return target
+    with exclusive(target.with_name(f".{target.name}.lock")):  # another process may be making it
+        if not (target / "config.json").is_file():
+            _dequantise_gguf(src, target)
+    return target
+
+
+def _dequantise_gguf(src: ModelSource, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     arch = check_gguf_architecture(src.path / src.gguf_file)
@@ -195,7 +202,6 @@ def _materialise_gguf(src: ModelSource) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-    return target
 
 
 def local_folder(spec: str | os.PathLike | None) -> Path:

@@ -292,7 +292,10 @@ def make_plan(
     """
     cuda = device == "cuda"
     plan = Plan()
-    plan.autocast = cuda and method in ("lora", "qlora")
+    # bf16 autocast where fp32 LoRA weights meet 16-bit base weights (QLoRA computes in bf16); an fp32
+    # base (dtype: fp32) trains in fp32 throughout
+    half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    plan.autocast = cuda and (method == "qlora" or method == "lora" and half)
     shape = shape_of(model)
     plan.compile = bool(_auto(compile, cuda and worth_compiling(shape, method, run_tokens)))
     # With dropout the grouped path recomputes its masks (lora_groups.py): worth it once compiled, where

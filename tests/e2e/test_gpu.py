@@ -165,6 +165,25 @@ def test_every_shipped_recipe_trains_a_few_steps(recipe, tmp_path, il2, huatuo, 
         assert "## step 3" in (out / "samples.md").read_text()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lora_in_either_dtype_trains_and_writes_samples(dtype, tmp_path, identity_data):
+    """An fp32 base trains without autocast; its samples (the decoder's KV cache) follow the dtype."""
+    out = tmp_path / "run"
+    timed_cli(
+        "train",
+        "smollm2_135m_identity_lora",
+        f"data={identity_data}",
+        f"output_dir={out}",
+        f"dtype={dtype}",
+        "max_steps=2",
+        "save_every=0",
+        SHARE,
+        "--no-progress",
+    )
+    assert json.loads((out / "speed_plan.json").read_text())["autocast"] is (dtype == "bf16")
+    assert "## step 2" in (out / "samples.md").read_text()
+
+
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_compiled_medical_run_on_huatuo(method, tmp_path, il2, huatuo):
     """The packed, compiled path (varlen attention, fixed shapes) on real data: few compilations."""
