@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_environment()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "peft", "accelerate", "httpx", "DeepSpeed"):
+    # bitsandbytes (imported by peft) asks on a CPU for `kernels`, a package that downloads kernels from a hub
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "DeepSpeed", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notices
     from transformers.utils import logging as hf_logging  # after set_environment: the hub reads it on import

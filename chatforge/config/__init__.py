@@ -14,6 +14,7 @@ from chatforge.config.recipes import (
     validate,
 )
 from chatforge.config.settings import (
+    COMPUTE_KEYS,
     GROUPS,
     Attention,
     DataSource,
@@ -30,6 +31,7 @@ from chatforge.config.settings import (
 )
 
 __all__ = [
+    "COMPUTE_KEYS",
     "GROUPS",
     "Attention",
     "DataSource",

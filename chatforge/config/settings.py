@@ -183,6 +183,33 @@ GROUPS = {  # the order `chatforge recipes keys` and config.yaml follow
 }
 
 
+# Recipe keys that change what training computes: a resumed run must keep the checkpoint's values, and a
+# model card lists them
+COMPUTE_KEYS = (
+    "model",
+    "method",
+    "task",
+    "data",
+    "lora",
+    "max_length",
+    "overflow",
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "lr",
+    "lr_scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "dtype",
+    "packing",
+    "system",
+    "chat_template",
+)
+
+
 @dataclass
 class TrainConfig(
     RunSettings, ParallelSettings, SpeedSettings, OptimSettings, LoraSettings, DataSettings, ModelSettings

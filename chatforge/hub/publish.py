@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
-from chatforge.config import load_yaml
+from chatforge.config import COMPUTE_KEYS, load_yaml
 from chatforge.files import ChatforgeError, write_text
 from chatforge.models.load import ALIASES, cache_dir
 
@@ -129,23 +129,8 @@ def model_card(model_dir: str | Path, title: str | None = None, repo_url: str | 
             lines.append(f"| {path.name} | {d.get('weight', 1.0)} | {d.get('format', 'auto')} | {n} |")
         lines.append("")
     if cfg:
-        keys = [
-            "method",
-            "task",
-            "lora",
-            "max_length",
-            "batch_size",
-            "grad_accum",
-            "epochs",
-            "max_steps",
-            "lr",
-            "lr_scheduler",
-            "warmup_ratio",
-            "dtype",
-            "seed",
-        ]
         lines += ["## Recipe", "", "| setting | value |", "|---|---|"]
-        for k in keys:
+        for k in (k for k in COMPUTE_KEYS if k not in ("model", "data")):  # both have their own sections
             if k in cfg and cfg[k] not in (None, "", 0) or k == "method":
                 v = cfg.get(k)
                 if isinstance(v, dict):

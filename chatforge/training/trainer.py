@@ -29,7 +29,7 @@ import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from chatforge.config import TrainConfig, to_dict
+from chatforge.config import COMPUTE_KEYS, TrainConfig, to_dict
 from chatforge.data import dataset
 from chatforge.files import (
     ChatforgeError,
@@ -200,30 +200,6 @@ def read_later(values: list) -> Callable[[], list[float | None]]:
 # ---------------------------------------------------------------- checkpoints
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
-# Recipe keys that change what training computes: a resumed run must have the checkpoint's values.
-RESUME_KEYS = (
-    "model",
-    "method",
-    "task",
-    "data",
-    "lora",
-    "max_length",
-    "overflow",
-    "batch_size",
-    "grad_accum",
-    "epochs",
-    "max_steps",
-    "lr",
-    "lr_scheduler",
-    "warmup_ratio",
-    "weight_decay",
-    "max_grad_norm",
-    "seed",
-    "dtype",
-    "packing",
-    "system",
-    "chat_template",
-)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -235,7 +211,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def resume_settings(cfg: TrainConfig) -> dict:
     full = to_dict(cfg)
-    return {k: full[k] for k in RESUME_KEYS}
+    return {k: full[k] for k in COMPUTE_KEYS}
 
 
 @contextlib.contextmanager
@@ -320,12 +296,12 @@ def read_state(ckpt: Path) -> dict:
 
 
 def check_settings(state: dict, cfg: TrainConfig, ckpt: Path) -> None:
-    """Raises ChatforgeError when the recipe's RESUME_KEYS differ from the checkpoint's."""
+    """Raises ChatforgeError when the recipe's COMPUTE_KEYS differ from the checkpoint's."""
     saved = state.get("settings")
     if not saved:  # a checkpoint written before settings were stored
         return
     now = resume_settings(cfg)
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != now[k]]
+    changed = [k for k in COMPUTE_KEYS if k in saved and saved[k] != now[k]]
     if changed:
         diff = "; ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ChatforgeError(
