@@ -42,7 +42,7 @@ SHAPE_TINY = dict(
     vocab_size=VOCAB,
     max_position_embeddings=32,
 )
-MARKERS = {
+MARKERS = {  # as the official tokenizer has them; kept apart from chatforge's own table, which this checkpoint tests
     92538: "<|plugin|>",
     92539: "<|interpreter|>",
     92540: "<|action_end|>",
