@@ -87,12 +87,9 @@ def exclusive(lock_file: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `lock_file` (made if missing): processes that fill one cache wait for
     each other instead of racing to rename onto the same folder."""
     Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as f:
+    with open(lock_file, "a") as f:  # closing the file releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        yield
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
