@@ -212,6 +212,18 @@ def summary(name: str, clients: int, rows: list[dict], reference: dict[int, str]
     }
 
 
+def over_rounds(name: str, clients: int, rounds: list[list[dict]], reference: dict[int, str]) -> dict:
+    """`summary` of several rounds of the same requests: the mean of each figure, the worst first token."""
+    each = [summary(name, clients, rows, reference) for rows in rounds]
+    out = dict(each[0], rounds=len(each))
+    for key in ("ttft_mean_s", "wall_s", "total_tok_s", "per_client_tok_s"):
+        out[key] = statistics.mean(e[key] for e in each) if out[key] is not None else None
+    out["ttft_max_s"] = max(e["ttft_max_s"] for e in each) if out["ttft_max_s"] is not None else None
+    equal = [e["equal"].split("/") for e in each if e["equal"]]
+    out["equal"] = f"{sum(int(a) for a, _ in equal)}/{sum(int(b) for _, b in equal)}" if equal else ""
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a model folder (default: the embedded default model)")
@@ -227,6 +239,7 @@ def main() -> None:
         help="clients up to which the one-at-a-time baseline runs (it takes clients x a reply's time)",
     )
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--single-rounds", type=int, default=5, help="rounds of the 1-client case (mean and max)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = ap.parse_args()
 
@@ -243,22 +256,17 @@ def main() -> None:
     # KV length (~60 ms); a long-running naive server has them all, so the baselines are timed warm
     plain_loop(model, tokenizer, prompts[:1], a.max_tokens)
     results, reference = [], {}
+    repeats = lambda n: a.single_rounds if n == 1 else 1  # noqa: E731 (one client: a sample of one is noise)
     for n in a.clients:  # the baselines first: the continuous engine switches the model's attention
         if n <= a.plain_one_by_one_max:
-            rows = plain_loop(model, tokenizer, prompts[:n], a.max_tokens)
-            reference.update({i: r["text"] for i, r in enumerate(rows)})
-            results.append(summary("plain transformers generate, one at a time", n, rows, reference))
+            rounds = [plain_loop(model, tokenizer, prompts[:n], a.max_tokens) for _ in range(repeats(n))]
+            reference.update({i: r["text"] for i, r in enumerate(rounds[0])})
+            results.append(over_rounds("plain transformers generate, one at a time", n, rounds, reference))
             print(json.dumps(results[-1]), flush=True)
         if n > 1:
             plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True)  # warm-up (see above)
-            results.append(
-                summary(
-                    "plain transformers generate, one static batch",
-                    n,
-                    plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True),
-                    reference,
-                )
-            )
+            rows = plain_loop(model, tokenizer, prompts[:n], a.max_tokens, batch=True)
+            results.append(over_rounds("plain transformers generate, one static batch", n, [rows], reference))
             print(json.dumps(results[-1]), flush=True)
     for engine in sorted(a.engines, key=lambda e: e == "continuous"):  # one server at a time
         proc, url, ready = start_server(a.model, engine, max(a.clients), a.device)
@@ -269,7 +277,8 @@ def main() -> None:
             print(f"{label}: ready in {ready:.1f} s", flush=True)
             for n in a.clients:
                 api_clients(url, prompts[:n], 8)  # warm-up: graphs of this batch size
-                results.append(summary(label, n, api_clients(url, prompts[:n], a.max_tokens), reference))
+                rounds = [api_clients(url, prompts[:n], a.max_tokens) for _ in range(repeats(n))]
+                results.append(over_rounds(label, n, rounds, reference))
                 print(json.dumps(results[-1]), flush=True)
         finally:
             proc.terminate()
@@ -281,14 +290,15 @@ def main() -> None:
         f"~{a.prompt_tokens} tokens, greedy, max_tokens {a.max_tokens}\n"
     )
     print(
-        "| setup | clients | TTFT mean (ms) | TTFT max (ms) | tokens | wall (s) | total tok/s | tok/s per client "
-        "| answers equal to plain generate's |"
+        "| setup | clients | rounds | TTFT mean (ms) | TTFT max (ms) | tokens | wall (s) | total tok/s | tok/s per "
+        "client | answers equal to plain generate's |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     ms = lambda v: f"{v * 1000:.0f}" if v is not None else "n/a"
     for r in results:
         print(
-            f"| {r['setup']} | {r['clients']} | {ms(r['ttft_mean_s'])} | {ms(r['ttft_max_s'])} | {r['tokens']} | "
+            f"| {r['setup']} | {r['clients']} | {r['rounds']} | {ms(r['ttft_mean_s'])} | {ms(r['ttft_max_s'])} | "
+            f"{r['tokens']} | "
             f"{r['wall_s']:.2f} | {r['total_tok_s']:,.1f} | {r['per_client_tok_s']:,.1f} | {r['equal']} |"
         )
     if a.json:

@@ -14,7 +14,15 @@ from chatforge.export.gguf import export_gguf, gguf_dtype
 from chatforge.export.merge import merge, template_default_system
 from chatforge.files import write_json, write_text
 from chatforge.models.internlm2 import declares_internlm2
-from chatforge.models.load import DEFAULT_MODEL, display_name, load_model, load_tokenizer, local_folder, read_config
+from chatforge.models.load import (
+    DEFAULT_MODEL,
+    display_name,
+    load_model,
+    load_tokenizer,
+    local_folder,
+    read_config,
+    reference_dtype,
+)
 from chatforge.training.trainer import train
 
 
@@ -57,7 +65,8 @@ def assistant(
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    tokenizer, base_model = load_tokenizer(model, chat_template, for_chat=True), load_model(model)
+    tokenizer = load_tokenizer(model, chat_template, for_chat=True)
+    base_model = load_model(model, dtype=reference_dtype(model))
     spec = IdentitySpec(owner=name, assistant=assistant_name, base=display_name(model))
     data_file = run / "data" / "identity.jsonl"
     counts = write_identity_data(spec, data_file, replay_model=base_model, tokenizer=tokenizer)

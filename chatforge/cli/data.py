@@ -8,7 +8,7 @@ import sys
 from chatforge.cli.common import TEMPLATE_HELP
 from chatforge.data.identity import IdentitySpec, write_identity_data
 from chatforge.data.tools import FORMATS, check, convert, format_check
-from chatforge.models.load import DEFAULT_MODEL, display_name, load_model, load_tokenizer
+from chatforge.models.load import DEFAULT_MODEL, display_name, load_model, load_tokenizer, reference_dtype
 
 
 def identity(a):
@@ -17,7 +17,8 @@ def identity(a):
     )
     model = tok = None
     if not a.no_replay:
-        tok, model = load_tokenizer(a.model, a.chat_template, for_chat=True), load_model(a.model)
+        tok = load_tokenizer(a.model, a.chat_template, for_chat=True)
+        model = load_model(a.model, dtype=reference_dtype(a.model))
     print(json.dumps(write_identity_data(spec, a.out, replay_model=model, tokenizer=tok), ensure_ascii=False))
 
 

@@ -28,6 +28,7 @@ from chatforge.host_copy import copy_to_host
 log = logging.getLogger(__name__)
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
+PREFILL_GRAPH_MAX = 1024  # longer prompts prefill eagerly: their launches weigh little beside their compute
 
 
 def no_plan_attention():
@@ -164,6 +165,7 @@ class Decoder:
                 torch.is_autocast_enabled(self.device.type) and torch.is_autocast_cache_enabled()
             )
         self.graphs, self.pool = ({} if graphs else None), None
+        self.prefill_inputs: dict = {}  # a prefill graph's inputs, at fixed addresses
         self.free = list(range(rows))
         self.at: list = [None] * rows  # host copy of pos for active slots (picks the attention span), None if idle
         self.sampling = [False] * rows  # host copy of temperature > 0
@@ -221,6 +223,35 @@ class Decoder:
         self.tok[:n] = torch.where(active, nxt, self.tok[:n])
         pos.add_(active.long()).clamp_(max=self.max_len - 1)
 
+    def _prefill(self, ids, lengths, s, temp, top_p, sample: bool) -> None:
+        """Prompts ids [n, width] (right-padded) into slots s: their keys and values, valid keys, first
+        tokens (in `tok`) and settings; in place, so a graph can record it."""
+        n, width = ids.shape
+        keys = torch.arange(width, device=self.device)
+        real = keys[None, :] < lengths[:, None]  # right padding: positions are the plain indices
+        mask = (keys[None, :, None] >= keys[None, None, :]) & real[:, None, :]
+
+        def write(cache, new):
+            cache[s, :, :width] = new
+
+        h = self._forward(ids, keys.expand(n, width), write, mask[:, None])
+        last = h[torch.arange(n, device=self.device), lengths - 1]
+        self.tok[s] = pick(self.head(last), temp, top_p, sample)
+        self.valid.index_fill_(0, s, False)  # (index_fill_: no host scalar to copy inside a graph)
+        self.valid[s, :width] = real
+        self.active.index_fill_(0, s, True)
+        self.pos[s], self.temperature[s], self.top_p[s] = lengths, temp, top_p
+
+    def _width(self, n: int, width: int) -> int:
+        """The prefill's width: one prompt of up to PREFILL_GRAPH_MAX tokens pads to a power of two (at
+        least 64) and replays that width's CUDA graph; other prefills run eagerly at their own width."""
+        if self.graphs is None or n > 1 or width > PREFILL_GRAPH_MAX:
+            return width
+        bucket = 64
+        while bucket < width:
+            bucket *= 2
+        return min(bucket, self.max_len)
+
     # ------------------------------------------------------------------ the slots
     @torch.inference_mode()
     def prefill(
@@ -237,32 +268,34 @@ class Decoder:
             raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room (max_len {self.max_len})")
         self.free.sort()  # the lowest slots: a step runs over slots [0, highest busy one]
         slots = [self.free.pop(0) for _ in prompts]
-        n, width = len(prompts), max(map(len, prompts))
-        s = torch.tensor(slots, device=self.device)
-        ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts], device=self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        keys = torch.arange(width, device=self.device)
-        real = keys[None, :] < lengths[:, None]  # right padding: positions are the plain indices
-        mask = (keys[None, :, None] >= keys[None, None, :]) & real[:, None, :]
-        positions = keys.expand(n, width)
-
-        def write(cache, new):
-            cache[s, :, :width] = new
-
-        with no_plan_attention():
-            h = self._forward(ids, positions, write, mask[:, None])
-        last = h[torch.arange(n, device=self.device), lengths - 1]
-        temps, tops = temperature or [0.0] * n, top_p or [1.0] * n
-        temp = torch.tensor(temps, device=self.device, dtype=torch.float)
-        tp = torch.tensor(tops, device=self.device, dtype=torch.float)
-        first = pick(self.head(last), temp, tp, any(t > 0 for t in temps))
-        self.valid[s] = False
-        self.valid[s, :width] = real
-        self.tok[s], self.pos[s], self.active[s] = first, lengths, True
-        self.temperature[s], self.top_p[s] = temp, tp
+        n, temps, tops = len(prompts), temperature or [0.0] * len(prompts), top_p or [1.0] * len(prompts)
+        width = self._width(n, max(map(len, prompts)))
+        z = dict(device=self.device)
+        args = (
+            torch.tensor([p + [0] * (width - len(p)) for p in prompts], **z),
+            torch.tensor([len(p) for p in prompts], **z),
+            torch.tensor(slots, **z),
+            torch.tensor(temps, dtype=torch.float, **z),
+            torch.tensor(tops, dtype=torch.float, **z),
+        )
+        sample = any(t > 0 for t in temps)
+        key = ("prefill", sample, width)
+        if self.graphs is not None and n == 1 and width <= PREFILL_GRAPH_MAX:
+            if key not in self.graphs:
+                self.prefill_inputs[key] = [a.clone() for a in args]
+                with no_plan_attention():
+                    self._capture(key, lambda: self._prefill(*self.prefill_inputs[key], sample))
+        if self.graphs is not None and key in self.graphs:
+            for buffer, a in zip(self.prefill_inputs[key], args):
+                buffer.copy_(a)
+            self.graphs[key].replay()
+        else:
+            with no_plan_attention():
+                self._prefill(*args, sample)
         for slot, p, t in zip(slots, prompts, temps):
             self.at[slot], self.sampling[slot] = len(p), t > 0
-        return slots, self._host(first)
+        toks = self._host(self.tok)
+        return slots, [toks[slot] for slot in slots]
 
     @torch.inference_mode()
     def step(self) -> list[int]:
@@ -277,7 +310,7 @@ class Decoder:
         key = (sample, min(span, self.max_len), min(n, self.rows))  # one graph per bucket, made on first use
         if self.graphs is not None and key not in self.graphs:
             with no_plan_attention():
-                self._capture(key)
+                self._capture(key, lambda: self._step(*key))
         if self.graphs is None:
             with no_plan_attention():
                 self._step(*key)
@@ -302,12 +335,12 @@ class Decoder:
         for slot in range(self.rows):
             self.release(slot)
 
-    def _capture(self, key: tuple) -> None:
-        """Record the step as a CUDA graph (warm-up runs on a side stream first, as CUDA requires); where
-        a layer cannot be captured (a host sync inside, say), steps run eagerly instead."""
-        saved = [t.clone() for t in (self.tok, self.pos, self.active, self.valid)]
+    def _capture(self, key: tuple, run) -> None:
+        """Record `run` (a step or a prefill) as a CUDA graph (warm-up runs on a side stream first, as CUDA
+        requires); where a layer cannot be captured (a host sync inside, say), all runs are eager instead."""
+        saved = [t.clone() for t in (self.tok, self.pos, self.active, self.valid, self.temperature, self.top_p)]
         try:
-            self._record(key)
+            self._record(key, run)
         except Exception as e:
             log.warning(
                 "decoding step not captured as a CUDA graph (%s: %s); running it eagerly",
@@ -315,20 +348,20 @@ class Decoder:
                 str(e).splitlines()[0][:200],
             )
             self.graphs = None
-        for t, old in zip((self.tok, self.pos, self.active, self.valid), saved):
+        for t, old in zip((self.tok, self.pos, self.active, self.valid, self.temperature, self.top_p), saved):
             t.copy_(old)
 
-    def _record(self, key: tuple) -> None:
+    def _record(self, key: tuple, run) -> None:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(*key)
+                run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # graphs run one at a time: one pool
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):  # web: 2 streams
-            self._step(*key)
+            run()
         self.graphs[key] = graph
 
 

@@ -352,10 +352,11 @@ class SlotEngine(_Worker):
             "cancelled": 0,
             "steps": 0,
         }
-        # capture the single-request steps (greedy, sampled) now, not on a client's request
+        # capture a single request's steps and the prefills of common prompt widths now, not on a client's
         hi = prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
-        for temperature in (0.0, 0.7):
-            self.decoder.prefill([hi], [temperature], [0.9])
+        warm = [(hi, 0.0), (hi, 0.7)] + [((hi * 512)[:w], 0.0) for w in (100, 200, 400) if w < max_len // 2]
+        for ids, temperature in warm:
+            self.decoder.prefill([ids], [temperature], [0.9])
             self.decoder.step()
             self.decoder.release_all()
         self.closed = False

@@ -266,6 +266,18 @@ def load_tokenizer(spec: str | os.PathLike | None = None, chat_template: str | N
     return tok
 
 
+def reference_dtype(spec: str | os.PathLike | None = None) -> str:
+    """ "fp32" where the model's fp32 weights take at most half the GPU's free memory (or on a CPU), else
+    "auto". For outputs that should not depend on the device: `data identity`'s replay answers, generated
+    in bf16 on a GPU, differed from a CPU's, and after training two general answers named the owner
+    (docs/speed.md, 2026-12-03); in fp32 a GPU writes what a CPU writes."""
+    if not torch.cuda.is_available():
+        return "fp32"
+    weights = [f for f in local_folder(spec).iterdir() if f.suffix in (".safetensors", ".bin", ".pth")]
+    fp32_bytes = 2 * sum(f.stat().st_size for f in weights)  # 16-bit files, or an overestimate
+    return "fp32" if fp32_bytes <= torch.cuda.mem_get_info()[0] // 2 else "auto"
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "auto",

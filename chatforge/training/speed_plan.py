@@ -236,13 +236,14 @@ def _auto(value, default):
 
 
 def device_budget(device: str, value) -> int:
-    """Bytes the run may use: the recipe's memory_budget_gib, else 92% of the card's free memory."""
+    """Bytes the run may use: the recipe's memory_budget_gib, else 92% of the card's free memory (with what
+    torch's allocator holds in reserve, such as a replay model's freed weights)."""
     if value not in (None, "auto"):
         return int(float(value) * GIB)
     if device != "cuda":
         return 1 << 62
     free, _total = torch.cuda.mem_get_info()
-    return int(0.92 * (free + torch.cuda.memory_allocated()))
+    return int(0.92 * (free + torch.cuda.memory_reserved()))
 
 
 # torch.compile pays for itself only on long runs: compiling the decoder layer takes some 15-30 s on an

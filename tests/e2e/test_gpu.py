@@ -294,6 +294,7 @@ PROMPTS = [
     "What is 12 times 7?",
     "Describe your favourite city.",
 ]
+LONG = "Summarise this in one sentence: " + " ".join(f"Day {i}: the tide rose, the boats left." for i in range(20))
 
 
 def plain_greedy(prompts: list[str], new: int) -> list[str]:
@@ -344,10 +345,10 @@ def stream(url: str, prompt: str, max_tokens: int, stop_after: int = 0) -> str:
 def test_serve_eight_streams_equal_plain_generate_and_a_gone_client_stops(tmp_path):
     """The slots engine (CUDA graphs) on the default model in fp32: 8 concurrent streams each get their
     own answer, token for token the greedy answer of plain `generate`; a client that goes away stops its
-    generation, and the server stays healthy."""
+    generation, and the server stays healthy; then one request at a time (captured prefills, two widths)."""
     import httpx
 
-    expected = plain_greedy(PROMPTS, 48)
+    expected = plain_greedy(PROMPTS + [LONG], 48)
     with served("--dtype", "fp32") as url:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda p: stream(url, p, 48), PROMPTS))
@@ -364,4 +365,5 @@ def test_serve_eight_streams_equal_plain_generate_and_a_gone_client_stops(tmp_pa
         health = httpx.get(url + "/health", timeout=10).json()
         assert health["status"] == "ok" and health["in_flight"] == 0 and health["cancelled"] >= 1, health
         assert health["steps"] - steps < 700, health  # stopped long before its 1,000 tokens
-        assert stream(url, PROMPTS[1], 48).strip() == expected[1].strip()
+        for prompt, want in zip(PROMPTS + [LONG], expected):  # one at a time: each prefill a CUDA graph
+            assert stream(url, prompt, 48).strip() == want.strip(), prompt

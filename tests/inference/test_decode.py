@@ -56,6 +56,20 @@ def test_greedy_slots_equal_plain_generate(tiny, rows):
     assert got == [plain(model, tok, p, 20) for p in prompts]
 
 
+def test_one_prompt_padded_to_its_graph_width_decodes_the_same(tiny, monkeypatch):
+    """On a GPU one prompt prefills at its CUDA graph's width (a power of two, at least 64, at most the
+    slot): the padding changes no token, in a slot beside a busy one."""
+    tok, model = tiny
+    prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    want = [plain(model, tok, p, 20) for p in prompts]
+    monkeypatch.setattr(decode.Decoder, "_width", lambda self, n, w: min(self.max_len - 1, w + 17))
+    assert decode.generate(model, prompts, 20, stop_token_ids(tok, model), rows=2) == want
+    monkeypatch.undo()
+    dec = decode.Decoder(model, rows=2, max_len=300, graphs=True)  # widths only: nothing runs here
+    assert [dec._width(1, w) for w in (5, 64, 65, 200, 290)] == [64, 64, 128, 256, 300]
+    assert dec._width(2, 65) == 65 and dec._width(1, 2000) == 2000
+
+
 def test_sampled_rows_leave_greedy_rows_alone_and_stops_end_a_row(tiny):
     tok, model = tiny
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS[:3]]
