@@ -28,7 +28,9 @@ from chatforge.host_copy import copy_to_host
 log = logging.getLogger(__name__)
 
 SUPPORTED = {"llama", "mistral", "qwen2"}
-PREFILL_GRAPH_MAX = 1024  # longer prompts prefill eagerly: their launches weigh little beside their compute
+# prompts prefilled together as one CUDA graph, at most; longer ones prefill eagerly (their kernel launches
+# weigh little beside their compute)
+PREFILL_GRAPH_ROWS, PREFILL_GRAPH_MAX = 8, 1024
 
 
 def no_plan_attention():
@@ -242,15 +244,18 @@ class Decoder:
         self.active.index_fill_(0, s, True)
         self.pos[s], self.temperature[s], self.top_p[s] = lengths, temp, top_p
 
-    def _width(self, n: int, width: int) -> int:
-        """The prefill's width: one prompt of up to PREFILL_GRAPH_MAX tokens pads to a power of two (at
-        least 64) and replays that width's CUDA graph; other prefills run eagerly at their own width."""
-        if self.graphs is None or n > 1 or width > PREFILL_GRAPH_MAX:
-            return width
-        bucket = 64
+    def _bucket(self, n: int, width: int) -> tuple[int, int] | None:
+        """(rows, width) of the CUDA graph that prefills n prompts of up to `width` tokens: powers of two,
+        at least 64 tokens wide, at most the slot; None (eager, as they are) past PREFILL_GRAPH_ROWS or
+        PREFILL_GRAPH_MAX, or without graphs."""
+        if self.graphs is None or n > PREFILL_GRAPH_ROWS or width > PREFILL_GRAPH_MAX:
+            return None
+        rows, bucket = 1, 64
+        while rows < n:
+            rows *= 2
         while bucket < width:
             bucket *= 2
-        return min(bucket, self.max_len)
+        return rows, min(bucket, self.max_len)
 
     # ------------------------------------------------------------------ the slots
     @torch.inference_mode()
@@ -268,23 +273,24 @@ class Decoder:
             raise ValueError(f"a prompt of {max(map(len, prompts))} tokens leaves no room (max_len {self.max_len})")
         self.free.sort()  # the lowest slots: a step runs over slots [0, highest busy one]
         slots = [self.free.pop(0) for _ in prompts]
-        n, temps, tops = len(prompts), temperature or [0.0] * len(prompts), top_p or [1.0] * len(prompts)
-        width = self._width(n, max(map(len, prompts)))
+        temps, tops = temperature or [0.0] * len(prompts), top_p or [1.0] * len(prompts)
+        bucket = self._bucket(len(prompts), max(map(len, prompts)))
+        rows, width = bucket or (len(prompts), max(map(len, prompts)))
+        pad = rows - len(prompts)  # padding rows repeat the last prompt into its own slot: the same values
         z = dict(device=self.device)
         args = (
-            torch.tensor([p + [0] * (width - len(p)) for p in prompts], **z),
-            torch.tensor([len(p) for p in prompts], **z),
-            torch.tensor(slots, **z),
-            torch.tensor(temps, dtype=torch.float, **z),
-            torch.tensor(tops, dtype=torch.float, **z),
+            torch.tensor([p + [0] * (width - len(p)) for p in prompts + prompts[-1:] * pad], **z),
+            torch.tensor([len(p) for p in prompts + prompts[-1:] * pad], **z),
+            torch.tensor(slots + slots[-1:] * pad, **z),
+            torch.tensor(temps + temps[-1:] * pad, dtype=torch.float, **z),
+            torch.tensor(tops + tops[-1:] * pad, dtype=torch.float, **z),
         )
         sample = any(t > 0 for t in temps)
-        key = ("prefill", sample, width)
-        if self.graphs is not None and n == 1 and width <= PREFILL_GRAPH_MAX:
-            if key not in self.graphs:
-                self.prefill_inputs[key] = [a.clone() for a in args]
-                with no_plan_attention():
-                    self._capture(key, lambda: self._prefill(*self.prefill_inputs[key], sample))
+        key = ("prefill", sample, rows, width)
+        if bucket and self.graphs is not None and key not in self.graphs:
+            self.prefill_inputs[key] = [a.clone() for a in args]
+            with no_plan_attention():
+                self._capture(key, lambda: self._prefill(*self.prefill_inputs[key], sample))
         if self.graphs is not None and key in self.graphs:
             for buffer, a in zip(self.prefill_inputs[key], args):
                 buffer.copy_(a)

@@ -352,13 +352,17 @@ class SlotEngine(_Worker):
             "cancelled": 0,
             "steps": 0,
         }
-        # capture a single request's steps and the prefills of common prompt widths now, not on a client's
+        # capture a single request's steps, and on a GPU the prefills of common widths, now, not on a request
         hi = prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
-        warm = [(hi, 0.0), (hi, 0.7)] + [((hi * 512)[:w], 0.0) for w in (100, 200, 400) if w < max_len // 2]
-        for ids, temperature in warm:
-            self.decoder.prefill([ids], [temperature], [0.9])
+        for temperature in (0.0, 0.7):
+            self.decoder.prefill([hi], [temperature], [0.9])
             self.decoder.step()
             self.decoder.release_all()
+        for rows in (1, 2, 4, 8) if self.decoder.graphs is not None else ():
+            for width in (100, 200, 400) if rows <= self.decoder.rows else ():
+                if width < max_len // 2:
+                    self.decoder.prefill([(hi * 512)[:width]] * rows)
+                    self.decoder.release_all()
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="chatforge-slots", daemon=True)
         self.thread.start()

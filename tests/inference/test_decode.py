@@ -56,18 +56,19 @@ def test_greedy_slots_equal_plain_generate(tiny, rows):
     assert got == [plain(model, tok, p, 20) for p in prompts]
 
 
-def test_one_prompt_padded_to_its_graph_width_decodes_the_same(tiny, monkeypatch):
-    """On a GPU one prompt prefills at its CUDA graph's width (a power of two, at least 64, at most the
-    slot): the padding changes no token, in a slot beside a busy one."""
+def test_prompts_padded_to_their_graph_bucket_decode_the_same(tiny, monkeypatch):
+    """On a GPU up to 8 prompts prefill as the CUDA graph of their bucket (rows and width powers of two):
+    padding rows repeat the last prompt, padding columns are masked; neither changes a token, beside busy
+    slots."""
     tok, model = tiny
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     want = [plain(model, tok, p, 20) for p in prompts]
-    monkeypatch.setattr(decode.Decoder, "_width", lambda self, n, w: min(self.max_len - 1, w + 17))
-    assert decode.generate(model, prompts, 20, stop_token_ids(tok, model), rows=2) == want
+    monkeypatch.setattr(decode.Decoder, "_bucket", lambda self, n, w: (n + 2, min(self.max_len - 1, w + 17)))
+    assert decode.generate(model, prompts, 20, stop_token_ids(tok, model), rows=3) == want
     monkeypatch.undo()
-    dec = decode.Decoder(model, rows=2, max_len=300, graphs=True)  # widths only: nothing runs here
-    assert [dec._width(1, w) for w in (5, 64, 65, 200, 290)] == [64, 64, 128, 256, 300]
-    assert dec._width(2, 65) == 65 and dec._width(1, 2000) == 2000
+    dec = decode.Decoder(model, rows=2, max_len=300, graphs=True)  # buckets only: nothing runs here
+    assert [dec._bucket(1, w) for w in (5, 64, 65, 200, 290)] == [(1, 64), (1, 64), (1, 128), (1, 256), (1, 300)]
+    assert dec._bucket(3, 65) == (4, 128) and dec._bucket(9, 65) is None and dec._bucket(1, 2000) is None
 
 
 def test_sampled_rows_leave_greedy_rows_alone_and_stops_end_a_row(tiny):
