@@ -4,7 +4,8 @@ Why our own loop instead of `model.generate`: on a GPU, a decoding step of a sma
 (hundreds of small kernels from Python per token). Here each row of a fixed set of slots keeps its own
 position in a preallocated KV cache, so one decoding step has one shape for the whole session, and on
 CUDA that step (all layers, the head and the sampling) is captured once as a CUDA graph and replayed,
-with no Python per layer and no compilation. Figures: docs/speed.md ("Generation"). The layers are
+with no Python per layer and no compilation; so is the prefill of up to 8 prompts, per (rows, width) bucket
+(first token after 10 ms instead of 34 through `serve`). Figures: docs/speed.md ("Generation"). The layers are
 called as modules (PEFT's LoRA layers and quantised linears work as they are); models of other shapes
 use `model.generate` (`supports`).
 
