@@ -1,4 +1,4 @@
-"""The GGUF cache: filled by one process at a time."""
+"""Model folders: the GGUF cache (filled by one process at a time), the replay answers' dtype."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ def test_processes_filling_one_gguf_cache_wait_for_each_other(tmp_path, monkeypa
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert not errors and len(calls) == 1 and len(set(out)) == 1 and (out[0] / "config.json").is_file()
+
+
+def test_replay_answers_are_generated_in_fp32_where_that_fits(tmp_path, monkeypatch):
+    """`reference_dtype`: fp32 on a CPU; on a GPU fp32 while the fp32 weights (twice a 16-bit file) take at
+    most half the free memory, else the device's default (a large model must still fit)."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"\0" * 1000)  # fp32: ~2,000 bytes
+    assert load.reference_dtype(folder) == "fp32"  # the tests run on a CPU
+    free = {"bytes": 4000}
+    monkeypatch.setattr(load.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(load.torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 10**9))
+    assert load.reference_dtype(folder) == "fp32"
+    free["bytes"] = 3999
+    assert load.reference_dtype(folder) == "auto"
