@@ -275,16 +275,21 @@ class Decoder:
         self.free.sort()  # the lowest slots: a step runs over slots [0, highest busy one]
         slots = [self.free.pop(0) for _ in prompts]
         temps, tops = temperature or [0.0] * len(prompts), top_p or [1.0] * len(prompts)
-        bucket = self._bucket(len(prompts), max(map(len, prompts)))
-        rows, width = bucket or (len(prompts), max(map(len, prompts)))
-        pad = rows - len(prompts)  # padding rows repeat the last prompt into its own slot: the same values
+        n, longest = len(prompts), max(map(len, prompts))
+        bucket = self._bucket(n, longest)
+        rows, width = bucket or (n, longest)
+        # padding rows repeat the last prompt into its own slot (the same values written twice)
+        padded = [p + [0] * (width - len(p)) for p in prompts]
+        padded, lengths, at, temps_in, tops_in = (
+            v + v[-1:] * (rows - n) for v in (padded, [len(p) for p in prompts], slots, temps, tops)
+        )
         z = dict(device=self.device)
         args = (
-            torch.tensor([p + [0] * (width - len(p)) for p in prompts + prompts[-1:] * pad], **z),
-            torch.tensor([len(p) for p in prompts + prompts[-1:] * pad], **z),
-            torch.tensor(slots + slots[-1:] * pad, **z),
-            torch.tensor(temps + temps[-1:] * pad, dtype=torch.float, **z),
-            torch.tensor(tops + tops[-1:] * pad, dtype=torch.float, **z),
+            torch.tensor(padded, **z),
+            torch.tensor(lengths, **z),
+            torch.tensor(at, **z),
+            torch.tensor(temps_in, dtype=torch.float, **z),
+            torch.tensor(tops_in, dtype=torch.float, **z),
         )
         sample = any(t > 0 for t in temps)
         key = ("prefill", sample, rows, width)
@@ -345,17 +350,18 @@ class Decoder:
     def _capture(self, key: tuple, run) -> None:
         """Record `run` (a step or a prefill) as a CUDA graph (warm-up runs on a side stream first, as CUDA
         requires); where a layer cannot be captured (a host sync inside, say), all runs are eager instead."""
-        saved = [t.clone() for t in (self.tok, self.pos, self.active, self.valid, self.temperature, self.top_p)]
+        state = (self.tok, self.pos, self.active, self.valid, self.temperature, self.top_p)
+        saved = [t.clone() for t in state]
         try:
             self._record(key, run)
         except Exception as e:
             log.warning(
-                "decoding step not captured as a CUDA graph (%s: %s); running it eagerly",
+                "decoding not captured as a CUDA graph (%s: %s); running it eagerly",
                 type(e).__name__,
                 str(e).splitlines()[0][:200],
             )
             self.graphs = None
-        for t, old in zip((self.tok, self.pos, self.active, self.valid, self.temperature, self.top_p), saved):
+        for t, old in zip(state, saved):
             t.copy_(old)
 
     def _record(self, key: tuple, run) -> None:
