@@ -93,6 +93,7 @@ AUTO_KEYS = {
     "compile": bool,
     "fsdp_reshard_after_forward": bool,
     "lora_groups": bool,
+    "cuda_graphs": bool,
 }
 
 

@@ -54,14 +54,15 @@ def _dropped_a(x: torch.Tensor, weight: torch.Tensor, keys: torch.Tensor, p: flo
 
 
 class Clock:
-    """The dropout counter: a device tensor replaced (never changed in place) before each decoder
-    forward, so a backward pass and a checkpoint's recomputation read the value their forward read."""
+    """The dropout counter: a device tensor moved on in place before each decoder forward (a CUDA graph
+    replays that add). A micro-batch's backward pass and checkpoint recomputation come before the next
+    forward's tick, so they draw the masks their forward drew."""
 
     def __init__(self, device):
         self.value = torch.tensor(torch.initial_seed() % (1 << 31), dtype=torch.int64, device=device)
 
     def tick(self, *_):
-        self.value = self.value + 1
+        self.value.add_(1)
 
 
 class Group:

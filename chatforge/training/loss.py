@@ -141,6 +141,10 @@ def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor
     if cu is not None and plan.attention == "varlen":
         width = ids.size(1)  # an upper bound, constant per shape: no recompiles per batch
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=width, max_length_k=width)
+        if ids.is_cuda:  # the varlen kernel runs (CPU: sdpa with the block mask transformers builds)
+            # An empty 4-D mask counts as prepared: transformers skips finding the packed samples in the position
+            # ids (a GPU sync, which a CUDA graph cannot hold) and building a block mask varlen never reads.
+            kwargs["attention_mask"] = ids.new_empty((ids.size(0), 1, 0, 0), dtype=torch.bool)
     cast = torch.autocast(ids.device.type, dtype=torch.bfloat16) if plan.autocast else contextlib.nullcontext()
     parts = lm_parts(model) if plan.loss != "plain" else None
     with cast:

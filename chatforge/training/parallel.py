@@ -130,6 +130,10 @@ class Parallel:
         """
         changes = {"batch_size": share, "grad_accum": 1} if self.world > 1 else {}
         changes.update(self.speed_limits(cfg))
+        if self.strategy != "none":  # hooks and collectives inside the step: graphs.py captures one process
+            if getattr(cfg, "cuda_graphs", "auto") is True:
+                raise ChatforgeError(f"recipe key 'cuda_graphs': true needs one process, not {self.strategy}")
+            changes["cuda_graphs"] = False
         return dataclasses.replace(cfg, **changes) if changes else cfg
 
     def speed_limits(self, cfg) -> dict:

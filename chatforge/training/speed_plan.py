@@ -223,6 +223,7 @@ class Plan:
     attention: str = "sdpa"  # sdpa | varlen
     nf4_matmul: str = ""  # QLoRA only: torch (nf4.py, compilable) | bitsandbytes
     lora_groups: bool = False  # LoRA: one A matmul per group of projections with the same input
+    cuda_graphs: bool = False  # each micro-batch's forward and backward replayed as a CUDA graph (graphs.py)
     autocast: bool = False
     budget_gib: float = 0.0
     estimate_gib: float = 0.0
@@ -282,6 +283,7 @@ def make_plan(
     lora_dropout: float = 0.0,
     nf4_matmul="auto",
     lora_groups="auto",
+    cuda_graphs="auto",
     run_tokens: float = float("inf"),
 ) -> Plan:
     """Resolve the `auto` speed keys for this model, device and data shape.
@@ -324,6 +326,15 @@ def make_plan(
             *first, last = get_args(Nf4Matmul)
             raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use {', '.join(first)} or {last}")
         overhead = OVERHEAD_TOKENS["nf4_torch" if plan.nf4_matmul == "torch" else "nf4"]
+    # CUDA graphs need one shape per micro-batch (packed rows of a fixed width: compiled runs) and gradients
+    # kept between steps (small for adapters; a full run's would add the model's size to the peak). auto: LoRA,
+    # the path measured on a GPU (docs/speed.md); QLoRA's capture has not run on one yet, so it takes `true`.
+    graphable = cuda and plan.compile and packing and method in ("lora", "qlora") and plan.nf4_matmul != "bitsandbytes"
+    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora"))
+    if plan.cuda_graphs and not graphable:
+        raise ChatforgeError(
+            "recipe key 'cuda_graphs': true needs CUDA, compile, packing, method lora or qlora and nf4_matmul torch"
+        )
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
         plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)
@@ -386,4 +397,5 @@ def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf")) -
         lora_dropout=cfg.lora.dropout if cfg.method != "full" else 0.0,
         nf4_matmul=cfg.nf4_matmul,
         lora_groups=cfg.lora_groups,
+        cuda_graphs=cfg.cuda_graphs,
     )

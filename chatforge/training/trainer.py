@@ -45,7 +45,7 @@ from chatforge.host_copy import copy_to_host
 from chatforge.inference.generate import generate_batch
 from chatforge.models.load import load_model, load_tokenizer, resolve
 from chatforge.plots import loss_curve
-from chatforge.training import parallel, patches, speed_plan
+from chatforge.training import graphs, parallel, patches, speed_plan
 from chatforge.training.loss import loss_sum
 from chatforge.training.profiling import RunMeter, StepProfiler
 
@@ -487,6 +487,7 @@ class Trainer:
             self.model, functools.partial(token_loss_sum, plan=self.plan)
         )  # DDP / FSDP2 around model + loss; one process: the loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.graphs = graphs.MicroBatchGraphs(self.engine, self.params, self.model) if self.plan.cuda_graphs else None
         optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
         self.sampler = StepSampler(len(units), cfg.batch_size * cfg.grad_accum, cfg.seed)  # indices of a global step
@@ -553,7 +554,10 @@ class Trainer:
     def step(self, ready: tuple[list, int, int]) -> tuple:
         """Queue one optimizer step on the device (nothing waits for it); returns what report() logs."""
         batches, n_trained, real = ready
-        total = accumulate(self.engine, batches, n_trained, self.par)
+        if self.graphs is not None:
+            total = self.graphs.accumulate(batches, n_trained)
+        else:
+            total = accumulate(self.engine, batches, n_trained, self.par)
         grad_norm = self.par.step(self.optimizer, self.params, self.cfg.max_grad_norm)  # clip, step, zero
         self.scheduler.step()
         self.step_no += 1

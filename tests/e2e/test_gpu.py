@@ -211,6 +211,39 @@ def test_compiled_medical_run_on_huatuo(method, tmp_path, il2, huatuo):
     assert metrics["recompilations"] <= 4 and metrics["steps"] == 6
 
 
+def test_cuda_graph_steps_train_as_eager_steps(tmp_path, il2, huatuo):
+    """The packed, compiled LoRA steps replayed as CUDA graphs (InternLM2's dynamic RoPE, recomputed dropout)
+    give the eager steps' losses."""
+    losses = {}
+    for graphs in ("true", "false"):
+        out = tmp_path / graphs
+        r, _ = timed_cli(
+            "train",
+            "internlm2_chat_1_8b_medical_sft",
+            f"model={il2}",
+            f"data={huatuo}",
+            f"output_dir={out}",
+            "max_length=512",
+            "batch_size=8",
+            "micro_batch=4",
+            "max_steps=4",
+            "save_every=0",
+            "compile=true",
+            f"cuda_graphs={graphs}",
+            "eval_prompts=[]",
+            SHARE,
+            "--no-progress",
+        )
+        assert "not captured" not in r.stderr, r.stderr[-2000:]
+        assert json.loads((out / "speed_plan.json").read_text())["cuda_graphs"] is (graphs == "true")
+        losses[graphs] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    print(f"[gpu] graphs {losses['true']} eager {losses['false']}")
+    # the same to within the issue's 1% loss parity: the capture's warm-up forward moves the dropout counter
+    # once, so later steps draw other masks (step 1, with B = 0, is the same)
+    assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-2)
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4)
+
+
 @pytest.mark.xdist_group("il2_lora_run")
 def test_merge_both_formats_then_eval_chat_and_serve(tmp_path, il2, il2_lora_run):
     adapter = il2_lora_run / "train" / "adapter"

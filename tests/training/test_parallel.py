@@ -257,6 +257,9 @@ def test_plan_config_sizes_for_the_rank_and_turns_off_what_zero3_breaks():
     cfg = build(TrainConfig, {"batch_size": 4, "grad_accum": 2}, "r")
     ddp = parallel.for_strategy("ddp", world=2).plan_config(cfg, 4)
     assert (ddp.batch_size, ddp.grad_accum, ddp.compile, ddp.lora_groups) == (4, 1, "auto", "auto")
+    assert ddp.cuda_graphs is False and parallel.Parallel().plan_config(cfg, 8).cuda_graphs == "auto"
+    with pytest.raises(ChatforgeError, match="cuda_graphs"):
+        parallel.for_strategy("ddp", world=2).plan_config(build(TrainConfig, {"cuda_graphs": True}, "r"), 4)
     z3 = parallel.for_strategy("deepspeed_zero3", world=2).plan_config(cfg, 4)
     assert (z3.compile, z3.lora_groups) == (False, False)  # parameters gathered per module call
     asked = build(TrainConfig, {"lora_groups": True}, "r")

@@ -478,3 +478,79 @@ def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
         generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)
     with patches.inference(model, plan):
         assert len(generate_batch(model, smol_tokenizer, conv, max_new_tokens=3)) == 1
+
+
+# ---------------------------------------------------------------- CUDA graphs of a micro-batch
+
+
+def test_cuda_graphs_are_planned_for_packed_compiled_adapters_only():
+    model = tiny_llama()
+    plan = functools.partial(make_plan, model, seq=64, global_batch=4, memory_budget_gib=8, compile=True)
+    assert plan(device="cuda", method="lora", packing=True).cuda_graphs
+    assert not plan(device="cuda", method="lora", packing=False).cuda_graphs  # padded widths vary
+    assert not plan(device="cuda", method="full", packing=True).cuda_graphs  # kept gradients: the model's size
+    assert not plan(device="cuda", method="lora", packing=True, compile=False).cuda_graphs
+    assert not plan(device="cpu", method="lora", packing=True).cuda_graphs
+    assert not plan(device="cuda", method="qlora", packing=True).cuda_graphs  # asked for only: not run on a GPU yet
+    with pytest.raises(ChatforgeError, match="cuda_graphs"):
+        plan(device="cpu", method="lora", packing=True, cuda_graphs=True)
+    assert build(TrainConfig, {"cuda_graphs": False}, "r").cuda_graphs is False
+
+
+def test_micro_batch_graphs_fall_back_to_eager_steps_with_the_same_gradients():
+    """Where no graph can be captured (here: no CUDA) the steps run eagerly, accumulating into the kept
+    gradients exactly as the trainer's plain loop does, step after step (the optimizer sets .grad to None)."""
+    from chatforge.training import parallel
+    from chatforge.training.graphs import MicroBatchGraphs
+    from chatforge.training.trainer import accumulate
+
+    model = tiny_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = functools.partial(loss_sum, model, plan=Plan())
+    g = torch.Generator().manual_seed(3)
+    batches = [
+        {
+            "input_ids": (ids := torch.randint(0, 300, (2, 16), generator=g)),
+            "labels": ids.clone(),
+            "attention_mask": None,
+        }
+        for _ in range(3)
+    ]
+    graphs = MicroBatchGraphs(engine, params, model)
+    for step in range(2):
+        accumulate(engine, batches, 40, parallel.Parallel())
+        want = [p.grad.clone() for p in params]
+        model.zero_grad(set_to_none=True)
+        total = graphs.accumulate(batches, 40)
+        assert graphs.failed and not graphs.graphs
+        assert all(p.grad is kept for p, kept in zip(params, graphs.grads))
+        for p, w in zip(params, want):
+            assert torch.allclose(p.grad, w, rtol=1e-5, atol=1e-7), step
+        assert float(total) == pytest.approx(sum(float(engine(b)[0].detach()) for b in batches), rel=1e-5)
+        model.zero_grad(set_to_none=True)
+
+
+def test_dynamic_rope_is_captured_as_plain_rope_within_its_original_context():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from chatforge.training.graphs import plain_rope
+
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 300, (2, 48))
+    want = model(input_ids=ids).logits
+    rope = model.model.rotary_emb
+    with plain_rope(model, 48):
+        assert rope.rope_type == "default"
+        assert torch.equal(model(input_ids=ids).logits, want)
+    assert "dynamic" in rope.rope_type
+    with pytest.raises(RuntimeError, match="original context"), plain_rope(model, 65):
+        pass
