@@ -26,7 +26,7 @@ from chatforge.training.speed_plan import (
 from conftest import ROOT
 
 
-def tiny_llama(layers=2, vocab=300, seed=0):
+def tiny_llama(layers=2, vocab=300, seed=0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -39,6 +39,7 @@ def tiny_llama(layers=2, vocab=300, seed=0):
         num_key_value_heads=2,
         attn_implementation="sdpa",
         tie_word_embeddings=False,
+        **config,
     )
     model = LlamaForCausalLM(cfg)
     model.config.use_cache = False
@@ -531,20 +532,9 @@ def test_micro_batch_graphs_fall_back_to_eager_steps_with_the_same_gradients():
 
 
 def test_dynamic_rope_is_captured_as_plain_rope_within_its_original_context():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from chatforge.training.graphs import plain_rope
 
-    cfg = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        rope_scaling={"rope_type": "dynamic", "factor": 2.0},
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(1, max_position_embeddings=64, rope_scaling={"rope_type": "dynamic", "factor": 2.0}).eval()
     ids = torch.randint(0, 300, (2, 48))
     want = model(input_ids=ids).logits
     rope = model.model.rotary_emb
