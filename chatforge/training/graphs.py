@@ -38,13 +38,13 @@ def plain_rope(model, width: int):
     changed = []
     for m in model.modules():
         kind = getattr(m, "rope_type", None)  # a name, or one per layer type
-        kinds = list(kind.values()) if isinstance(kind, dict) else [kind]
-        if not any(isinstance(k, str) and "dynamic" in k for k in kinds):
+        per_layer = isinstance(kind, dict)
+        if not any(isinstance(k, str) and "dynamic" in k for k in (kind.values() if per_layer else [kind])):
             continue
         if width > getattr(m, "original_max_seq_len", 0):
             raise RuntimeError(f"rows of {width} tokens pass dynamic RoPE's original context")
         changed.append((m, kind))
-        m.rope_type = {n: plain(k) for n, k in kind.items()} if isinstance(kind, dict) else plain(kind)
+        m.rope_type = {n: plain(k) for n, k in kind.items()} if per_layer else plain(kind)
     try:
         yield
     finally:
@@ -110,7 +110,8 @@ class MicroBatchGraphs:
         """Forward and backward of one step's micro-batches, gradients scaled by 1 / n_trained and summed
         into the parameters' .grad; returns the summed loss (a tensor: no GPU sync)."""
         self._attach()
-        new = {} if self.failed else {shape_key(b): b for b in batches if shape_key(b) not in self.graphs}
+        keys = [shape_key(b) for b in batches]
+        new = {} if self.failed else {k: b for k, b in zip(keys, batches) if k not in self.graphs}
         for b in new.values():
             try:
                 self._capture(b)
@@ -127,8 +128,8 @@ class MicroBatchGraphs:
         torch._foreach_zero_(self.grads)
         self.scale.fill_(1.0 / max(1, n_trained))
         losses = []
-        for b in batches:
-            entry = self.graphs.get(shape_key(b))
+        for k, b in zip(keys, batches):
+            entry = self.graphs.get(k)
             if entry is None:
                 losses.append(self._run_eager(b))
                 continue
