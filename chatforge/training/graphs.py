@@ -67,7 +67,7 @@ class MicroBatchGraphs:
         self.grads: list[torch.Tensor] = []
         self.scale = torch.zeros((), dtype=torch.float32, device=params[0].device)
         self.pool, self.stream = None, None
-        self.failed = False
+        self.failed = ""  # why the run went eager, if a capture failed
 
     def _attach(self) -> None:
         """Point every parameter's .grad at its kept tensor (the optimizer step sets them to None)."""
@@ -118,12 +118,9 @@ class MicroBatchGraphs:
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as e:  # a host sync or an op CUDA cannot capture: the rest of the run is eager
-                log.warning(
-                    "training step not captured as a CUDA graph (%s: %s); running it eagerly",
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "",
-                )
-                self.failed, self.graphs = True, {}
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                log.warning("training step not captured as a CUDA graph (%s); running it eagerly", self.failed)
+                self.graphs = {}
                 break
         torch._foreach_zero_(self.grads)
         self.scale.fill_(1.0 / max(1, n_trained))
@@ -139,3 +136,7 @@ class MicroBatchGraphs:
             graph.replay()
             losses.append(loss.clone())  # before another graph of the shared pool runs
         return torch.stack(losses).sum()
+
+    def status(self) -> str:
+        """For metrics.json: how many batch shapes replay as graphs, or why the run stayed eager."""
+        return f"eager: capture failed ({self.failed})" if self.failed else f"{len(self.graphs)} shape(s) replayed"

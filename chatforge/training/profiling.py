@@ -166,4 +166,5 @@ class RunMeter:
             text += f" ({m['tokens_per_s_after_warmup']:,.0f} after {m['warmup_steps']} warm-up steps)"
         if "peak_gib" in m:
             text += f", peak {m['peak_gib']:.1f} GiB"
-        return text + f", {m['compilations']} compilations ({m['recompilations']} after step 1)"
+        text += f", {m['compilations']} compilations ({m['recompilations']} after step 1)"
+        return text + (f", CUDA graphs: {m['cuda_graphs']}" if "cuda_graphs" in m else "")

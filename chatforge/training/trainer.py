@@ -637,6 +637,8 @@ class Trainer:
             ) from None
         self.bar.close()
         self.metrics = self.meter.summary()
+        if self.metrics and self.graphs is not None:
+            self.metrics["cuda_graphs"] = self.graphs.status()
         if par.is_main and self.metrics:
             write_text(self.run_dir / "metrics.json", json.dumps(self.metrics, indent=2))
             log.info("train: %s", RunMeter.describe(self.metrics))

@@ -523,7 +523,7 @@ def test_micro_batch_graphs_fall_back_to_eager_steps_with_the_same_gradients():
         want = [p.grad.clone() for p in params]
         model.zero_grad(set_to_none=True)
         total = graphs.accumulate(batches, 40)
-        assert graphs.failed and not graphs.graphs
+        assert graphs.status().startswith("eager: capture failed (") and not graphs.graphs
         assert all(p.grad is kept for p, kept in zip(params, graphs.grads))
         for p, w in zip(params, want):
             assert torch.allclose(p.grad, w, rtol=1e-5, atol=1e-7), step
