@@ -237,7 +237,7 @@ def test_cuda_graph_steps_train_as_eager_steps(tmp_path, il2, huatuo):
         assert "not captured" not in r.stderr, r.stderr[-2000:]
         assert json.loads((out / "speed_plan.json").read_text())["cuda_graphs"] is (graphs == "true")
         replayed = json.loads((out / "metrics.json").read_text()).get("cuda_graphs")
-        assert replayed == ("1 shape(s) replayed" if graphs == "true" else None), replayed
+        assert (replayed or "none").endswith("replayed") if graphs == "true" else replayed is None, replayed
         losses[graphs] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
     print(f"[gpu] graphs {losses['true']} eager {losses['false']}")
     # the same to within the 1% loss parity: the capture's warm-up forward moves the dropout counter
