@@ -106,6 +106,7 @@ def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
         "wall_s": round(wall, 1),
         "losses": [r["loss"] for r in rows],
         "elapsed_s": [r["elapsed_s"] for r in rows],  # per step: where a run's time went
+        "log_tail": p.stderr.splitlines()[-20:],  # the run's last messages (warnings, its summary line)
         "plan": plan,
         "command": "chatforge " + " ".join(cmd[3:]),
     }
