@@ -7,7 +7,8 @@ needs. Each row compiles x @ A.T of one group (q/k/v: three members, gate/up: tw
 backward together, in this one process:
 
   none     no dropout (the floor: the matmul and the gradient of A)
-  hash     chatforge's masks, recomputed in backward (lora_groups._dropped_a, the shipped path)
+  hash     chatforge's masks, recomputed in backward (lora_groups._dropped_a under checkpoint, as shipped)
+  hash32   a candidate: the very same masks in int32 arithmetic (the shipped hash runs in int64), checked equal
   torch    torch's dropout, one mask per member, kept for backward as PEFT does (inductor's own random numbers)
 
     PYTHONPATH=. python3 bench/lora_dropout_kernels.py [--tokens 8192] [--hidden 2048] [--rank 64] [--json F]
@@ -26,10 +27,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from chatforge.training import lora_groups  # noqa: E402
 
 P = 0.1
+
+
+def _signed32(v: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of an int64 value as the int32 with those bits."""
+    return (((v & lora_groups.M32) ^ 0x80000000) - 0x80000000).to(torch.int32)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """lora_groups._mix in int32: products wrap mod 2**32 as uint32 ones do; right shifts masked to be logical."""
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * 0x7FEB352D
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * (0x846CA68B - (1 << 32))
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def hash_dropout32(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
+    """lora_groups.hash_dropout's masks, bit for bit, in int32 (elements fewer than 2**31)."""
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape)
+    h = _mix32(_mix32(idx ^ _signed32(key)) ^ _signed32(key >> 32))
+    keep = (h & 0xFFFFFF) >= int(p * (1 << 24))
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+def _dropped_a32(x, weight, keys, p, sizes):
+    return torch.cat([F.linear(hash_dropout32(x, keys[i], p), w) for i, w in enumerate(weight.split(sizes))], -1)
+
+
+def hash_shipped(x, weight, keys, p, sizes):
+    return checkpoint(lora_groups._dropped_a, x, weight, keys, p, sizes, use_reentrant=False)
+
+
+def hash32(x, weight, keys, p, sizes):
+    return checkpoint(_dropped_a32, x, weight, keys, p, sizes, use_reentrant=False)
 
 
 def torch_dropout(x, weight, keys, p, sizes):
@@ -40,7 +76,7 @@ def no_dropout(x, weight, keys, p, sizes):
     return F.linear(x, weight)
 
 
-VARIANTS = {"none": no_dropout, "hash": lora_groups._dropped_a, "torch": torch_dropout}
+VARIANTS = {"none": no_dropout, "hash": hash_shipped, "hash32": hash32, "torch": torch_dropout}
 
 
 def time_variant(fn, x, weight, keys, sizes, repeats: int) -> float:
@@ -76,9 +112,17 @@ def main(argv=None) -> int:
         x = torch.randn(a.tokens, a.hidden, device=dev, dtype=dtype, requires_grad=True)
         weight = torch.randn(sum(sizes), a.hidden, device=dev, dtype=dtype, requires_grad=True)
         keys = torch.tensor([7 * 1000003 + i * lora_groups.GOLDEN for i in range(members)], device=dev)
+        ones = torch.ones_like(x, requires_grad=False)
+        same = all(
+            torch.equal(f(ones, keys[i], P), lora_groups.hash_dropout(ones, keys[i], P))
+            for f in (hash_dropout32, torch.compile(hash_dropout32))
+            for i in range(members)
+        )
+        results[f"group_{members}_hash32_same_masks"] = same
         row = {name: round(time_variant(fn, x, weight, keys, sizes, a.repeats), 3) for name, fn in VARIANTS.items()}
         results[f"group_{members}"] = row
-        print(f"| {members} members | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |", flush=True)
+        cells = " | ".join(f"{v:.3f}" for v in row.values())
+        print(f"| {members} members | {cells} | hash32 masks equal the shipped ones: {same}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0
