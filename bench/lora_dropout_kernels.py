@@ -10,6 +10,8 @@ backward together, in this one process:
   hash     chatforge's masks, recomputed in backward (lora_groups._dropped_a under checkpoint, as shipped)
   hash32   a candidate: the very same masks in int32 arithmetic (the shipped hash runs in int64), checked equal
   torch    torch's dropout, one mask per member, kept for backward as PEFT does (inductor's own random numbers)
+  shared   one recomputed mask for the whole group (one dropped copy, one matmul): the headroom; not PEFT's
+           independent masks
 
     PYTHONPATH=. python3 bench/lora_dropout_kernels.py [--tokens 8192] [--hidden 2048] [--rank 64] [--json F]
     TORCH_LOGS=output_code PYTHONPATH=. python3 bench/lora_dropout_kernels.py 2> kernels.txt   (the Triton code)
@@ -68,6 +70,14 @@ def hash32(x, weight, keys, p, sizes):
     return checkpoint(_dropped_a32, x, weight, keys, p, sizes, use_reentrant=False)
 
 
+def _shared_a(x, weight, keys, p):
+    return F.linear(lora_groups.hash_dropout(x, keys[0], p), weight)
+
+
+def shared(x, weight, keys, p, sizes):
+    return checkpoint(_shared_a, x, weight, keys, p, use_reentrant=False)
+
+
 def torch_dropout(x, weight, keys, p, sizes):
     return torch.cat([F.linear(F.dropout(x, p), w) for w in weight.split(sizes)], -1)
 
@@ -76,7 +86,7 @@ def no_dropout(x, weight, keys, p, sizes):
     return F.linear(x, weight)
 
 
-VARIANTS = {"none": no_dropout, "hash": hash_shipped, "hash32": hash32, "torch": torch_dropout}
+VARIANTS = {"none": no_dropout, "hash": hash_shipped, "hash32": hash32, "torch": torch_dropout, "shared": shared}
 
 
 def time_variant(fn, x, weight, keys, sizes, repeats: int) -> float:
