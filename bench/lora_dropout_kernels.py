@@ -1,17 +1,18 @@
 """What LoRA dropout costs in the grouped A matmul of one layer: guidance for the LoRA recipe's step time, not a
 figure of record (that is bench/recipe_speed.py).
 
-A profile of the medical LoRA recipe on an H200 (docs/speed.md) put the recomputed dropout kernels of
-chatforge/training/lora_groups.py at about 97 of 577 ms a step, about ten times what their memory traffic
-needs. Each row compiles x @ A.T of one group (q/k/v: three members, gate/up: two) and times forward and
-backward together, in this one process:
+A profile of the medical LoRA recipe on an H200 (docs/speed.md) put the dropout kernels of the earlier
+chatforge/training/lora_groups.py (masks hashed in int64, hashed again in backward) at about 97 of 577 ms a
+step, about ten times what their memory traffic needs. Each row compiles x @ A.T of one group (q/k/v: three
+members, gate/up: two) and times forward and backward together, in this one process:
 
-  none     no dropout (the floor: the matmul and the gradient of A)
-  hash     chatforge's masks, recomputed in backward (lora_groups._dropped_a under checkpoint, as shipped)
-  hash32   a candidate: the very same masks in int32 arithmetic (the shipped hash runs in int64), checked equal
-  torch    torch's dropout, one mask per member, kept for backward as PEFT does (inductor's own random numbers)
-  shared   one recomputed mask for the whole group (one dropped copy, one matmul): the headroom; not PEFT's
-           independent masks
+  none       no dropout (the floor: the matmul and the gradient of A)
+  recompute  the earlier form: the int64 hash under plain checkpointing, hashed again in backward
+  bits       as shipped (lora_groups.dropped_a): the int32 hash, once; the masks kept as bits for backward
+  torch      torch's dropout, one mask per member, kept for backward as PEFT does (inductor's own random numbers)
+  shared     one recomputed mask for the whole group (one dropped copy, one matmul): the headroom; not PEFT's
+             independent masks
+It also checks that the shipped masks equal the earlier ones, compiled on this device.
 
     PYTHONPATH=. python3 bench/lora_dropout_kernels.py [--tokens 8192] [--hidden 2048] [--rank 64] [--json F]
     TORCH_LOGS=output_code PYTHONPATH=. python3 bench/lora_dropout_kernels.py 2> kernels.txt   (the Triton code)
@@ -36,38 +37,19 @@ from chatforge.training import lora_groups  # noqa: E402
 P = 0.1
 
 
-def _signed32(v: torch.Tensor) -> torch.Tensor:
-    """The low 32 bits of an int64 value as the int32 with those bits."""
-    return (((v & lora_groups.M32) ^ 0x80000000) - 0x80000000).to(torch.int32)
+def hash_dropout64(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
+    """The earlier masks: lora_groups' hash in int64 arithmetic."""
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = lora_groups._mix(lora_groups._mix((idx ^ key) & lora_groups.M32) ^ ((key >> 32) & lora_groups.M32))
+    return torch.where((h & 0xFFFFFF) >= int(p * (1 << 24)), x * (1.0 / (1.0 - p)), 0.0)
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """lora_groups._mix in int32: products wrap mod 2**32 as uint32 ones do; right shifts masked to be logical."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * 0x7FEB352D
-    h = h ^ ((h >> 15) & 0x1FFFF)
-    h = h * (0x846CA68B - (1 << 32))
-    return h ^ ((h >> 16) & 0xFFFF)
+def _dropped_a64(x, weight, keys, p, sizes):
+    return torch.cat([F.linear(hash_dropout64(x, keys[i], p), w) for i, w in enumerate(weight.split(sizes))], -1)
 
 
-def hash_dropout32(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
-    """lora_groups.hash_dropout's masks, bit for bit, in int32 (elements fewer than 2**31)."""
-    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape)
-    h = _mix32(_mix32(idx ^ _signed32(key)) ^ _signed32(key >> 32))
-    keep = (h & 0xFFFFFF) >= int(p * (1 << 24))
-    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
-
-
-def _dropped_a32(x, weight, keys, p, sizes):
-    return torch.cat([F.linear(hash_dropout32(x, keys[i], p), w) for i, w in enumerate(weight.split(sizes))], -1)
-
-
-def hash_shipped(x, weight, keys, p, sizes):
-    return checkpoint(lora_groups._dropped_a, x, weight, keys, p, sizes, use_reentrant=False)
-
-
-def hash32(x, weight, keys, p, sizes):
-    return checkpoint(_dropped_a32, x, weight, keys, p, sizes, use_reentrant=False)
+def recompute(x, weight, keys, p, sizes):
+    return checkpoint(_dropped_a64, x, weight, keys, p, sizes, use_reentrant=False)
 
 
 def _shared_a(x, weight, keys, p):
@@ -86,7 +68,13 @@ def no_dropout(x, weight, keys, p, sizes):
     return F.linear(x, weight)
 
 
-VARIANTS = {"none": no_dropout, "hash": hash_shipped, "hash32": hash32, "torch": torch_dropout, "shared": shared}
+VARIANTS = {
+    "none": no_dropout,
+    "recompute": recompute,
+    "bits": lora_groups.dropped_a,
+    "torch": torch_dropout,
+    "shared": shared,
+}
 
 
 def time_variant(fn, x, weight, keys, sizes, repeats: int) -> float:
@@ -123,16 +111,13 @@ def main(argv=None) -> int:
         weight = torch.randn(sum(sizes), a.hidden, device=dev, dtype=dtype, requires_grad=True)
         keys = torch.tensor([7 * 1000003 + i * lora_groups.GOLDEN for i in range(members)], device=dev)
         ones = torch.ones_like(x, requires_grad=False)
-        same = all(
-            torch.equal(f(ones, keys[i], P), lora_groups.hash_dropout(ones, keys[i], P))
-            for f in (hash_dropout32, torch.compile(hash_dropout32))
-            for i in range(members)
-        )
-        results[f"group_{members}_hash32_same_masks"] = same
+        keep = torch.compile(lora_groups.hash_dropout)
+        same = all(torch.equal(keep(ones, keys[i], P), hash_dropout64(ones, keys[i], P)) for i in range(members))
+        results[f"group_{members}_masks_equal_earlier"] = same
         row = {name: round(time_variant(fn, x, weight, keys, sizes, a.repeats), 3) for name, fn in VARIANTS.items()}
         results[f"group_{members}"] = row
         cells = " | ".join(f"{v:.3f}" for v in row.values())
-        print(f"| {members} members | {cells} | hash32 masks equal the shipped ones: {same}", flush=True)
+        print(f"| {members} members | {cells} | masks equal the earlier ones: {same}", flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0

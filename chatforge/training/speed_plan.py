@@ -107,11 +107,12 @@ RESERVE_BYTES = int(0.5 * GIB)  # allocator slack and library workspaces (max_me
 OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192, "nf4_torch": 2048}
 
 
-def act_bytes_per_token(shape: Shape, compiled: bool, lora_dropout: float = 0.0) -> float:
+def act_bytes_per_token(shape: Shape, compiled: bool, dropout_bytes: float = 0.0) -> float:
+    """Activation bytes a layer keeps per token; `dropout_bytes`: what LoRA dropout keeps per element of each
+    adapted projection's input (PEFT: a dropped-out copy, 2; lora_groups.py: a mask bit, 1/8)."""
     kv = shape.hidden // shape.heads * shape.kv_heads
     per_layer = 2 * (6 * shape.hidden + 2 * kv + 3 * shape.ffn)
-    if lora_dropout > 0:  # PEFT keeps one dropped-out input copy per adapted projection (compiled: and a mask)
-        per_layer += 2 * (6 * shape.hidden + shape.ffn)
+    per_layer += dropout_bytes * (6 * shape.hidden + shape.ffn)
     return per_layer * ACT_FACTOR["compiled" if compiled else "eager"]
 
 
@@ -141,13 +142,13 @@ def estimate_bytes(
     ckpt_layers: int,
     compiled: bool,
     loss: str,
-    lora_dropout: float = 0.0,
+    dropout_bytes: float = 0.0,
     chunk_rows: int = 0,
 ) -> int:
     """Peak GPU bytes of one training micro-batch of `tokens` tokens."""
-    a = act_bytes_per_token(shape, compiled, lora_dropout)
+    a = act_bytes_per_token(shape, compiled, dropout_bytes)
     kept = (shape.layers - ckpt_layers) * a + ckpt_layers * 2 * shape.hidden
-    recompute = act_bytes_per_token(shape, compiled, lora_dropout) if ckpt_layers else 0.0
+    recompute = act_bytes_per_token(shape, compiled, dropout_bytes) if ckpt_layers else 0.0
     if loss == "plain":
         head = tokens * shape.vocab * 12.0
     else:
@@ -169,7 +170,7 @@ def choose_micro_batch(
     budget: int,
     compiled: bool,
     loss: str,
-    lora_dropout: float = 0.0,
+    dropout_bytes: float = 0.0,
     checkpointing: str | bool = "auto",
     chunk_rows: int = 0,
     overhead_tokens: int = 1024,
@@ -196,7 +197,7 @@ def choose_micro_batch(
             (
                 k
                 for k in options
-                if estimate_bytes(shape, static, m * seq, k, compiled, loss, lora_dropout, chunk_rows) <= budget
+                if estimate_bytes(shape, static, m * seq, k, compiled, loss, dropout_bytes, chunk_rows) <= budget
             ),
             None,
         )
@@ -301,11 +302,10 @@ def make_plan(
     plan.autocast = cuda and (method == "qlora" or method == "lora" and half)
     shape = shape_of(model)
     plan.compile = bool(_auto(compile, cuda and worth_compiling(shape, method, run_tokens)))
-    # With dropout the grouped path recomputes its masks (lora_groups.py): worth it once compiled, where
-    # the hash fuses into one kernel; eager runs keep PEFT's dropout.
+    # With dropout the grouped path hashes its masks and keeps them as bits (lora_groups.py): worth it once
+    # compiled, where the hash fuses into one kernel; eager runs keep PEFT's dropout.
     plan.lora_groups = bool(_auto(lora_groups, method in ("lora", "qlora") and (lora_dropout == 0 or plan.compile)))
-    if plan.lora_groups:  # no masks or dropped copies are kept for the backward pass
-        lora_dropout = 0.0
+    dropout_bytes = 0.0 if not lora_dropout else 1 / 8 if plan.lora_groups else 2.0
     # chunked: the backend measured in full training runs (docs/speed.md); liger is selectable and may win.
     plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
     if plan.loss not in get_args(FusedLoss):
@@ -345,7 +345,8 @@ def make_plan(
         fits = [
             k
             for k in range(shape.layers + 1)
-            if estimate_bytes(shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, lora_dropout) <= budget
+            if estimate_bytes(shape, static, plan.micro_batch * seq, k, plan.compile, plan.loss, dropout_bytes)
+            <= budget
         ]
         plan.checkpoint_layers = {True: shape.layers, False: 0}.get(checkpointing, fits[0] if fits else shape.layers)
     else:
@@ -357,13 +358,13 @@ def make_plan(
             budget,
             plan.compile,
             plan.loss,
-            lora_dropout,
+            dropout_bytes,
             checkpointing if checkpointing in (True, False) else "auto",
             overhead_tokens=overhead,
             recompute=rc,
         )
     need = estimate_bytes(
-        shape, static, plan.micro_batch * seq, plan.checkpoint_layers, plan.compile, plan.loss, lora_dropout
+        shape, static, plan.micro_batch * seq, plan.checkpoint_layers, plan.compile, plan.loss, dropout_bytes
     )
     plan.estimate_gib = round(need / GIB, 2)
     if need > budget:

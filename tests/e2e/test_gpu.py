@@ -246,6 +246,31 @@ def test_cuda_graph_steps_train_as_eager_steps(tmp_path, il2, huatuo):
     assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4)
 
 
+def test_lora_dropout_bits_compiled_on_cuda_equal_the_int64_hash():
+    """The grouped LoRA dropout compiled for the GPU (Triton): int32 masks bit for bit the int64 hash, kept as
+    bits, the same output and gradients as dropout with those masks."""
+    import torch.nn.functional as F
+
+    from chatforge.training import lora_groups as lg
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(3 * 64, 2048, device="cuda", requires_grad=True)
+    keys = torch.tensor([5 * 1000003 + i * lg.GOLDEN for i in range(3)], device="cuda")
+    idx = torch.arange(x.numel(), device="cuda").view(x.shape)
+    for key in keys:
+        h = lg._mix(lg._mix((idx ^ key) & lg.M32) ^ ((key >> 32) & lg.M32))
+        assert torch.equal(torch.compile(lg.keep_mask)(x, key, 0.1), (h & 0xFFFFFF) >= int(0.1 * (1 << 24)))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        u = torch.compile(lambda x, w: lg.dropped_a(x, w, keys, 0.1, (64, 64, 64)))(x, w)
+        ref = torch.cat([F.linear(lg.hash_dropout(x, keys[i], 0.1), a) for i, a in enumerate(w.split(64))], -1)
+    gx, gw = torch.autograd.grad(ref.float().square().sum(), (x, w))
+    u.float().square().sum().backward()
+    assert float((u - ref).float().abs().max()) <= 1e-2 * float(ref.float().abs().max())
+    assert float((x.grad.float() - gx.float()).abs().max()) <= 1e-2 * float(gx.float().abs().max())
+    assert float((w.grad - gw).abs().max()) <= 1e-2 * float(gw.abs().max())
+
+
 @pytest.mark.xdist_group("il2_lora_run")
 def test_merge_both_formats_then_eval_chat_and_serve(tmp_path, il2, il2_lora_run):
     adapter = il2_lora_run / "train" / "adapter"
