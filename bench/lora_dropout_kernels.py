@@ -8,7 +8,7 @@ members, gate/up: two) and times forward and backward together, in this one proc
 
   none       no dropout (the floor: the matmul and the gradient of A)
   recompute  the earlier form: the int64 hash under plain checkpointing, hashed again in backward
-  bits       as shipped (lora_groups.dropped_a): the int32 hash, once; the masks kept as bits for backward
+  recompute32  as shipped (lora_groups.dropped_a): the same in int32 (the masks of keep_mask)
   torch      torch's dropout, one mask per member, kept for backward as PEFT does (inductor's own random numbers)
   shared     one recomputed mask for the whole group (one dropped copy, one matmul): the headroom; not PEFT's
              independent masks
@@ -52,6 +52,15 @@ def recompute(x, weight, keys, p, sizes):
     return checkpoint(_dropped_a64, x, weight, keys, p, sizes, use_reentrant=False)
 
 
+def _dropped_a32(x, weight, keys, p, sizes):
+    drop = lora_groups.hash_dropout
+    return torch.cat([F.linear(drop(x, keys[i], p), w) for i, w in enumerate(weight.split(sizes))], -1)
+
+
+def recompute32(x, weight, keys, p, sizes):
+    return checkpoint(_dropped_a32, x, weight, keys, p, sizes, use_reentrant=False)
+
+
 def _shared_a(x, weight, keys, p):
     return F.linear(lora_groups.hash_dropout(x, keys[0], p), weight)
 
@@ -71,7 +80,7 @@ def no_dropout(x, weight, keys, p, sizes):
 VARIANTS = {
     "none": no_dropout,
     "recompute": recompute,
-    "bits": lora_groups.dropped_a,
+    "recompute32": recompute32,
     "torch": torch_dropout,
     "shared": shared,
 }

@@ -109,7 +109,7 @@ OVERHEAD_TOKENS = {"compiled": 1024, "eager": 4096, "nf4": 8192, "nf4_torch": 20
 
 def act_bytes_per_token(shape: Shape, compiled: bool, dropout_bytes: float = 0.0) -> float:
     """Activation bytes a layer keeps per token; `dropout_bytes`: what LoRA dropout keeps per element of each
-    adapted projection's input (PEFT: a dropped-out copy, 2; lora_groups.py: a mask bit, 1/8)."""
+    adapted projection's input (PEFT: a dropped-out copy, 2; lora_groups.py: nothing)."""
     kv = shape.hidden // shape.heads * shape.kv_heads
     per_layer = 2 * (6 * shape.hidden + 2 * kv + 3 * shape.ffn)
     per_layer += dropout_bytes * (6 * shape.hidden + shape.ffn)
@@ -302,10 +302,10 @@ def make_plan(
     plan.autocast = cuda and (method == "qlora" or method == "lora" and half)
     shape = shape_of(model)
     plan.compile = bool(_auto(compile, cuda and worth_compiling(shape, method, run_tokens)))
-    # With dropout the grouped path hashes its masks and keeps them as bits (lora_groups.py): worth it once
-    # compiled, where the hash fuses into one kernel; eager runs keep PEFT's dropout.
+    # With dropout the grouped path recomputes its masks (lora_groups.py): worth it once compiled, where
+    # the hash fuses into one kernel; eager runs keep PEFT's dropout.
     plan.lora_groups = bool(_auto(lora_groups, method in ("lora", "qlora") and (lora_dropout == 0 or plan.compile)))
-    dropout_bytes = 0.0 if not lora_dropout else 1 / 8 if plan.lora_groups else 2.0
+    dropout_bytes = 2.0 if lora_dropout and not plan.lora_groups else 0.0
     # chunked: the backend measured in full training runs (docs/speed.md); liger is selectable and may win.
     plan.loss = _auto(fused_loss, "chunked" if lm_parts(model) is not None else "plain")
     if plan.loss not in get_args(FusedLoss):

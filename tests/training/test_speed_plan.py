@@ -295,7 +295,7 @@ def test_hash_dropout_keeps_one_minus_p_and_masks_are_independent():
     assert abs(float(((a == 0) & (b == 0)).float().mean()) - 0.01) < 0.001  # independent: p x p
 
 
-def test_int32_masks_are_the_int64_hash_bit_for_bit_and_survive_packing():
+def test_int32_masks_are_the_int64_hash_bit_for_bit():
     from chatforge.training import lora_groups as lg
 
     x = torch.ones(3001, 1000)
@@ -305,14 +305,11 @@ def test_int32_masks_are_the_int64_hash_bit_for_bit_and_survive_packing():
         want = (h & 0xFFFFFF) >= int(0.1 * (1 << 24))
         assert torch.equal(lg.keep_mask(x, key, 0.1), want)
         assert torch.equal(torch.compile(lg.keep_mask)(x, key, 0.1), want)  # inductor's int32 wraps too
-        assert torch.equal(lg.unpack_bits(lg.pack_bits(want), want.shape), want)
-    odd = torch.rand(3, 5) > 0.5  # no multiple of 8: kept as booleans
-    assert torch.equal(lg.unpack_bits(lg.pack_bits(odd), odd.shape), odd)
 
 
-def test_compiled_dropout_hashes_once_and_keeps_bits_for_backward():
-    """Compiled (AOTAutograd with inductor's partitioner), the grouped dropout's backward graph hashes nothing
-    and reads x, A and one bit per element and member: no dropped copies, no byte masks."""
+def test_compiled_dropout_keeps_only_x_and_a_for_backward():
+    """Compiled (AOTAutograd with inductor's partitioner), the grouped dropout's backward graph reads x and A
+    and recomputes the masks: no dropped copies, no masks kept."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
 
@@ -336,11 +333,9 @@ def test_compiled_dropout_hashes_once_and_keeps_bits_for_backward():
     keys = torch.tensor([11, 12, 13])
     u = torch.compile(lambda x, w: lg.dropped_a(x, w, keys, 0.1, (8, 8, 8)), backend=backend)(x, w)
     u.square().sum().backward()
-    bw_ops = {str(n.target) for n in graphs["bw"].graph.nodes if n.op == "call_function"}
-    assert not any("xor" in op for op in bw_ops), bw_ops  # the hash is xor-shift-multiply: none in backward
     inputs = [n.meta["val"] for n in graphs["bw"].graph.nodes if n.op == "placeholder"]
     kept = sum(t.numel() * t.element_size() for t in inputs if isinstance(t, torch.Tensor) and t.shape != u.shape)
-    assert kept <= x.numel() * 4 + w.numel() * 4 + 3 * x.numel() // 8 + 1024, [(t.shape, t.dtype) for t in inputs]
+    assert kept <= x.numel() * 4 + w.numel() * 4 + 1024, [(t.shape, t.dtype) for t in inputs]
     ref = torch.cat([F.linear(lg.hash_dropout(x, keys[i], 0.1), a) for i, a in enumerate(w.split(8))], -1)
     gx, gw = torch.autograd.grad(ref.square().sum(), (x, w))
     assert torch.allclose(u, ref, atol=1e-5) and torch.allclose(x.grad, gx, atol=1e-4)
