@@ -246,9 +246,9 @@ def test_cuda_graph_steps_train_as_eager_steps(tmp_path, il2, huatuo):
     assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4)
 
 
-def test_lora_dropout_bits_compiled_on_cuda_equal_the_int64_hash():
-    """The grouped LoRA dropout compiled for the GPU (Triton): int32 masks bit for bit the int64 hash, kept as
-    bits, the same output and gradients as dropout with those masks."""
+def test_lora_dropout_compiled_on_cuda_equals_the_int64_hash():
+    """The grouped LoRA dropout compiled for the GPU (Triton): int32 masks bit for bit the int64 hash, and the
+    same output and gradients as dropout with those masks."""
     import torch.nn.functional as F
 
     from chatforge.training import lora_groups as lg
