@@ -39,9 +39,7 @@ P = 0.1
 
 def hash_dropout64(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
     """The earlier masks: lora_groups' hash in int64 arithmetic."""
-    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-    h = lora_groups._mix(lora_groups._mix((idx ^ key) & lora_groups.M32) ^ ((key >> 32) & lora_groups.M32))
-    return torch.where((h & 0xFFFFFF) >= int(p * (1 << 24)), x * (1.0 / (1.0 - p)), 0.0)
+    return torch.where(lora_groups.keep_mask64(x, key, p), x * (1.0 / (1.0 - p)), 0.0)
 
 
 def _dropped_a64(x, weight, keys, p, sizes):
@@ -50,15 +48,6 @@ def _dropped_a64(x, weight, keys, p, sizes):
 
 def recompute(x, weight, keys, p, sizes):
     return checkpoint(_dropped_a64, x, weight, keys, p, sizes, use_reentrant=False)
-
-
-def _dropped_a32(x, weight, keys, p, sizes):
-    drop = lora_groups.hash_dropout
-    return torch.cat([F.linear(drop(x, keys[i], p), w) for i, w in enumerate(weight.split(sizes))], -1)
-
-
-def recompute32(x, weight, keys, p, sizes):
-    return checkpoint(_dropped_a32, x, weight, keys, p, sizes, use_reentrant=False)
 
 
 def _shared_a(x, weight, keys, p):
@@ -80,7 +69,7 @@ def no_dropout(x, weight, keys, p, sizes):
 VARIANTS = {
     "none": no_dropout,
     "recompute": recompute,
-    "recompute32": recompute32,
+    "recompute32": lora_groups.dropped_a,
     "torch": torch_dropout,
     "shared": shared,
 }

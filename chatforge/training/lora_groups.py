@@ -55,15 +55,19 @@ def _signed32(v: torch.Tensor) -> torch.Tensor:
     return (((v & M32) ^ 0x80000000) - 0x80000000).to(torch.int32)
 
 
+def keep_mask64(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
+    """The elements dropout keeps: a hash of (key, element index) at or above p, in int64 arithmetic."""
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
+    h = _mix(_mix((idx ^ key) & M32) ^ ((key >> 32) & M32))
+    return (h & 0xFFFFFF) >= int(p * (1 << 24))
+
+
 def keep_mask(x: torch.Tensor, key: torch.Tensor, p: float) -> torch.Tensor:
-    """The elements dropout keeps: a hash of (key, element index) at or above p. Below 2**31 elements
-    the hash runs in int32, bit for bit the int64 one (half the integer work on a GPU)."""
-    if x.numel() < 2**31:
-        idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape)
-        h = _mix32(_mix32(idx ^ _signed32(key)) ^ _signed32(key >> 32))
-    else:
-        idx = torch.arange(x.numel(), device=x.device, dtype=torch.int64).view(x.shape)
-        h = _mix(_mix((idx ^ key) & M32) ^ ((key >> 32) & M32))
+    """keep_mask64, bit for bit; below 2**31 elements in int32 (half the integer work on a GPU)."""
+    if x.numel() >= 2**31:
+        return keep_mask64(x, key, p)
+    idx = torch.arange(x.numel(), device=x.device, dtype=torch.int32).view(x.shape)
+    h = _mix32(_mix32(idx ^ _signed32(key)) ^ _signed32(key >> 32))
     return (h & 0xFFFFFF) >= int(p * (1 << 24))
 
 
