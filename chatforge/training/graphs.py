@@ -106,13 +106,14 @@ class MicroBatchGraphs:
             loss = self._run_eager(static)
         self.graphs[shape_key(batch)] = (graph, inputs, loss)
 
-    def accumulate(self, batches: list[dict], n_trained: int) -> torch.Tensor:
-        """Forward and backward of one step's micro-batches, gradients scaled by 1 / n_trained and summed
-        into the parameters' .grad; returns the summed loss (a tensor: no GPU sync)."""
+    def capture(self, batches: list[dict]) -> None:
+        """Capture the batches' shapes that have no graph yet. Their runs add to the kept gradients, which
+        accumulate() zeroes before a step."""
         self._attach()
-        keys = [shape_key(b) for b in batches]
-        new = {} if self.failed else {k: b for k, b in zip(keys, batches) if k not in self.graphs}
-        for b in new.values():
+        new = {} if self.failed else {shape_key(b): b for b in batches}
+        for k, b in new.items():
+            if k in self.graphs:
+                continue
             try:
                 self._capture(b)
             except torch.cuda.OutOfMemoryError:
@@ -122,6 +123,12 @@ class MicroBatchGraphs:
                 log.warning("training step not captured as a CUDA graph (%s); running it eagerly", self.failed)
                 self.graphs = {}
                 break
+
+    def accumulate(self, batches: list[dict], n_trained: int) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches, gradients scaled by 1 / n_trained and summed
+        into the parameters' .grad; returns the summed loss (a tensor: no GPU sync)."""
+        self.capture(batches)
+        keys = [shape_key(b) for b in batches]
         torch._foreach_zero_(self.grads)
         self.scale.fill_(1.0 / max(1, n_trained))
         losses = []

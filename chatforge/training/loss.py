@@ -119,6 +119,32 @@ def linear_cross_entropy_sum(
     raise ChatforgeError(f"unknown fused_loss {backend!r}: use {', '.join(first)} or {last}")
 
 
+def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Each position's target: the next position's label; IGNORE at each row's end and, in packed rows,
+    before every sample's first token (no sample is trained to predict the next one)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    if position_ids is not None:
+        targets = torch.where(F.pad(position_ids[:, 1:], (0, 1), value=0) == 0, IGNORE, targets)
+    return targets
+
+
+def loss_rows(batch: dict, multiple: int = 1) -> torch.Tensor | None:
+    """The flattened positions that have a target, for the output layer: made on the CPU with the batch, so
+    the GPU gets a fixed count with no sync. Padded to a multiple of `multiple` (the chunk size of compiled
+    runs: a few shapes, whole chunks) with the batch's last position, which never has a target; None where
+    that would be every position.
+
+    Why: only trained positions need the vocabulary-wide output layer and its cross-entropy. In packed
+    Huatuo rows that is about 55% of the positions; the output layer of InternLM2 (92,544 columns) is
+    about a tenth of a LoRA step's matmul work (docs/speed.md)."""
+    targets = shifted_targets(batch["labels"], batch.get("position_ids")).reshape(-1)
+    rows = (targets != IGNORE).nonzero().squeeze(1)
+    cap = min(targets.numel(), -(-max(1, rows.numel()) // multiple) * multiple)
+    if cap == targets.numel():
+        return None
+    return F.pad(rows, (0, cap - rows.numel()), value=targets.numel() - 1)
+
+
 def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE over trained tokens and their count (a 0-dim tensor, so no GPU sync), for plain and
     packed batches.
@@ -128,12 +154,10 @@ def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor
     """
     plan = plan or Plan()
     ids = batch["input_ids"]
-    # Targets shifted left with IGNORE at each row's end: the hidden states keep the batch's full width,
-    # so the chunked loss sees the same shapes whatever the data (no slice, no odd last chunk).
-    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE)
+    # Targets shifted left with IGNORE at each row's end: the hidden states keep the batch's full width
+    # (no slice); the output layer sees the batch's loss_rows, a count fixed on the CPU.
     pos = batch.get("position_ids")
-    if pos is not None:  # a packed sample's first token is no target of the sample before it
-        labels = torch.where(F.pad(pos[:, 1:], (0, 1), value=0) == 0, IGNORE, labels)
+    labels = shifted_targets(batch["labels"], pos)
     kwargs = {"input_ids": ids, "attention_mask": batch.get("attention_mask"), "use_cache": False}
     if pos is not None:
         kwargs["position_ids"] = pos
@@ -160,10 +184,11 @@ def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor
                 hidden = hidden.to(torch.bfloat16)
             weight = head.weight if not plan.autocast else head.weight.to(torch.bfloat16)
             hidden, targets = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
-            if ids.device.type == "cpu" and not plan.compile:  # only rows with a target meet the output
-                # layer (nonzero would wait for a GPU; compiled code wants fixed widths). The demo: 2.3x fewer rows
-                keep = (targets != IGNORE).nonzero().squeeze(1)
-                hidden, targets = hidden.index_select(0, keep), targets[keep]
+            rows = batch.get("loss_rows")  # only rows with a target meet the output layer (the trainer's batches)
+            if rows is None and ids.device.type == "cpu" and not plan.compile:  # other callers, on the CPU
+                rows = (targets != IGNORE).nonzero().squeeze(1)  # (a GPU would wait for nonzero)
+            if rows is not None:
+                hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
             loss = linear_cross_entropy_sum(
                 hidden, weight, targets, backend=plan.loss, chunk_rows=plan.chunk_rows or None, compiled=plan.compile
             )

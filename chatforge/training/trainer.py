@@ -46,7 +46,7 @@ from chatforge.inference.generate import generate_batch
 from chatforge.models.load import load_model, load_tokenizer, resolve
 from chatforge.plots import loss_curve
 from chatforge.training import graphs, parallel, patches, speed_plan
-from chatforge.training.loss import loss_sum
+from chatforge.training.loss import loss_rows, loss_sum
 from chatforge.training.profiling import RunMeter, StepProfiler
 
 STATE_FILE = "trainer_state.pt"
@@ -487,6 +487,9 @@ class Trainer:
             self.model, functools.partial(token_loss_sum, plan=self.plan)
         )  # DDP / FSDP2 around model + loss; one process: the loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        parts = speed_plan.lm_parts(self.model) if self.plan.loss != "plain" else None
+        chunk = self.plan.chunk_rows or (parts and speed_plan.default_chunk_rows(parts[1].weight.size(0)))
+        self.rows_multiple = 0 if parts is None else chunk if self.plan.compile else 1  # 0: full logits, no rows
         self.graphs = graphs.MicroBatchGraphs(self.engine, self.params, self.model) if self.plan.cuda_graphs else None
         optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
@@ -523,28 +526,64 @@ class Trainer:
         do eager ones on a GPU, where cuDNN's attention builds a plan for every new shape (~60 ms)."""
         cfg, fixed = self.cfg, self.plan.compile
         if cfg.packing:
-            return dataset.collate_packed(
+            batch = dataset.collate_packed(
                 units,
                 self.pad,
                 width=cfg.max_length if fixed else None,
                 segments=len(units) * self.max_segments if fixed else None,
             )
-        if self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
-            return dataset.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
-        bucket = fixed or self.device != "cpu"
-        width = dataset.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if bucket else None
-        return dataset.collate(units, self.pad, width=width)
+        elif self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
+            batch = dataset.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
+        else:
+            bucket = fixed or self.device != "cpu"
+            width = dataset.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if bucket else None
+            batch = dataset.collate(units, self.pad, width=width)
+        if self.rows_multiple:  # the positions the output layer reads, in whole chunks where compiled
+            rows = loss_rows(batch, self.rows_multiple)
+            if rows is not None:
+                batch["loss_rows"] = rows
+        return batch
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """The unit indices of this rank's micro-batches in `step`."""
+        idx = self.par.shard(self.sampler.indices(step))
+        if not self.cfg.packing:  # similar lengths in a micro-batch: less padding, the same step
+            idx = sorted(idx, key=self.real.__getitem__)
+        return [idx[k : k + self.micro_batch] for k in range(0, len(idx), self.micro_batch)]
+
+    def capture_graphs(self) -> None:
+        """Before the first timed step, capture a graph for every count of output-layer rows (loss_rows) that
+        the run's packed micro-batches will have: 3 on the medical recipe (4,096, 5,120 or 6,144 of 8,192
+        positions), so no capture interrupts the steps after warm-up. Counted on the CPU from the units'
+        trained tokens; the captures run the first micro-batch with its rows cut or padded to each count."""
+        if self.graphs is None or not self.cfg.packing or self.rows_multiple <= 1 or self.step_no >= self.steps:
+            return
+        first = self.micro_batches(self.step_no)[0]
+        batch = self.collate([self.samples[i] for i in first])
+        positions, m = batch["input_ids"].numel(), self.rows_multiple
+        caps = {
+            min(positions, -(-max(1, sum(self.trained[i] for i in mb)) // m) * m)
+            for step in range(self.step_no, self.steps)
+            for mb in self.micro_batches(step)
+            if len(mb) == len(first)
+        }
+        rows = loss_rows(batch, 1)
+        rows = rows if rows is not None else torch.arange(positions)
+        variants = []
+        for cap in sorted(caps):
+            b = {k: v for k, v in batch.items() if k != "loss_rows"}
+            if cap < positions:
+                pad = max(0, cap - rows.numel())  # with the last position, which has no target
+                b["loss_rows"] = torch.nn.functional.pad(rows[:cap], (0, pad), value=positions - 1)
+            variants.append(dataset.to_device(b, self.device))
+        self.graphs.capture(variants)
 
     def prepare(self, step: int) -> tuple[list, int, int]:
         """This rank's share of a step (no overlap with the others) in micro-batches sized for the
         memory budget, on the device; the whole step's trained and real token counts. Every rank
         counts all ranks' samples on the CPU, so no collective waits for the GPU."""
         every = self.sampler.indices(step)
-        idx = self.par.shard(every)
-        if not self.cfg.packing:  # similar lengths in a micro-batch: less padding, the same step
-            idx = sorted(idx, key=self.real.__getitem__)
-        mb = self.micro_batch
-        cpu = [self.collate([self.samples[i] for i in idx[k : k + mb]]) for k in range(0, len(idx), mb)]
+        cpu = [self.collate([self.samples[i] for i in mb]) for mb in self.micro_batches(step)]
         return (
             [dataset.to_device(b, self.device) for b in cpu],
             sum(self.trained[i] for i in every),
@@ -613,6 +652,7 @@ class Trainer:
         profiler = StepProfiler(self.run_dir, cfg.profile_steps, par.rank)  # recipe key profile_steps; 0: off
         queued = None  # the step before: logged once this one is queued, so the device never waits for the CPU
         try:
+            self.capture_graphs()
             ready = self.prepare(self.step_no) if self.step_no < self.steps else None
             while self.step_no < self.steps:
                 profiler.before(self.step_no)

@@ -12,7 +12,7 @@ from chatforge.config import TrainConfig, build
 from chatforge.data.encode import IGNORE
 from chatforge.files import ChatforgeError
 from chatforge.training import patches
-from chatforge.training.loss import linear_cross_entropy_sum, loss_sum
+from chatforge.training.loss import linear_cross_entropy_sum, loss_rows, loss_sum
 from chatforge.training.patches import checkpoint_indices
 from chatforge.training.speed_plan import (
     Plan,
@@ -118,6 +118,43 @@ def test_loss_sum_matches_model_loss_and_lora_gradients():
     assert lc == pytest.approx(lp, rel=1e-5) and lc / n == pytest.approx(out.loss.item(), rel=1e-5)
     for a, c in zip(gp, gc):
         assert torch.allclose(a, c, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("multiple", [1, 16, 64])
+def test_loss_rows_give_the_full_width_loss_and_gradients(multiple):
+    """Only positions with a target meet the output layer (in whole chunks of `multiple`): the loss and every
+    gradient are those of the full width, on packed rows whose sample starts and row ends carry no target."""
+    from chatforge.data.dataset import Sample, collate_packed
+
+    g = torch.Generator().manual_seed(3)
+
+    def sample(n, prompt):
+        ids = torch.randint(0, 300, (n,), generator=g).tolist()
+        return Sample(input_ids=ids, labels=[IGNORE] * prompt + ids[prompt:], source="t")
+
+    packs = [[sample(9, 4), sample(13, 6)], [sample(20, 15)], [sample(6, 1), sample(8, 8), sample(5, 2)]]
+    batch = collate_packed(packs, pad_id=0, width=32)
+    rows = loss_rows(batch, multiple)
+    n_trained = sum(len([t for t in s.labels[1:] if t != IGNORE]) for p in packs for s in p)
+    if multiple == 64:  # 96 positions, at most 64 of them: one chunk of 64
+        assert rows.numel() == 64
+    else:
+        assert rows.numel() == -(-n_trained // multiple) * multiple and rows.numel() % multiple == 0
+    results = []
+    for b in (batch, {**batch, "loss_rows": rows}):
+        model = tiny_llama(layers=1)
+        loss, n = loss_sum(model, b, Plan(compile=True, chunk_rows=16))  # compile: no nonzero of its own
+        loss.backward()
+        results.append((loss.item(), int(n), [p.grad for p in model.parameters()]))
+    (full, n_full, g_full), (part, n_part, g_part) = results
+    assert n_full == n_part == n_trained
+    assert part == pytest.approx(full, rel=1e-6)
+    for a, b in zip(g_full, g_part):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    only_targets = loss_rows({**batch, "labels": batch["labels"].clone().fill_(IGNORE)}, 8)
+    assert only_targets.numel() == 8 and (only_targets == batch["input_ids"].numel() - 1).all()
+    all_rows = {"input_ids": batch["input_ids"][:1, :4], "labels": batch["input_ids"][:1, :4]}
+    assert loss_rows(all_rows, 4) is None  # every position: no rows, the full width
 
 
 def test_packed_batch_loss_equals_samples_run_alone():
