@@ -26,6 +26,10 @@ def shape_key(batch: dict) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
 
 
+def _without_rows(key: tuple) -> tuple:
+    return tuple(entry for entry in key if entry[0] != "loss_rows")
+
+
 @contextlib.contextmanager
 def plain_rope(model, width: int):
     """Dynamic NTK RoPE (InternLM2's) reads the batch's largest position on the host in every forward, which a
@@ -84,17 +88,21 @@ class MicroBatchGraphs:
 
     def _capture(self, batch: dict) -> None:
         """Warm up on a side stream (compilation, library handles), then record one micro-batch. Both
-        add to the kept gradients; accumulate() zeroes them after."""
+        add to the kept gradients; accumulate() zeroes them after. A shape that differs from a captured one
+        in the output layer's row count alone (loss_rows) skips the warm-up: it runs the same compiled code,
+        and a warm-up outside the graphs' pool would add its activations to the memory reserved (27.6
+        against 16.6 GiB with three row counts on the medical LoRA recipe, H200)."""
         inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         static = {**batch, **inputs}
         # Warm-up and capture on one stream: autograd keeps each parameter's gradient-accumulation node,
         # made on the stream of its first forward, and one on another stream would sync the capture away.
         side = self.stream = self.stream or torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run_eager(static)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.empty_cache()  # the warm-up's freed activations: the graph's pool takes their place
+        if not any(_without_rows(k) == _without_rows(shape_key(batch)) for k in self.graphs):
+            with torch.cuda.stream(side):
+                self._run_eager(static)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.empty_cache()  # the warm-up's freed activations: the graph's pool takes their place
         graph = torch.cuda.CUDAGraph()
         self.pool = self.pool or torch.cuda.graph_pool_handle()  # one graph runs at a time; outputs are
         # copied right after each replay, so the graphs can share their memory
