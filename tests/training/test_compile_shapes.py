@@ -24,7 +24,7 @@ def identity_file(tmp_path):
     return path
 
 
-def compiled_run(tmp_path, tiny_llama, monkeypatch, **keys):
+def compiled_run(tmp_path, tiny_llama, monkeypatch, before_fit=None, **keys):
     from chatforge.config import load_recipe
     from chatforge.training.trainer import Trainer
 
@@ -55,6 +55,8 @@ def compiled_run(tmp_path, tiny_llama, monkeypatch, **keys):
         },
     )
     trainer = Trainer(cfg, progress=False).setup()
+    if before_fit:
+        before_fit(trainer)
     trainer.fit()
     torch._dynamo.reset()
     return trainer, widths
@@ -87,13 +89,12 @@ def test_bucket_width():
 def test_packed_runs_capture_every_output_row_count_before_the_first_step(tmp_path, tiny_llama, monkeypatch):
     """CUDA graphs are captured per batch shape; the output layer's rows (loss_rows) are the one shape of packed
     micro-batches that varies. capture_graphs() must capture, before step 1, exactly the counts the steps use."""
-    from chatforge.config import load_recipe
     from chatforge.training import graphs
     from chatforge.training import trainer as trainer_mod
 
     class Recorder:  # the CPU stand-in of MicroBatchGraphs: records shapes, runs the eager steps
-        def __init__(self, engine, params, model):
-            self.engine, self.captured, self.used, self.started = engine, [], [], False
+        def __init__(self, engine, par):
+            self.engine, self.par, self.captured, self.used, self.started = engine, par, [], [], False
 
         def capture(self, batches):
             assert not self.started, "a capture after the first step"
@@ -102,35 +103,18 @@ def test_packed_runs_capture_every_output_row_count_before_the_first_step(tmp_pa
         def accumulate(self, batches, n_trained):
             self.started = True
             self.used += [graphs.shape_key(b) for b in batches]
-            return trainer_mod.accumulate(self.engine, batches, n_trained, parallel_single)
+            return trainer_mod.accumulate(self.engine, batches, n_trained, self.par)
 
         def status(self):
             return f"{len(set(self.captured))} shape(s) replayed"
 
-    monkeypatch.setattr(patches, "COMPILE_BACKEND", "eager")
-    torch._dynamo.reset()
-    cfg = load_recipe(
-        "smollm2_135m_identity_lora",
-        {
-            "model": str(tiny_llama),
-            "data": str(identity_file(tmp_path)),
-            "output_dir": str(tmp_path / "run"),
-            "compile": True,
-            "packing": True,
-            "max_steps": 6,
-            "save_every": 0,
-            "eval_prompts": [],
-            "batch_size": 4,
-            "micro_batch": 2,
-            "max_length": 512,
-        },
+    def with_recorder(trainer):
+        trainer.graphs = Recorder(trainer.engine, trainer.par)
+        trainer.rows_multiple = 64  # the tiny model's default chunk is wider than a micro-batch
+
+    trainer, _ = compiled_run(
+        tmp_path, tiny_llama, monkeypatch, with_recorder, packing=True, max_steps=6, micro_batch=2
     )
-    trainer = trainer_mod.Trainer(cfg, progress=False).setup()
-    parallel_single = trainer.par
-    trainer.graphs = Recorder(trainer.engine, trainer.params, trainer.model)
-    trainer.rows_multiple = 64  # the tiny model's default chunk is wider than a micro-batch
-    trainer.fit(save=False)
-    torch._dynamo.reset()
     rows = {dict((k, s) for k, s, _ in key)["loss_rows"] for key in trainer.graphs.used}
     assert len(rows) >= 2 and all(r[0] % 64 == 0 and r[0] < 2 * 512 for r in rows)  # fewer rows than positions
     assert set(trainer.graphs.used) <= set(trainer.graphs.captured)
