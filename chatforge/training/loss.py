@@ -128,21 +128,28 @@ def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = No
     return targets
 
 
-def loss_rows(batch: dict, multiple: int = 1) -> torch.Tensor | None:
+def rows_cap(trained: int, positions: int, multiple: int) -> int:
+    """How many output-layer rows a batch of `positions` with `trained` targets gets: whole multiples of
+    `multiple`, at least one, at most every position."""
+    return min(positions, -(-max(1, trained) // multiple) * multiple)
+
+
+def loss_rows(batch: dict, multiple: int = 1, cap: int | None = None) -> torch.Tensor | None:
     """The flattened positions that have a target, for the output layer: made on the CPU with the batch, so
     the GPU gets a fixed count with no sync. Padded to a multiple of `multiple` (the chunk size of compiled
-    runs: a few shapes, whole chunks) with the batch's last position, which never has a target; None where
-    that would be every position.
+    runs: a few shapes, whole chunks), or cut or padded to `cap` rows, with the batch's last position, which
+    never has a target; None where that would be every position.
 
     Why: only trained positions need the vocabulary-wide output layer and its cross-entropy. In packed
     Huatuo rows that is about 55% of the positions; the output layer of InternLM2 (92,544 columns) is
     about a tenth of a LoRA step's matmul work (docs/speed.md)."""
     targets = shifted_targets(batch["labels"], batch.get("position_ids")).reshape(-1)
     rows = (targets != IGNORE).nonzero().squeeze(1)
-    cap = min(targets.numel(), -(-max(1, rows.numel()) // multiple) * multiple)
-    if cap == targets.numel():
+    n = targets.numel()
+    cap = cap or rows_cap(rows.numel(), n, multiple)
+    if cap == n:
         return None
-    return F.pad(rows, (0, cap - rows.numel()), value=targets.numel() - 1)
+    return F.pad(rows[:cap], (0, max(0, cap - rows.numel())), value=n - 1)
 
 
 def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +193,7 @@ def loss_sum(model, batch: dict, plan: Plan | None = None) -> tuple[torch.Tensor
             hidden, targets = hidden.reshape(-1, hidden.size(-1)), labels.reshape(-1)
             rows = batch.get("loss_rows")  # only rows with a target meet the output layer (the trainer's batches)
             if rows is None and ids.device.type == "cpu" and not plan.compile:  # other callers, on the CPU
-                rows = (targets != IGNORE).nonzero().squeeze(1)  # (a GPU would wait for nonzero)
+                rows = loss_rows(batch)  # (on a GPU, nonzero would wait for it)
             if rows is not None:
                 hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
             loss = linear_cross_entropy_sum(

@@ -148,7 +148,7 @@ def estimate_bytes(
     """Peak GPU bytes of one training micro-batch of `tokens` tokens."""
     a = act_bytes_per_token(shape, compiled, dropout_bytes)
     kept = (shape.layers - ckpt_layers) * a + ckpt_layers * 2 * shape.hidden
-    recompute = act_bytes_per_token(shape, compiled, dropout_bytes) if ckpt_layers else 0.0
+    recompute = a if ckpt_layers else 0.0
     if loss == "plain":
         head = tokens * shape.vocab * 12.0
     else:

@@ -46,7 +46,7 @@ from chatforge.inference.generate import generate_batch
 from chatforge.models.load import load_model, load_tokenizer, resolve
 from chatforge.plots import loss_curve
 from chatforge.training import graphs, parallel, patches, speed_plan
-from chatforge.training.loss import loss_rows, loss_sum
+from chatforge.training.loss import loss_rows, loss_sum, rows_cap
 from chatforge.training.profiling import RunMeter, StepProfiler
 
 STATE_FILE = "trainer_state.pt"
@@ -488,8 +488,10 @@ class Trainer:
         )  # DDP / FSDP2 around model + loss; one process: the loss
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         parts = speed_plan.lm_parts(self.model) if self.plan.loss != "plain" else None
-        chunk = self.plan.chunk_rows or (parts and speed_plan.default_chunk_rows(parts[1].weight.size(0)))
-        self.rows_multiple = 0 if parts is None else chunk if self.plan.compile else 1  # 0: full logits, no rows
+        self.rows_multiple = 0  # output-layer rows per batch in whole multiples of this (0: full logits, no rows)
+        if parts is not None:
+            chunk = self.plan.chunk_rows or speed_plan.default_chunk_rows(parts[1].weight.size(0))
+            self.rows_multiple = chunk if self.plan.compile else 1
         self.graphs = graphs.MicroBatchGraphs(self.engine, self.params, self.model) if self.plan.cuda_graphs else None
         optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
@@ -560,21 +562,19 @@ class Trainer:
             return
         first = self.micro_batches(self.step_no)[0]
         batch = self.collate([self.samples[i] for i in first])
-        positions, m = batch["input_ids"].numel(), self.rows_multiple
+        positions = batch["input_ids"].numel()
         caps = {
-            min(positions, -(-max(1, sum(self.trained[i] for i in mb)) // m) * m)
+            rows_cap(sum(self.trained[i] for i in mb), positions, self.rows_multiple)
             for step in range(self.step_no, self.steps)
             for mb in self.micro_batches(step)
             if len(mb) == len(first)
         }
-        rows = loss_rows(batch, 1)
-        rows = rows if rows is not None else torch.arange(positions)
         variants = []
         for cap in sorted(caps):
             b = {k: v for k, v in batch.items() if k != "loss_rows"}
-            if cap < positions:
-                pad = max(0, cap - rows.numel())  # with the last position, which has no target
-                b["loss_rows"] = torch.nn.functional.pad(rows[:cap], (0, pad), value=positions - 1)
+            rows = loss_rows(batch, cap=cap)
+            if rows is not None:
+                b["loss_rows"] = rows
             variants.append(dataset.to_device(b, self.device))
         self.graphs.capture(variants)
 
