@@ -136,7 +136,9 @@ class SpeedSettings:  # chatforge/training/speed_plan.py, docs/speed.md: auto pi
     attention: Attention = key("auto", "auto | sdpa | varlen (packed rows: no attention across samples)")
     nf4_matmul: Nf4Matmul = key("auto", "QLoRA: auto/torch (compilable, training/nf4.py) | bitsandbytes")
     lora_groups: Any = key("auto", "one LoRA A matmul for projections sharing an input; auto: no dropout, or compiled")
-    cuda_graphs: Any = key("auto", "micro-batch CUDA graphs; auto: packed compiled LoRA, one process; true: QLoRA too")
+    cuda_graphs: Any = key(
+        "auto", "micro-batch CUDA graphs; auto: LoRA on one GPU (compiled or eager); true: QLoRA too"
+    )
     profile_steps: int = key(0, "> 0: profile this many steps after 3 warm-up steps (run folder: profile/)")
 
     def check_speed(self) -> None:

@@ -312,10 +312,6 @@ def make_plan(
         raise ChatforgeError(f"recipe key 'fused_loss': {plan.loss!r} is not one of {', '.join(get_args(FusedLoss))}")
     if plan.loss == "liger" and not cuda:
         raise ChatforgeError("fused_loss liger runs on CUDA only")
-    want_varlen = _auto(attention, "varlen" if (packing and cuda and varlen_available()) else "sdpa")
-    if want_varlen == "varlen" and not varlen_available():
-        raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
-    plan.attention = want_varlen
     budget = device_budget(device, memory_budget_gib)
     plan.budget_gib = round(budget / GIB, 2) if budget < 1 << 60 else 0.0
     static = static_bytes(model, plan.loss)
@@ -326,15 +322,21 @@ def make_plan(
             *first, last = get_args(Nf4Matmul)
             raise ChatforgeError(f"nf4_matmul {plan.nf4_matmul!r}: use {', '.join(first)} or {last}")
         overhead = OVERHEAD_TOKENS["nf4_torch" if plan.nf4_matmul == "torch" else "nf4"]
-    # CUDA graphs need one shape per micro-batch (packed rows of a fixed width: compiled runs) and gradients
-    # kept between steps (small for adapters; a full run's would add the model's size to the peak). auto: LoRA,
-    # the path measured on a GPU (docs/speed.md); QLoRA's capture has not run on one yet, so it takes `true`.
-    graphable = cuda and plan.compile and packing and method in ("lora", "qlora") and plan.nf4_matmul != "bitsandbytes"
-    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora"))
+    # CUDA graphs need a few fixed batch shapes (the trainer then pads packed rows to max_length and unpacked
+    # ones to power-of-two widths, each sample its own varlen segment: no padding mask, whose checks sync) and
+    # gradients kept between steps (small for adapters; a full run's would add the model's size to the peak).
+    # auto: LoRA, compiled or eager (a short eager run of a small model is bound by launching its kernels:
+    # docs/speed.md); QLoRA's capture has not run on a GPU yet, so it takes `true`.
+    graphable = cuda and method in ("lora", "qlora") and plan.nf4_matmul != "bitsandbytes"
+    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora" and varlen_available()))
     if plan.cuda_graphs and not graphable:
-        raise ChatforgeError(
-            "recipe key 'cuda_graphs': true needs CUDA, compile, packing, method lora or qlora and nf4_matmul torch"
-        )
+        raise ChatforgeError("recipe key 'cuda_graphs': true needs CUDA, method lora or qlora and nf4_matmul torch")
+    want_varlen = _auto(
+        attention, "varlen" if ((packing or plan.cuda_graphs) and cuda and varlen_available()) else "sdpa"
+    )
+    if want_varlen == "varlen" and not varlen_available():
+        raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
+    plan.attention = want_varlen
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
         plan.micro_batch = 0 if micro_batch in (None, "auto") else int(micro_batch)

@@ -491,7 +491,7 @@ class Trainer:
         self.rows_multiple = 0  # output-layer rows per batch in whole multiples of this (0: full logits, no rows)
         if parts is not None:
             chunk = self.plan.chunk_rows or speed_plan.default_chunk_rows(parts[1].weight.size(0))
-            self.rows_multiple = chunk if self.plan.compile else 1
+            self.rows_multiple = chunk if self.plan.compile or self.plan.cuda_graphs else 1
         self.graphs = graphs.MicroBatchGraphs(self.engine, self.params, self.model) if self.plan.cuda_graphs else None
         optimizer = make_optimizer(self.params, cfg.lr, cfg.weight_decay, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.steps))
@@ -522,23 +522,30 @@ class Trainer:
 
     # -- one step
 
-    def collate(self, units: list) -> dict:
-        """A micro-batch on the CPU. Compiled layers get few shapes: packed rows of exactly max_length
-        (and a fixed count of attention segments), unpadded batches padded to a power-of-two width; so
-        do eager ones on a GPU, where cuDNN's attention builds a plan for every new shape (~60 ms)."""
-        cfg, fixed = self.cfg, self.plan.compile
+    def row_width(self, units: list) -> int | None:
+        """The padded width of a micro-batch of these units (None: its fullest row). Compiled layers and CUDA
+        graphs get few shapes: packed rows of exactly max_length, unpacked ones padded to a power-of-two
+        width; so do eager ones on a GPU, where cuDNN's attention builds a plan for every new shape (~60 ms)."""
+        cfg, fixed = self.cfg, self.plan.compile or self.plan.cuda_graphs
         if cfg.packing:
-            batch = dataset.collate_packed(
-                units,
-                self.pad,
-                width=cfg.max_length if fixed else None,
-                segments=len(units) * self.max_segments if fixed else None,
-            )
-        elif self.device == "cpu" and not fixed:  # a micro-batch in one row, samples kept apart: no padding
+            return cfg.max_length if fixed else None
+        if fixed or self.device != "cpu":
+            return dataset.bucket_width(max(dataset.real_tokens(u) for u in units), cfg.max_length)
+        return None
+
+    def collate(self, units: list) -> dict:
+        """A micro-batch on the CPU, `row_width` wide."""
+        cfg, width = self.cfg, self.row_width(units)
+        if cfg.packing:
+            fixed = width is not None  # and a fixed count of attention segments
+            batch = dataset.collate_packed(units, self.pad, width, len(units) * self.max_segments if fixed else None)
+        elif self.plan.cuda_graphs and self.plan.attention == "varlen":
+            # one sample per row, its padding tail a segment of its own: varlen attention needs no padding
+            # mask, whose checks in transformers wait for the GPU (a graph cannot hold that)
+            batch = dataset.collate_packed([[u] for u in units], self.pad, width, 2 * len(units))
+        elif width is None:  # CPU, eager: a micro-batch in one row, samples kept apart: no padding
             batch = dataset.collate_packed([units], self.pad)  # to compute (the identity demo: 23% of its tokens)
         else:
-            bucket = fixed or self.device != "cpu"
-            width = dataset.bucket_width(max(len(s.input_ids) for s in units), cfg.max_length) if bucket else None
             batch = dataset.collate(units, self.pad, width=width)
         if self.rows_multiple:  # the positions the output layer reads, in whole chunks where compiled
             rows = loss_rows(batch, self.rows_multiple)
@@ -554,28 +561,30 @@ class Trainer:
         return [idx[k : k + self.micro_batch] for k in range(0, len(idx), self.micro_batch)]
 
     def capture_graphs(self) -> None:
-        """Before the first timed step, capture a graph for every count of output-layer rows (loss_rows) that
-        the run's packed micro-batches will have: 3 on the medical recipe (4,096, 5,120 or 6,144 of 8,192
-        positions), so no capture interrupts the steps after warm-up. Counted on the CPU from the units'
-        trained tokens; the captures run the first micro-batch with its rows cut or padded to each count."""
-        if self.graphs is None or not self.cfg.packing or self.rows_multiple <= 1 or self.step_no >= self.steps:
+        """Before the first timed step, capture a graph for every batch shape the run's micro-batches will
+        have, so no capture interrupts the steps after warm-up: each (rows, width) and, within it, each count
+        of output-layer rows (loss_rows; 3 on the medical recipe: 4,096, 5,120 or 6,144 of 8,192 packed
+        positions). Counted on the CPU from the units' lengths and trained tokens; each capture runs the first
+        micro-batch of its shape, with its loss rows cut or padded to each count."""
+        if self.graphs is None or self.step_no >= self.steps:
             return
-        first = self.micro_batches(self.step_no)[0]
-        batch = self.collate([self.samples[i] for i in first])
-        positions = batch["input_ids"].numel()
-        caps = {
-            rows_cap(sum(self.trained[i] for i in mb), positions, self.rows_multiple)
-            for step in range(self.step_no, self.steps)
-            for mb in self.micro_batches(step)
-            if len(mb) == len(first)
-        }
+        shapes: dict[tuple, tuple[list, set]] = {}  # (rows, width) -> (first micro-batch, output-row counts)
+        for step in range(self.step_no, self.steps):
+            for mb in self.micro_batches(step):
+                units = [self.samples[i] for i in mb]
+                width = self.row_width(units)
+                _, caps = shapes.setdefault((len(mb), width), (units, set()))
+                if self.rows_multiple > 1:
+                    caps.add(rows_cap(sum(self.trained[i] for i in mb), len(mb) * width, self.rows_multiple))
         variants = []
-        for cap in sorted(caps):
-            b = {k: v for k, v in batch.items() if k != "loss_rows"}
-            rows = loss_rows(batch, cap=cap)
-            if rows is not None:
-                b["loss_rows"] = rows
-            variants.append(dataset.to_device(b, self.device))
+        for units, caps in shapes.values():
+            batch = self.collate(units)
+            for cap in sorted(caps) or [None]:
+                b = {k: v for k, v in batch.items() if k != "loss_rows"}
+                rows = loss_rows(batch, cap=cap) if cap else batch.get("loss_rows")
+                if rows is not None:
+                    b["loss_rows"] = rows
+                variants.append(dataset.to_device(b, self.device))
         self.graphs.capture(variants)
 
     def prepare(self, step: int) -> tuple[list, int, int]:

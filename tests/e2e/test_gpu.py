@@ -211,24 +211,26 @@ def test_compiled_medical_run_on_huatuo(method, tmp_path, il2, huatuo):
     assert metrics["recompilations"] <= 4 and metrics["steps"] == 6
 
 
-def test_cuda_graph_steps_train_as_eager_steps(tmp_path, il2, huatuo):
-    """The packed, compiled LoRA steps replayed as CUDA graphs (InternLM2's dynamic RoPE, recomputed dropout)
-    give the eager steps' losses."""
+@pytest.mark.parametrize("path", ["packed_compiled", "unpacked_eager"])
+def test_cuda_graph_steps_train_as_eager_steps(path, tmp_path, il2, huatuo, identity_data):
+    """LoRA steps replayed as CUDA graphs give the eager steps' losses: the packed, compiled medical recipe
+    (InternLM2's dynamic RoPE, recomputed dropout) and the unpacked, eager identity recipe (padded widths, each
+    sample a varlen segment, PEFT's dropout)."""
+    if path == "packed_compiled":
+        keys = ["internlm2_chat_1_8b_medical_sft", f"data={huatuo}", "max_length=512", "batch_size=8"]
+        keys += ["micro_batch=4", "compile=true"]
+    else:
+        keys = ["internlm2_chat_1_8b_identity_lora", f"data={identity_data}", "batch_size=8", "compile=false"]
     losses = {}
     for graphs in ("true", "false"):
         out = tmp_path / graphs
         r, _ = timed_cli(
             "train",
-            "internlm2_chat_1_8b_medical_sft",
+            *keys,
             f"model={il2}",
-            f"data={huatuo}",
             f"output_dir={out}",
-            "max_length=512",
-            "batch_size=8",
-            "micro_batch=4",
             "max_steps=4",
             "save_every=0",
-            "compile=true",
             f"cuda_graphs={graphs}",
             "eval_prompts=[]",
             SHARE,
@@ -239,11 +241,12 @@ def test_cuda_graph_steps_train_as_eager_steps(tmp_path, il2, huatuo):
         replayed = json.loads((out / "metrics.json").read_text()).get("cuda_graphs")
         assert (replayed or "none").endswith("replayed") if graphs == "true" else replayed is None, replayed
         losses[graphs] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
-    print(f"[gpu] graphs {losses['true']} eager {losses['false']}")
+    print(f"[gpu] {path}: graphs {losses['true']} eager {losses['false']}")
     # the same to within the issue's 1% loss parity: the capture's warm-up forward moves the dropout counter
-    # once, so later steps draw other masks (step 1, with B = 0, is the same)
+    # once, so later steps draw other masks (step 1, with B = 0, is the same; unpacked, the eager steps attend
+    # through sdpa with a padding mask, the graphs through the varlen kernel: bf16 rounding differs)
     assert len(losses["true"]) == 4 and losses["true"] == pytest.approx(losses["false"], rel=1e-2)
-    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4)
+    assert losses["true"][0] == pytest.approx(losses["false"][0], rel=1e-4 if path == "packed_compiled" else 1e-3)
 
 
 def test_lora_dropout_compiled_on_cuda_equals_the_int64_hash():

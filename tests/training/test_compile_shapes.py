@@ -86,36 +86,91 @@ def test_bucket_width():
     assert dataset.bucket_width(700, 1000) == 1000 and dataset.bucket_width(1000, 1000) == 1000
 
 
+class Recorder:
+    """The CPU stand-in of graphs.MicroBatchGraphs: records the shapes captured and used, runs eager steps."""
+
+    def __init__(self, engine, par):
+        self.engine, self.par, self.captured, self.used, self.started = engine, par, [], [], False
+
+    def capture(self, batches):
+        from chatforge.training import graphs
+
+        assert not self.started, "a capture after the first step"
+        self.captured += [graphs.shape_key(b) for b in batches]
+
+    def accumulate(self, batches, n_trained):
+        from chatforge.training import graphs
+        from chatforge.training import trainer as trainer_mod
+
+        self.started = True
+        self.used += [graphs.shape_key(b) for b in batches]
+        return trainer_mod.accumulate(self.engine, batches, n_trained, self.par)
+
+    def status(self):
+        return f"{len(set(self.captured))} shape(s) replayed"
+
+    def shapes(self, name: str) -> set:
+        """The shapes one tensor of the batch had in the steps."""
+        return {dict((k, s) for k, s, _ in key)[name] for key in self.used}
+
+
+def with_recorder(trainer, eager_graphs: bool = False):
+    if eager_graphs:  # as planned on a GPU for eager LoRA (the identity recipes)
+        trainer.plan.cuda_graphs, trainer.plan.attention = True, "varlen"
+    trainer.graphs = Recorder(trainer.engine, trainer.par)
+    trainer.rows_multiple = 64  # the tiny model's default chunk is wider than a micro-batch
+
+
 def test_packed_runs_capture_every_output_row_count_before_the_first_step(tmp_path, tiny_llama, monkeypatch):
     """CUDA graphs are captured per batch shape; the output layer's rows (loss_rows) are the one shape of packed
     micro-batches that varies. capture_graphs() must capture, before step 1, exactly the counts the steps use."""
-    from chatforge.training import graphs
-    from chatforge.training import trainer as trainer_mod
-
-    class Recorder:  # the CPU stand-in of MicroBatchGraphs: records shapes, runs the eager steps
-        def __init__(self, engine, par):
-            self.engine, self.par, self.captured, self.used, self.started = engine, par, [], [], False
-
-        def capture(self, batches):
-            assert not self.started, "a capture after the first step"
-            self.captured += [graphs.shape_key(b) for b in batches]
-
-        def accumulate(self, batches, n_trained):
-            self.started = True
-            self.used += [graphs.shape_key(b) for b in batches]
-            return trainer_mod.accumulate(self.engine, batches, n_trained, self.par)
-
-        def status(self):
-            return f"{len(set(self.captured))} shape(s) replayed"
-
-    def with_recorder(trainer):
-        trainer.graphs = Recorder(trainer.engine, trainer.par)
-        trainer.rows_multiple = 64  # the tiny model's default chunk is wider than a micro-batch
-
     trainer, _ = compiled_run(
         tmp_path, tiny_llama, monkeypatch, with_recorder, packing=True, max_steps=6, micro_batch=2
     )
-    rows = {dict((k, s) for k, s, _ in key)["loss_rows"] for key in trainer.graphs.used}
+    rows = trainer.graphs.shapes("loss_rows")
     assert len(rows) >= 2 and all(r[0] % 64 == 0 and r[0] < 2 * 512 for r in rows)  # fewer rows than positions
     assert set(trainer.graphs.used) <= set(trainer.graphs.captured)
     assert len(set(trainer.graphs.captured)) == len(trainer.graphs.captured)  # each shape once
+
+
+def test_unpacked_eager_graph_runs_capture_every_width_before_the_first_step(tmp_path, tiny_llama, monkeypatch):
+    """Eager LoRA on a GPU replays graphs too (its steps are bound by kernel launches): unpacked micro-batches
+    are padded to power-of-two widths, one sample per row and its padding tail a varlen segment of its own (no
+    padding mask, whose checks would sync), and every width is captured before step 1."""
+    trainer, widths = compiled_run(
+        tmp_path, tiny_llama, monkeypatch, lambda t: with_recorder(t, eager_graphs=True), compile=False, max_steps=8
+    )
+    assert not widths  # no padded batch with a padding mask
+    used = {s[1] for s in trainer.graphs.shapes("input_ids")}
+    assert len(used) >= 2 and used <= {64, 128, 256, 512}
+    assert set(trainer.graphs.used) <= set(trainer.graphs.captured)
+    assert len(set(trainer.graphs.captured)) == len(trainer.graphs.captured)
+    batch = trainer.collate(trainer.samples[:3])
+    assert batch["attention_mask"] is None and batch["cu_seqlens"].shape == (2 * 3 + 1,)
+
+
+def test_one_sample_per_row_segments_give_the_padded_batch_loss_and_gradients(tiny_llama):
+    """The graphs' layout of an unpacked batch (each row a sample and a padding segment, positions restarting)
+    trains exactly as the padded batch with its attention mask."""
+    from transformers import AutoModelForCausalLM
+
+    from chatforge.data.encode import IGNORE
+    from chatforge.training.loss import loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    torch.manual_seed(0)
+    units = []
+    for n in (9, 30, 17):
+        ids = torch.randint(3, 200, (n,)).tolist()
+        units.append(dataset.Sample(ids, [IGNORE] * 4 + ids[4:], "t"))
+    results = []
+    for batch in (dataset.collate(units, 0, width=64), dataset.collate_packed([[u] for u in units], 0, 64, 6)):
+        model.zero_grad()
+        total, count = loss_sum(model, batch)
+        total.backward()
+        results.append((total.detach(), count, [p.grad.clone() for p in model.parameters()]))
+    (a, na, ga), (b, nb, gb) = results
+    assert int(na) == int(nb) == sum(len(u.input_ids) - 4 for u in units)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)

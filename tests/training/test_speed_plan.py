@@ -567,17 +567,24 @@ def test_generation_between_steps_runs_in_the_training_dtypes(smol_tokenizer):
 # ---------------------------------------------------------------- CUDA graphs of a micro-batch
 
 
-def test_cuda_graphs_are_planned_for_packed_compiled_adapters_only():
+def test_cuda_graphs_are_planned_for_lora_on_cuda_packed_or_not_compiled_or_not(monkeypatch):
+    from chatforge.training import speed_plan
+
+    monkeypatch.setattr(speed_plan, "varlen_available", lambda: True)  # as on a GPU with torch >= 2.10
     model = tiny_llama()
     plan = functools.partial(make_plan, model, seq=64, global_batch=4, memory_budget_gib=8, compile=True)
     assert plan(device="cuda", method="lora", packing=True).cuda_graphs
-    assert not plan(device="cuda", method="lora", packing=False).cuda_graphs  # padded widths vary
+    assert plan(device="cuda", method="lora", packing=True, compile=False).cuda_graphs  # host-bound eager steps
+    unpacked = plan(device="cuda", method="lora", packing=False, compile=False)
+    assert unpacked.cuda_graphs and unpacked.attention == "varlen"  # each sample a segment: no padding mask
+    assert plan(device="cuda", method="lora", packing=False, compile=False, cuda_graphs=False).attention == "sdpa"
     assert not plan(device="cuda", method="full", packing=True).cuda_graphs  # kept gradients: the model's size
-    assert not plan(device="cuda", method="lora", packing=True, compile=False).cuda_graphs
     assert not plan(device="cpu", method="lora", packing=True).cuda_graphs
     assert not plan(device="cuda", method="qlora", packing=True).cuda_graphs  # asked for only: not run on a GPU yet
     with pytest.raises(ChatforgeError, match="cuda_graphs"):
         plan(device="cpu", method="lora", packing=True, cuda_graphs=True)
+    monkeypatch.setattr(speed_plan, "varlen_available", lambda: False)  # padding masks would sync: no graphs
+    assert not plan(device="cuda", method="lora", packing=False).cuda_graphs
     assert build(TrainConfig, {"cuda_graphs": False}, "r").cuda_graphs is False
 
 
