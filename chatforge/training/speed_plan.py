@@ -327,15 +327,17 @@ def make_plan(
     # gradients kept between steps (small for adapters; a full run's would add the model's size to the peak).
     # auto: LoRA, compiled or eager (a short eager run of a small model is bound by launching its kernels:
     # docs/speed.md); QLoRA's capture has not run on a GPU yet, so it takes `true`.
+    # varlen's flash kernel computes in bf16/fp16 only: an fp32 run (dtype: fp32) attends through sdpa
+    varlen_ok = cuda and varlen_available() and (half or plan.autocast)
     graphable = cuda and method in ("lora", "qlora") and plan.nf4_matmul != "bitsandbytes"
-    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora" and varlen_available()))
+    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora" and varlen_ok))
     if plan.cuda_graphs and not graphable:
         raise ChatforgeError("recipe key 'cuda_graphs': true needs CUDA, method lora or qlora and nf4_matmul torch")
-    want_varlen = _auto(
-        attention, "varlen" if ((packing or plan.cuda_graphs) and cuda and varlen_available()) else "sdpa"
-    )
-    if want_varlen == "varlen" and not varlen_available():
+    want_varlen = _auto(attention, "varlen" if (packing or plan.cuda_graphs) and varlen_ok else "sdpa")
+    if want_varlen == "varlen" and not (cuda and varlen_available()):
         raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
+    if want_varlen == "varlen" and not varlen_ok:
+        raise ChatforgeError("attention varlen computes in bf16 or fp16: not with dtype fp32 (use attention=sdpa)")
     plan.attention = want_varlen
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked

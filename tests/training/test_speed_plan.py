@@ -571,10 +571,15 @@ def test_cuda_graphs_are_planned_for_lora_on_cuda_packed_or_not_compiled_or_not(
     from chatforge.training import speed_plan
 
     monkeypatch.setattr(speed_plan, "varlen_available", lambda: True)  # as on a GPU with torch >= 2.10
-    model = tiny_llama()
+    model = tiny_llama().to(torch.bfloat16)
     plan = functools.partial(make_plan, model, seq=64, global_batch=4, memory_budget_gib=8, compile=True)
     assert plan(device="cuda", method="lora", packing=True).cuda_graphs
     assert plan(device="cuda", method="lora", packing=True, compile=False).cuda_graphs  # host-bound eager steps
+    fp32 = functools.partial(make_plan, tiny_llama(), device="cuda", method="lora", seq=64, global_batch=4)
+    fp32_plan = fp32(memory_budget_gib=8, packing=True)  # varlen's flash kernel has no fp32: sdpa, no graphs
+    assert fp32_plan.attention == "sdpa" and not fp32_plan.cuda_graphs
+    with pytest.raises(ChatforgeError, match="bf16 or fp16"):
+        fp32(memory_budget_gib=8, attention="varlen")
     unpacked = plan(device="cuda", method="lora", packing=False, compile=False)
     assert unpacked.cuda_graphs and unpacked.attention == "varlen"  # each sample a segment: no padding mask
     assert plan(device="cuda", method="lora", packing=False, compile=False, cuda_graphs=False).attention == "sdpa"
