@@ -53,6 +53,20 @@ def lm_parts(model):
     return decoder, head
 
 
+def varlen_misses(model, seq: int) -> str:
+    """What of this model's attention the varlen kernel, called plainly causal (attention.py), would not compute
+    over rows of `seq` tokens: logit softcapping (Gemma 2), a sliding window shorter than the rows (Gemma 3's
+    local layers, Mistral v0.1 past 4,096). Empty where it computes it all; such models attend through sdpa,
+    whose masks transformers builds with the window."""
+    cfg = getattr(base_of(model), "config", None)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return f"attention logit softcapping ({cfg.attn_logit_softcapping})"
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window and window < seq:
+        return f"a sliding window of {window} tokens, shorter than max_length {seq}"
+    return ""
+
+
 def decoder_layers(model):
     base = base_of(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
@@ -328,7 +342,8 @@ def make_plan(
     # auto: LoRA, compiled or eager (a short eager run of a small model is bound by launching its kernels:
     # docs/speed.md); QLoRA's capture has not run on a GPU yet, so it takes `true`.
     # varlen's flash kernel computes in bf16/fp16 only: an fp32 run (dtype: fp32) attends through sdpa
-    varlen_ok = cuda and varlen_available() and (half or plan.autocast)
+    misses = varlen_misses(model, seq)
+    varlen_ok = cuda and varlen_available() and (half or plan.autocast) and not misses
     graphable = cuda and method in ("lora", "qlora") and plan.nf4_matmul != "bitsandbytes"
     plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora" and varlen_ok))
     if plan.cuda_graphs and not graphable:
@@ -336,6 +351,8 @@ def make_plan(
     want_varlen = _auto(attention, "varlen" if (packing or plan.cuda_graphs) and varlen_ok else "sdpa")
     if want_varlen == "varlen" and not (cuda and varlen_available()):
         raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
+    if want_varlen == "varlen" and misses:
+        raise ChatforgeError(f"attention varlen cannot compute this model's {misses}: use attention=sdpa")
     if want_varlen == "varlen" and not varlen_ok:
         raise ChatforgeError("attention varlen computes in bf16 or fp16: not with dtype fp32 (use attention=sdpa)")
     plan.attention = want_varlen

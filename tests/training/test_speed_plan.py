@@ -593,6 +593,30 @@ def test_cuda_graphs_are_planned_for_lora_on_cuda_packed_or_not_compiled_or_not(
     assert build(TrainConfig, {"cuda_graphs": False}, "r").cuda_graphs is False
 
 
+def test_varlen_is_planned_only_for_attention_it_computes(monkeypatch):
+    """Gemma 3's local layers (a sliding window shorter than the rows) and Gemma 2's logit softcapping attend
+    through sdpa, whose masks transformers builds with the window; a window as long as the rows changes nothing."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from chatforge.training import speed_plan
+
+    monkeypatch.setattr(speed_plan, "varlen_available", lambda: True)
+    tiny = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    tiny.update(num_key_value_heads=2, head_dim=16)
+    gemma3 = Gemma3ForCausalLM(Gemma3TextConfig(**tiny, sliding_window=32)).to(torch.bfloat16)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(**tiny, sliding_window=4096)).to(torch.bfloat16)
+    for model, seq, what in ((gemma3, 64, "sliding window of 32"), (gemma2, 64, "softcapping")):
+        plan = functools.partial(make_plan, model, device="cuda", method="lora", seq=seq, global_batch=4)
+        chosen = plan(memory_budget_gib=8, packing=True)
+        assert chosen.attention == "sdpa" and not chosen.cuda_graphs
+        with pytest.raises(ChatforgeError, match=what):
+            plan(memory_budget_gib=8, attention="varlen")
+    long_rows = make_plan(
+        gemma3, device="cuda", method="lora", seq=32, global_batch=4, memory_budget_gib=8, packing=True
+    )
+    assert long_rows.attention == "varlen" and long_rows.cuda_graphs
+
+
 def test_micro_batch_graphs_fall_back_to_eager_steps_with_the_same_gradients():
     """Where no graph can be captured (here: no CUDA) the steps run eagerly, accumulating into the kept
     gradients exactly as the trainer's plain loop does, step after step (the optimizer sets .grad to None)."""
