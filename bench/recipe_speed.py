@@ -14,6 +14,10 @@ SCENARIO (default: DEFAULT below):
                                   Trainer on the very same batches: the largest per-step loss difference
   assistant[_default]             `chatforge assistant --name ... --model MODEL` wall time (data, train, merge, eval);
                                   _default: on the embedded default model
+  recipe:NAME[:STEPS][,key=value...]
+                                  any shipped recipe as a user runs it (memory budget auto), whole or STEPS steps:
+                                  InternLM2 recipes on MODEL, SmolLM2 ones on the default model; data: Huatuo,
+                                  its answers as raw text (pretraining), `chatforge data identity` (identity)
 Each scenario runs in its own process (peaks do not mix). Prints real (non-padding) tokens/s over the whole
 run (warm-up and compilation included) and after warm-up, peak GiB, compilations and wall time.
 """
@@ -73,25 +77,9 @@ def env() -> dict:
 # ---------------------------------------------------------------- chatforge, through its CLI
 
 
-def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
-    """`chatforge train` on the shipped recipe; its metrics.json, per-step losses and the wall time."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "chatforge",
-        "train",
-        RECIPE,
-        f"model={a.model}",
-        f"data={a.data}",
-        f"method={method}",
-        f"max_steps={steps}",
-        "save_every=0",
-        f"output_dir={out}",
-        f"memory_budget_gib={BUDGET_GIB[method]}",
-        *a.set,
-        *extra,
-        "--no-progress",
-    ]
+def run_train(recipe: str, keys: list[str], out: Path) -> dict:
+    """`chatforge train RECIPE KEYS`: its metrics.json, per-step losses and the wall time."""
+    cmd = [sys.executable, "-m", "chatforge", "train", recipe, *keys, f"output_dir={out}", "--no-progress"]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env(), capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -110,6 +98,44 @@ def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
         "plan": plan,
         "command": "chatforge " + " ".join(cmd[3:]),
     }
+
+
+def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
+    """The medical recipe on Huatuo with a method, a step count and that method's memory budget."""
+    keys = [f"model={a.model}", f"data={a.data}", f"method={method}", f"max_steps={steps}", "save_every=0"]
+    return run_train(RECIPE, keys + [f"memory_budget_gib={BUDGET_GIB[method]}", *a.set, *extra], out)
+
+
+def recipe_data(recipe: str, model: list[str], a, work: Path) -> str:
+    """The data a user gives a shipped recipe: Huatuo (alpaca) for SFT, Huatuo's answers as raw text for
+    pretraining, `chatforge data identity` output for the identity recipes (replay answers written by the
+    recipe's model, as `chatforge assistant` makes them). Each made once per invocation."""
+    from chatforge.config import load_recipe
+
+    cfg = load_recipe(recipe)
+    if cfg.task == "pretrain":
+        out = work / "pretrain.jsonl"
+        if not out.exists():
+            rows = [json.loads(line) for line in Path(a.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = "".join(json.dumps({"text": r["output"]}, ensure_ascii=False) + "\n" for r in rows)
+            out.write_text(text, encoding="utf-8")
+        return str(out)
+    if "identity" not in str(cfg.data):
+        return a.data
+    out = work / f"identity-{'given' if model else 'default'}-model.jsonl"
+    if not out.exists():
+        cmd = [sys.executable, "-m", "chatforge", "data", "identity", "--name", "Ada Park", "--out", str(out)]
+        subprocess.run(cmd + [k.replace("model=", "--model=") for k in model], env=env(), check=True)
+    return str(out)
+
+
+def run_recipe(recipe: str, steps: str, a, extra: list[str], work: Path) -> dict:
+    """A shipped recipe as a user runs it: its own settings (memory budget auto), on the InternLM2 folder
+    (InternLM2 recipes) or the default model, for its whole run or `steps` steps."""
+    model = [f"model={a.model}"] if recipe.startswith("internlm2") else []
+    keys = [*model, f"data={recipe_data(recipe, model, a, work)}", "save_every=0"]
+    result = run_train(recipe, keys + ([f"max_steps={steps}"] if steps else []) + [*a.set, *extra], work / recipe)
+    return {"recipe": recipe, **result}
 
 
 # ---------------------------------------------------------------- the Hugging Face Trainer, same samples
@@ -284,6 +310,9 @@ def run_scenario(name: str, a, work: Path) -> dict:
             "identity": scores.get("identity"),
             "stages": json.loads((work / head / "timings.json").read_text()),
         }
+    if head.startswith("recipe:"):
+        _, recipe, *steps = head.split(":")
+        return run_recipe(recipe, steps[0] if steps else "", a, opts, work)
     method, steps = parts[0], int(parts[1])
     if kind == "cf":
         return run_cf(method, steps, a, opts, work / name.replace(",", "_").replace("=", "-"))

@@ -9,11 +9,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def test_parity_scenario_matches_the_trainer_step_by_step(tmp_path, capsys):
-    import recipe_speed
-    from internlm2_gpu_check import SHAPE_TINY, write_checkpoint
-
-    model = write_checkpoint(tmp_path / "il2", SHAPE_TINY)
+def medical_records(tmp_path):
     pairs = [
         ("一位患者持续咳嗽两周，应该做哪些检查？", "建议进行胸部X线检查和血常规检查。"),
         ("高血压患者饮食上需要注意什么？", "减少盐的摄入，多吃蔬菜水果，戒烟限酒。"),
@@ -28,6 +24,15 @@ def test_parity_scenario_matches_the_trainer_step_by_step(tmp_path, capsys):
         ),
         encoding="utf-8",
     )
+    return data
+
+
+def test_parity_scenario_matches_the_trainer_step_by_step(tmp_path, capsys):
+    import recipe_speed
+    from internlm2_gpu_check import SHAPE_TINY, write_checkpoint
+
+    model = write_checkpoint(tmp_path / "il2", SHAPE_TINY)
+    data = medical_records(tmp_path)
     out = tmp_path / "results.json"
     assert (
         recipe_speed.main(
@@ -50,3 +55,35 @@ def test_parity_scenario_matches_the_trainer_step_by_step(tmp_path, capsys):
     assert result["steps"] == 3 and result["max_diff_pct"] < 0.01, result  # fp32 on both sides
     assert len(set(result["chatforge"])) == 3  # three different batches
     assert "parity_lora_3_b4" in capsys.readouterr().out
+
+
+def test_recipe_scenarios_run_shipped_recipes_on_their_kind_of_data(tmp_path):
+    """`recipe:NAME:STEPS`: a shipped recipe through `chatforge train` with the data a user gives it: identity
+    conversations made by `chatforge data identity` (replay answers from the recipe's model), raw text."""
+    import recipe_speed
+    from internlm2_gpu_check import SHAPE_TINY, write_checkpoint
+
+    model = write_checkpoint(tmp_path / "il2", SHAPE_TINY)
+    data, out = medical_records(tmp_path), tmp_path / "results.json"
+    names = ["recipe:internlm2_chat_1_8b_identity_lora:2", "recipe:internlm2_1_8b_full_custom_pretrain:2"]
+    argv = [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--json",
+        str(out),
+        "--set",
+        "max_length=1024",
+        "--set",
+        "batch_size=2",
+        *names,
+    ]
+    assert recipe_speed.main(argv) == 0
+    results = json.loads(out.read_text())
+    for name in names:
+        r = results[name]
+        assert "error" not in r, r
+        assert r["steps"] == 2 and r["real_tokens"] > 0 and r["recipe"] == name.split(":")[1], r
+        assert f"model={model}" in r["command"] and "max_length=1024" in r["command"]
+    assert "identity" in results[names[0]]["command"] and "pretrain.jsonl" in results[names[1]]["command"]
