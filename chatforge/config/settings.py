@@ -133,7 +133,7 @@ class SpeedSettings:  # chatforge/training/speed_plan.py, docs/speed.md: auto pi
     memory_budget_gib: Any = key("auto", "GPU memory the run may use; auto: 92% of the card's free memory")
     compile: Any = key("auto", "torch.compile each decoder layer; auto: on CUDA")
     fused_loss: FusedLoss = key("auto", "auto | chunked | liger | plain (plain materialises the full logits)")
-    attention: Attention = key("auto", "auto | sdpa | varlen (packed rows: no attention across samples)")
+    attention: Attention = key("auto", "auto | sdpa | varlen (per-sample segments: packed rows, CUDA-graph runs; bf16)")
     nf4_matmul: Nf4Matmul = key("auto", "QLoRA: auto/torch (compilable, training/nf4.py) | bitsandbytes")
     lora_groups: Any = key("auto", "one LoRA A matmul for projections sharing an input; auto: no dropout, or compiled")
     cuda_graphs: Any = key(
