@@ -106,10 +106,10 @@ def run_cf(method: str, steps: int, a, extra: list[str], out: Path) -> dict:
     return run_train(RECIPE, keys + [f"memory_budget_gib={BUDGET_GIB[method]}", *a.set, *extra], out)
 
 
-def recipe_data(recipe: str, model: list[str], a, work: Path) -> str:
+def recipe_data(recipe: str, model: str | None, a, work: Path) -> str:
     """The data a user gives a shipped recipe: Huatuo (alpaca) for SFT, Huatuo's answers as raw text for
     pretraining, `chatforge data identity` output for the identity recipes (replay answers written by the
-    recipe's model, as `chatforge assistant` makes them). Each made once per invocation."""
+    recipe's model, None: the default one, as `chatforge assistant` makes them). Each made once per invocation."""
     from chatforge.config import load_recipe
 
     cfg = load_recipe(recipe)
@@ -125,15 +125,16 @@ def recipe_data(recipe: str, model: list[str], a, work: Path) -> str:
     out = work / f"identity-{'given' if model else 'default'}-model.jsonl"
     if not out.exists():
         cmd = [sys.executable, "-m", "chatforge", "data", "identity", "--name", "Ada Park", "--out", str(out)]
-        subprocess.run(cmd + [k.replace("model=", "--model=") for k in model], env=env(), check=True)
+        subprocess.run(cmd + (["--model", model] if model else []), env=env(), check=True)
     return str(out)
 
 
 def run_recipe(recipe: str, steps: str, a, extra: list[str], work: Path) -> dict:
     """A shipped recipe as a user runs it: its own settings (memory budget auto), on the InternLM2 folder
     (InternLM2 recipes) or the default model, for its whole run or `steps` steps."""
-    model = [f"model={a.model}"] if recipe.startswith("internlm2") else []
-    keys = [*model, f"data={recipe_data(recipe, model, a, work)}", "save_every=0"]
+    model = a.model if recipe.startswith("internlm2") else None
+    keys = [f"model={model}"] if model else []
+    keys += [f"data={recipe_data(recipe, model, a, work)}", "save_every=0"]
     result = run_train(recipe, keys + ([f"max_steps={steps}"] if steps else []) + [*a.set, *extra], work / recipe)
     return {"recipe": recipe, **result}
 

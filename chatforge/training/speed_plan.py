@@ -343,18 +343,22 @@ def make_plan(
     # docs/speed.md); QLoRA's capture has not run on a GPU yet, so it takes `true`.
     # varlen's flash kernel computes in bf16/fp16 only: an fp32 run (dtype: fp32) attends through sdpa
     misses = varlen_misses(model, seq)
-    varlen_ok = cuda and varlen_available() and (half or plan.autocast) and not misses
+    why_not_varlen = (
+        "needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)"
+        if not (cuda and varlen_available())
+        else f"cannot compute this model's {misses}: use attention=sdpa"
+        if misses
+        else "computes in bf16 or fp16: not with dtype fp32 (use attention=sdpa)"
+        if not (half or plan.autocast)
+        else ""
+    )
     graphable = cuda and method in ("lora", "qlora") and plan.nf4_matmul != "bitsandbytes"
-    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora" and varlen_ok))
+    plan.cuda_graphs = bool(_auto(cuda_graphs, graphable and method == "lora" and not why_not_varlen))
     if plan.cuda_graphs and not graphable:
         raise ChatforgeError("recipe key 'cuda_graphs': true needs CUDA, method lora or qlora and nf4_matmul torch")
-    want_varlen = _auto(attention, "varlen" if (packing or plan.cuda_graphs) and varlen_ok else "sdpa")
-    if want_varlen == "varlen" and not (cuda and varlen_available()):
-        raise ChatforgeError("attention varlen needs a CUDA GPU and torch.nn.attention.varlen (torch >= 2.10)")
-    if want_varlen == "varlen" and misses:
-        raise ChatforgeError(f"attention varlen cannot compute this model's {misses}: use attention=sdpa")
-    if want_varlen == "varlen" and not varlen_ok:
-        raise ChatforgeError("attention varlen computes in bf16 or fp16: not with dtype fp32 (use attention=sdpa)")
+    want_varlen = _auto(attention, "varlen" if (packing or plan.cuda_graphs) and not why_not_varlen else "sdpa")
+    if want_varlen == "varlen" and why_not_varlen:
+        raise ChatforgeError(f"attention varlen {why_not_varlen}")
     plan.attention = want_varlen
     rc = 1 / 3 if method == "full" else 1 / 2
     if not cuda:  # no budget to fit: the recipe's batch_size, checkpointing only when asked
