@@ -230,6 +230,7 @@ def choose_micro_batch(
 class Plan:
     """The speed settings of one run (what `auto` resolved to)."""
 
+    seq: int = 0  # the widest row the memory plan budgets for
     micro_batch: int = 0  # 0: the recipe's batch_size
     checkpoint_layers: int = 0
     compile: bool = False
@@ -309,7 +310,7 @@ def make_plan(
         ChatforgeError: an explicit choice the environment cannot run (liger missing, varlen on CPU).
     """
     cuda = device == "cuda"
-    plan = Plan()
+    plan = Plan(seq=seq)
     # bf16 autocast where fp32 LoRA weights meet 16-bit base weights (QLoRA computes in bf16); an fp32
     # base (dtype: fp32) trains in fp32 throughout
     half = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
@@ -404,13 +405,18 @@ def make_plan(
     return plan
 
 
-def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf")) -> Plan:
-    """make_plan from a TrainConfig (sequence length = max_length, step = batch_size x grad_accum)."""
+def plan_for_recipe(model, cfg, device: str, run_tokens: float = float("inf"), seq: int | None = None) -> Plan:
+    """make_plan from a TrainConfig (step = batch_size x grad_accum).
+
+    Args:
+        seq: the widest row the data makes (default max_length); short unpacked samples (identity data) then
+            budget for their own width, not max_length's: bigger micro-batches, no needless checkpointing.
+    """
     return make_plan(
         model,
         device=device,
         method=cfg.method,
-        seq=cfg.max_length,
+        seq=seq or cfg.max_length,
         run_tokens=run_tokens,
         global_batch=cfg.batch_size * cfg.grad_accum,
         micro_batch=cfg.micro_batch,

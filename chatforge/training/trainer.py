@@ -474,7 +474,9 @@ class Trainer:
         if self.model is None:
             self.model = build_model(plan_cfg, self.device)
         run_tokens = self.steps * cfg.batch_size * cfg.grad_accum * sum(self.real) / len(units)
-        self.plan = speed_plan.plan_for_recipe(self.model, plan_cfg, self.device, run_tokens=run_tokens)
+        # packed rows fill max_length; unpacked ones are at most the longest sample's bucket (row_width)
+        widest = cfg.max_length if cfg.packing else dataset.bucket_width(max(self.real), cfg.max_length)
+        self.plan = speed_plan.plan_for_recipe(self.model, plan_cfg, self.device, run_tokens, seq=widest)
         patches.apply(self.model, self.plan)
         if par.is_main:
             write_text(self.run_dir / "speed_plan.json", json.dumps(dataclasses.asdict(self.plan), indent=2))

@@ -63,11 +63,14 @@ def compiled_run(tmp_path, tiny_llama, monkeypatch, before_fit=None, **keys):
 
 
 def test_unpacked_batches_pad_to_buckets_and_compile_a_few_times(tmp_path, tiny_llama, monkeypatch):
-    trainer, widths = compiled_run(tmp_path, tiny_llama, monkeypatch)
+    trainer, widths = compiled_run(tmp_path, tiny_llama, monkeypatch, max_length=2048)
     natural = {n for n, _ in widths}
     padded = {w for _, w in widths}
     assert len(natural) >= 6  # real identity conversations of many lengths
     assert padded <= {64, 128, 256, 512} and len(padded) < len(natural)
+    # the memory plan budgets for the widest bucket the data makes, not max_length (short identity samples
+    # get the micro-batch and checkpointing their own width needs)
+    assert max(padded) <= trainer.plan.seq == dataset.bucket_width(max(trainer.real), 2048) <= 512
     assert trainer.metrics["compilations"] <= 3, trainer.metrics
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 8 and metrics["real_tokens"] > 0 and "tokens_per_s_after_warmup" in metrics
@@ -76,7 +79,7 @@ def test_unpacked_batches_pad_to_buckets_and_compile_a_few_times(tmp_path, tiny_
 def test_packed_rows_have_one_width_and_compile_once(tmp_path, tiny_llama, monkeypatch):
     trainer, _ = compiled_run(tmp_path, tiny_llama, monkeypatch, packing=True, max_steps=4)
     batch = trainer.collate(trainer.samples[:2])
-    assert batch["input_ids"].shape == (2, 512)
+    assert batch["input_ids"].shape == (2, 512) and trainer.plan.seq == 512
     assert len(batch["cu_seqlens"]) == 2 * trainer.max_segments + 1  # padded with empty segments
     assert trainer.metrics["compilations"] == 1 and trainer.metrics["recompilations"] == 0, trainer.metrics
 
