@@ -474,8 +474,7 @@ class Trainer:
         if self.model is None:
             self.model = build_model(plan_cfg, self.device)
         run_tokens = self.steps * cfg.batch_size * cfg.grad_accum * sum(self.real) / len(units)
-        # packed rows fill max_length; unpacked ones are at most the longest sample's bucket (row_width)
-        widest = cfg.max_length if cfg.packing else dataset.bucket_width(max(self.real), cfg.max_length)
+        widest = self.padded_width(self.real)  # the memory plan budgets for the run's widest row
         self.plan = speed_plan.plan_for_recipe(self.model, plan_cfg, self.device, run_tokens, seq=widest)
         patches.apply(self.model, self.plan)
         if par.is_main:
@@ -524,15 +523,18 @@ class Trainer:
 
     # -- one step
 
+    def padded_width(self, lengths) -> int:
+        """The width units of these real lengths pad to where shapes are fixed: packed rows exactly max_length,
+        unpacked ones their longest's power-of-two bucket."""
+        cfg = self.cfg
+        return cfg.max_length if cfg.packing else dataset.bucket_width(max(lengths), cfg.max_length)
+
     def row_width(self, units: list) -> int | None:
         """The padded width of a micro-batch of these units (None: its fullest row). Compiled layers and CUDA
-        graphs get few shapes: packed rows of exactly max_length, unpacked ones padded to a power-of-two
-        width; so do eager ones on a GPU, where cuDNN's attention builds a plan for every new shape (~60 ms)."""
-        cfg, fixed = self.cfg, self.plan.compile or self.plan.cuda_graphs
-        if cfg.packing:
-            return cfg.max_length if fixed else None
-        if fixed or self.device != "cpu":
-            return dataset.bucket_width(max(dataset.real_tokens(u) for u in units), cfg.max_length)
+        graphs get few shapes (padded_width); so do unpacked eager ones on a GPU, where cuDNN's attention
+        builds a plan for every new shape (~60 ms)."""
+        if self.plan.compile or self.plan.cuda_graphs or (self.device != "cpu" and not self.cfg.packing):
+            return self.padded_width(dataset.real_tokens(u) for u in units)
         return None
 
     def collate(self, units: list) -> dict:
